@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
@@ -289,46 +288,37 @@ def summarize(rows: Iterable[dict], *, skip_first: bool = True) -> dict:
 
 
 def write_table_csv(rows: Sequence[dict], path, *, overwrite: bool = True) -> None:
-    """Write per-section rows as CSV (atomically: a temporary file moved into place)."""
-    path = os.fspath(path)
-    if not overwrite and os.path.exists(path):
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    """Write per-section rows as CSV, atomically (see :func:`hybridreg.io.atomic_output`)."""
+    from .io import atomic_output
+
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    with atomic_output(path, overwrite=overwrite) as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
-def write_json(obj, path) -> None:
-    """Write JSON atomically (NaN written as null)."""
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        if hasattr(x, "__dataclass_fields__"):
-            return clean(asdict(x))
-        if isinstance(x, np.generic):
-            return clean(x.item())
-        return x
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "__dataclass_fields__"):
+        return _jsonable(asdict(x))
+    if isinstance(x, np.generic):
+        return _jsonable(x.item())
+    return x
 
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+
+def write_json(obj, path, *, overwrite: bool = True) -> None:
+    """Write JSON atomically, NaN and inf as null."""
+    from .io import atomic_output
+
+    with atomic_output(path, overwrite=overwrite) as tmp:
         with open(tmp, "w") as f:
-            json.dump(clean(obj), f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            json.dump(_jsonable(obj), f, indent=2)

@@ -1,0 +1,133 @@
+"""The command line, end to end; ground truth checked with ITK's own resampling."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hybridreg import cli, io, metrics
+
+
+def run(argv) -> int:
+    return cli.main([str(a) for a in argv])
+
+
+def itk_restore(deformed: np.ndarray, field_file) -> np.ndarray:
+    """Apply a saved .mha field with ITK alone: imread, DisplacementFieldTransform, resample."""
+    import itk
+
+    stored = itk.imread(str(field_file))  # ITK Python reads float vector images only
+    assert type(stored) is itk.Image[itk.Vector[itk.F, 2], 2]
+    # DisplacementFieldTransform[itk.D, 2] needs float64: convert, keeping the grid
+    field = itk.image_from_array(itk.array_from_image(stored).astype(np.float64), is_vector=True)
+    field.SetSpacing(stored.GetSpacing())
+    field.SetOrigin(stored.GetOrigin())
+    field.SetDirection(stored.GetDirection())
+    transform = itk.DisplacementFieldTransform[itk.D, 2].New()
+    transform.SetDisplacementField(field)
+    img = itk.image_from_array(deformed.astype(np.float32))
+    img.SetSpacing(field.GetSpacing())
+    img.SetOrigin(field.GetOrigin())
+    res = itk.ResampleImageFilter[type(img), type(img)].New(
+        Input=img, Transform=transform, ReferenceImage=img, UseReferenceImage=True)
+    res.Update()
+    return itk.array_from_image(res.GetOutput())
+
+
+def check_restored(original_file, deformed_file, fields_dir, margin):
+    original = io.read_stack(original_file).data
+    deformed = io.read_stack(deformed_file).data
+    assert deformed.shape == original.shape
+    assert np.array_equal(deformed[0], original[0])  # section 0 is left as it is
+    files = sorted(fields_dir.glob("section_*.mha"))
+    assert [f.name for f in files] == [f"section_{k:04d}.mha" for k in range(len(original))]
+    true_fields, _, _ = io.read_fields(fields_dir)
+    for k in range(1, len(original)):
+        restored = itk_restore(deformed[k], files[k])
+        mask = (metrics.interior_mask(original.shape[1:], margin_px=margin)
+                & hybridreg_valid(true_fields[k]))
+        before = metrics.ncc(deformed[k], original[k], mask=mask)
+        after = metrics.ncc(restored, original[k], mask=mask)
+        assert after > 0.99, (k, before, after)
+        assert before < 0.9
+
+
+def hybridreg_valid(u):
+    from hybridreg.warp import valid_mask
+
+    return valid_mask(u, margin_px=1)
+
+
+def test_phantom_deform_restored_by_itk(tmp_path, capsys):
+    ph, lab = tmp_path / "ph.tif", tmp_path / "lab.tif"
+    assert run(["phantom", "--out", ph, "--labels-out", lab, "--sections", 4,
+                "--size", 96, 112, "--seed", 2]) == 0
+    assert io.read_stack(ph).data.shape == (4, 96, 112)
+    assert run(["deform", ph, "--out", tmp_path / "def.tif", "--fields-out", tmp_path / "truth",
+                "--labels", lab, "--labels-out", tmp_path / "deflab.tif", "--seed", 7]) == 0
+    check_restored(ph, tmp_path / "def.tif", tmp_path / "truth", margin=12)
+    deflab = io.read_stack(tmp_path / "deflab.tif").data
+    assert np.issubdtype(deflab.dtype, np.integer)
+    assert set(np.unique(deflab)) <= set(np.unique(io.read_stack(lab).data))
+    capsys.readouterr()
+    # metrics of doing nothing: a real endpoint error, written as CSV and JSON
+    assert run(["metrics", tmp_path / "def.tif", "--reference", ph, "--truth", tmp_path / "truth",
+                "--labels", tmp_path / "deflab.tif", "--reference-labels", lab,
+                "--margin", 12, "--csv", tmp_path / "m.csv", "--json", tmp_path / "m.json"]) == 0
+    out = capsys.readouterr().out
+    assert "epe_mean_px" in out and "dice_mean" in out
+    rows = (tmp_path / "m.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4
+
+
+def test_isbi_deform_restored_by_itk(tmp_path, shared_data):
+    raw = io.read_stack(shared_data / "isbi2012_train_raw.tif").data[:3]
+    crop = tmp_path / "isbi3.tif"
+    io.write_stack(crop, raw)
+    assert run(["deform", crop, "--out", tmp_path / "def.tif", "--fields-out",
+                tmp_path / "truth", "--seed", 11]) == 0
+    check_restored(crop, tmp_path / "def.tif", tmp_path / "truth", margin=24)
+
+
+def test_deform_refuses_to_overwrite(tmp_path, capsys):
+    ph = tmp_path / "ph.tif"
+    run(["phantom", "--out", ph, "--sections", 2, "--size", 32, 32])
+    before = ph.read_bytes()
+    assert run(["deform", ph, "--out", ph, "--fields-out", tmp_path / "t", "--seed", 1]) == 2
+    assert "overwrite the input" in capsys.readouterr().err
+    assert ph.read_bytes() == before
+    assert run(["phantom", "--out", ph, "--sections", 2, "--size", 32, 32]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert run(["deform", tmp_path / "missing.tif", "--out", tmp_path / "o.tif",
+                "--fields-out", tmp_path / "t", "--seed", 1]) == 2
+    assert "missing.tif" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["phantom", "deform", "metrics", "demo"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    assert exc.value.code == 0
+    assert "usage: hybridreg " + command in capsys.readouterr().out
+
+
+def test_console_script_and_lazy_import():
+    out = subprocess.run([sys.executable, "-m", "hybridreg.cli", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "phantom" in out and "deform" in out
+    code = ("import sys, hybridreg, hybridreg.fields, hybridreg.warp, hybridreg.metrics, "
+            "hybridreg.io, hybridreg.phantom, hybridreg.synthetic, hybridreg.stack, "
+            "hybridreg.methods; "
+            "print(sorted(m for m in ('itk', 'torch') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert res.stdout.strip() == "[]"
+
+
+def test_demo_runs(tmp_path, capsys):
+    assert run(["demo", "--out", tmp_path / "demo", "--sections", 4, "--size", 64]) == 0
+    out = capsys.readouterr().out
+    assert "none" in out and "epe_mean_px" in out
+    assert (tmp_path / "demo" / "metrics.json").exists()
