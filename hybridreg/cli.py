@@ -173,6 +173,125 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _method(args):
+    from .methods import get_method
+
+    options = {}
+    if args.method == "elastix":
+        if args.params:
+            options["params"] = args.params
+        if args.threads:
+            options["threads"] = args.threads
+    elif args.params:
+        raise CLIError(f"--params is for --method elastix, not {args.method}")
+    return get_method(args.method, **options)
+
+
+def _read_section(path):
+    from . import io
+
+    stack = io.read_stack(path)
+    if stack.data.shape[0] != 1:
+        raise CLIError(f"{path} holds {stack.data.shape[0]} sections; register takes one "
+                       f"section per image (use align for a stack)")
+    return stack
+
+
+def cmd_register(args) -> int:
+    from . import io
+
+    fixed, moving = _read_section(args.fixed), _read_section(args.moving)
+    if fixed.data.shape != moving.data.shape:
+        raise CLIError(f"fixed {args.fixed} {fixed.data.shape[1:]} and moving {args.moving} "
+                       f"{moving.data.shape[1:]} must have the same size")
+    spacing_xy = _spacing_xy(fixed)
+    method = _method(args)
+    res = method.register(fixed.data[0].astype("float32"), moving.data[0].astype("float32"),
+                          spacing_xy=spacing_xy)
+    inputs = [args.fixed, args.moving]
+    io.write_stack(args.out, _cast_like(res.warped, moving.data.dtype),
+                   spacing_xyz=moving.spacing_xyz, overwrite=args.overwrite, inputs=inputs)
+    if args.fields_out:
+        out = Path(args.fields_out)
+        io.write_field(io.field_path(out, 0), res.field, spacing_xy=spacing_xy,
+                       overwrite=args.overwrite)
+        er = res.info.get("elastix")
+        if er is not None:  # elastix's own chain, for the transformix program
+            from .elastix import export_transformix_chain, write_itk_transform
+
+            last = export_transformix_chain(er, out / "transformix")
+            write_itk_transform(out / "section_0000.h5", er.transform)
+            print(f"transformix chain: transformix -in MOVING -out DIR -tp {last}")
+    metric = "" if res.metric is None else f", final metric {res.metric:.4g}"
+    print(f"registered {args.moving} to {args.fixed} with {method.name} in "
+          f"{res.seconds:.1f} s{metric} -> {args.out}")
+    return 0
+
+
+def _cast_like(data, dtype):
+    import numpy as np
+
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(data), info.min, info.max).astype(dtype)
+    return data.astype(dtype)
+
+
+def cmd_align(args) -> int:
+    import shutil
+
+    from . import io
+    from .stack import align_stack, save_alignment
+
+    stack = io.read_stack(args.stack)
+    fields_out = Path(args.fields_out)
+    work = fields_out / "work"
+    if work.exists() and not args.resume:
+        raise CLIError(f"{work} holds an interrupted run; pass --resume to continue it, or "
+                       f"remove it to start over")
+    for target in (Path(args.out), fields_out / "section_0000.mha"):
+        if target.exists() and not args.overwrite:
+            raise CLIError(f"{target} exists; pass --overwrite to replace the outputs")
+    method = _method(args)
+    t0 = time.perf_counter()
+    result = align_stack(stack.data, method, spacing_xy=_spacing_xy(stack), mode=args.mode,
+                         neighbours=args.neighbours, prior=args.prior, window=args.window,
+                         work_dir=work, progress=not args.no_progress)
+    save_alignment(result, out=args.out, fields_out=fields_out, overwrite=args.overwrite,
+                   inputs=[args.stack], dtype=stack.data.dtype)
+    shutil.rmtree(work, ignore_errors=True)
+    flagged = [r["section"] for r in result.table if r.get("flagged")]
+    print(f"aligned {stack.data.shape[0]} sections with {method.name} ({args.mode}) in "
+          f"{time.perf_counter() - t0:.1f} s -> {args.out}; fields and transforms -> "
+          f"{fields_out}")
+    if flagged:
+        print(f"flagged sections (see {fields_out / 'sections.csv'}): {flagged}")
+    return 0
+
+
+def cmd_apply(args) -> int:
+    from . import io
+    from .stack import apply_fields
+
+    stack = io.read_stack(args.stack)
+    fields, spacing_xy, _ = io.read_fields(args.fields)
+    if fields.shape[0] != stack.data.shape[0] or fields.shape[2:] != stack.data.shape[1:]:
+        raise CLIError(f"{args.fields} holds {fields.shape[0]} fields of "
+                       f"{fields.shape[2]}x{fields.shape[3]}, the stack {args.stack} "
+                       f"{stack.data.shape[0]} sections of "
+                       f"{stack.data.shape[1]}x{stack.data.shape[2]}")
+    if args.nearest:
+        out = apply_fields(stack.data, fields, spacing_xy=spacing_xy, order=0)
+    else:
+        out = _cast_like(apply_fields(stack.data, fields, spacing_xy=spacing_xy, order=1),
+                         stack.data.dtype)
+    io.write_stack(args.out, out, spacing_xyz=stack.spacing_xyz, overwrite=args.overwrite,
+                   inputs=[args.stack])
+    kind = "nearest neighbour" if args.nearest else "linear"
+    print(f"applied {fields.shape[0]} fields ({kind}) -> {args.out}")
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,6 +361,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="write the per-section table as CSV")
     p.add_argument("--json", help="write summary and sections as JSON")
     p.set_defaults(func=cmd_metrics)
+
+    def method_options(p):
+        p.add_argument("--method", default="elastix", choices=["elastix"],
+                       help="registration method (default elastix)")
+        p.add_argument("--params", nargs="+", metavar="FILE",
+                       help="elastix parameter files, applied in order (a chain); also the "
+                            "shipped names em_rigid, em_affine, em_bspline or itk's defaults "
+                            "translation, rigid, affine, bspline (default: em_affine "
+                            "em_bspline)")
+        p.add_argument("--threads", type=int, help="elastix threads")
+        p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+    p = sub.add_parser("register", help="register one section to another",
+                       description="Register MOVING onto FIXED (single-section images).")
+    p.add_argument("fixed")
+    p.add_argument("moving")
+    p.add_argument("--out", required=True, help="the warped moving section")
+    p.add_argument("--fields-out", help="folder for the field (section_0000.mha), the ITK "
+                                        "transform (.h5) and elastix's transformix chain")
+    method_options(p)
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("align", help="align a whole stack",
+                       description="Align a stack. joint (default): every section is "
+                                   "registered to its --neighbours next sections and all "
+                                   "transforms are solved at once, spreading the pairs' "
+                                   "errors instead of chaining them. sequential: each section "
+                                   "to the aligned one before it (drifts on long stacks). "
+                                   "Interrupted runs continue with --resume.")
+    p.add_argument("stack")
+    p.add_argument("--out", required=True, help="the aligned stack")
+    p.add_argument("--fields-out", required=True,
+                   help="folder for the per-section fields (.mha), ITK transforms (.h5), "
+                        "transformix chains and sections.csv")
+    p.add_argument("--mode", choices=["joint", "sequential"], default="joint")
+    p.add_argument("--neighbours", type=int, default=1,
+                   help="joint: pairs per section (default 1)")
+    p.add_argument("--prior", type=float, default=0.3,
+                   help="joint: weight of the small-distortion prior (default 0.3)")
+    p.add_argument("--window", type=int, default=1,
+                   help="sequential: aligned sections the method sees (default 1)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from FIELDS_OUT/work")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    method_options(p)
+    p.set_defaults(func=cmd_align)
+
+    p = sub.add_parser("apply", help="apply saved fields to a stack",
+                       description="Warp every section of STACK with its saved field "
+                                   "(e.g. labels with --nearest).")
+    p.add_argument("stack")
+    p.add_argument("--fields", required=True, help="folder of section_kkkk.mha fields")
+    p.add_argument("--out", required=True)
+    p.add_argument("--nearest", action="store_true",
+                   help="nearest-neighbour interpolation, keeping the dtype (labels)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("demo", help="run the built-in demo on the phantom",
                        description="Generate the phantom, deform it with a known deformation and "

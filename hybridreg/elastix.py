@@ -987,7 +987,8 @@ def export_transformix_chain(result: ElastixResult, directory, *, absolute_paths
 
 def export_field_chain(u: np.ndarray, directory, *, spacing_xy=(1.0, 1.0),
                        origin_xy=(0.0, 0.0), interpolation_order: int = 1,
-                       absolute_paths: bool = True, field_name: str = "field.mha") -> Path:
+                       absolute_paths: bool = True, field_name: str = "field.mha",
+                       field_file=None) -> Path:
     """Write any field as a one-file transformix chain (a ``DeformationFieldTransform``).
 
     ``transformix -in moving.mha -out OUT -tp <returned file>`` then gives
@@ -1005,6 +1006,9 @@ def export_field_chain(u: np.ndarray, directory, *, spacing_xy=(1.0, 1.0),
         Image interpolation of the resampling (``FinalBSplineInterpolationOrder``, 0-5).
     absolute_paths : bool
         See :func:`export_transformix_chain`.
+    field_file : path, optional
+        An existing ``.mha`` holding ``u`` (e.g. written by :func:`hybridreg.io.write_field`):
+        the chain links to it (by absolute path) instead of writing a copy.
 
     Returns
     -------
@@ -1018,8 +1022,12 @@ def export_field_chain(u: np.ndarray, directory, *, spacing_xy=(1.0, 1.0),
     directory.mkdir(parents=True, exist_ok=True)
     link = _linker(directory, absolute_paths)
     sp, org = _pair(spacing_xy, "spacing_xy"), _pair(origin_xy, "origin_xy")
-    _write_field_mha(directory / field_name, u, spacing_xy=sp, origin_xy=org)
-    entry = _deformation_field_map(_grid_entries(u.shape[1:], sp, org), link(field_name))
+    if field_file is None:
+        _write_field_mha(directory / field_name, u, spacing_xy=sp, origin_xy=org)
+        target = link(field_name)
+    else:
+        target = str(Path(field_file).resolve())
+    entry = _deformation_field_map(_grid_entries(u.shape[1:], sp, org), target)
     return _write_chain([entry], directory, link, order=_check_order(interpolation_order),
                         default_pixel=["0"])
 

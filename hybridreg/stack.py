@@ -1,0 +1,372 @@
+"""Serial alignment of a whole stack with any registration method.
+
+Two modes:
+
+``mode="joint"`` (default)
+    Every section is registered to its ``neighbours`` next sections, raw to raw; the pairs are
+    independent of each other. All section fields are then found at once by
+    :func:`hybridreg.joint.solve_joint`, which spreads the pairs' errors instead of chaining
+    them, with a prior (weight ``prior``) that each section's own distortion is small. The
+    aligned stack is on average where the raw sections were.
+``mode="sequential"``
+    Section 0 stays; section k (raw) is registered to the already-aligned section k-1 (and,
+    with ``window > 1``, the ``window - 1`` aligned sections before it, as references). The
+    field found maps the common grid straight to raw section k. This is the classic way and
+    the one FAEMReg uses; it accumulates every pair's error along the stack (drift).
+
+Resume: with a ``work_dir``, each pair's (or section's) field and table row are written there
+atomically as soon as they are done; a later call with the same ``work_dir`` loads them
+instead of registering again. Aligned sections are always computed from the stored float32
+fields with :func:`hybridreg.warp.warp`, so an interrupted and resumed run gives output
+identical to an uninterrupted one.
+
+A registration that raises is not fatal: the pair is left out of the joint solve (sequential:
+the section keeps the transform of the one before it) and flagged in the table.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .fields import validate_field
+from .joint import pair_list, solve_joint
+from .methods.base import Method
+from .warp import warp
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StackAlignment", "align_stack", "apply_fields", "save_alignment"]
+
+
+@dataclass(frozen=True)
+class StackAlignment:
+    """Result of :func:`align_stack`.
+
+    Attributes
+    ----------
+    aligned : ndarray, shape (Z, H, W), float32
+    fields : ndarray, shape (Z, 2, H, W), float32
+        Pull fields (physical units): ``aligned[k] = warp(stack[k], fields[k])``.
+    table : list of dict
+        One row per section: ``section``, ``seconds`` (registration time of the pairs whose
+        moving section it is), ``metric``, ``flagged``, ``warnings``, and in joint mode
+        ``pairs`` (how many pairs touch it) and ``min_pair_weight``.
+    pairs : list of dict
+        Joint mode: one row per pair (``fixed``, ``moving``, ``metric``, ``seconds``,
+        ``residual_px``, ``weight``, ``warnings``); empty in sequential mode.
+    spacing_xy, origin_xy : (float, float)
+    order : int
+        Interpolation order the aligned sections were resampled with.
+    """
+
+    aligned: np.ndarray
+    fields: np.ndarray
+    table: list
+    pairs: list
+    spacing_xy: tuple[float, float]
+    origin_xy: tuple[float, float]
+    order: int = 1
+
+
+def apply_fields(stack: np.ndarray, fields: np.ndarray, *, spacing_xy=(1.0, 1.0),
+                 order: int = 1) -> np.ndarray:
+    """Warp every section with its field: ``out[k] = warp(stack[k], fields[k])``.
+
+    ``order=0`` (nearest neighbour) keeps the dtype, for labels.
+    """
+    stack = np.asarray(stack)
+    fields = np.asarray(fields)
+    if stack.ndim != 3 or fields.shape != (stack.shape[0], 2) + stack.shape[1:]:
+        expected = (stack.shape[0], 2) + stack.shape[1:] if stack.ndim == 3 else "(Z, 2, H, W)"
+        raise ValueError(f"fields {fields.shape} do not match the stack {stack.shape}: "
+                         f"expected {expected}")
+    return np.stack([warp(stack[k], fields[k], spacing_xy=spacing_xy, order=order)[0]
+                     for k in range(stack.shape[0])])
+
+
+# --- resume ----------------------------------------------------------------------------------
+
+def _fingerprint(stack: np.ndarray, method: Method, settings: dict) -> str:
+    h = hashlib.sha256()
+    h.update(str(stack.shape).encode() + str(stack.dtype).encode())
+    h.update(np.ascontiguousarray(stack).tobytes())
+    h.update(json.dumps(getattr(method, "config", method.name), sort_keys=True,
+                        default=str).encode())
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+class _WorkDir:
+    """Checkpoints: ``<name>.mha`` (a field) and ``<name>.json`` (its row), one per item."""
+
+    def __init__(self, path, fingerprint: str, spacing_xy, origin_xy):
+        from . import io
+
+        self.io = io
+        self.path = Path(path)
+        self.spacing_xy, self.origin_xy = spacing_xy, origin_xy
+        self.path.mkdir(parents=True, exist_ok=True)
+        manifest = self.path / "manifest.json"
+        if manifest.exists():
+            if json.loads(manifest.read_text()).get("fingerprint") != fingerprint:
+                raise ValueError(
+                    f"work folder {self.path} holds a run of another stack, method or setting; "
+                    f"use a fresh folder (or delete it) to start over")
+        else:
+            with io.atomic_output(manifest) as tmp:
+                Path(tmp).write_text(json.dumps({"fingerprint": fingerprint}))
+
+    def load(self, name: str):
+        row_path = self.path / f"{name}.json"
+        field_path = self.path / f"{name}.mha"
+        if not (row_path.exists() and field_path.exists()):
+            return None
+        u, _, _ = self.io.read_field(field_path)
+        return u, json.loads(row_path.read_text())
+
+    def save(self, name: str, u: np.ndarray, row: dict) -> None:
+        # the field first, the row last: a row on disk means the item is complete
+        self.io.write_field(self.path / f"{name}.mha", u, spacing_xy=self.spacing_xy,
+                            origin_xy=self.origin_xy, overwrite=True)
+        with self.io.atomic_output(self.path / f"{name}.json", overwrite=True) as tmp:
+            Path(tmp).write_text(json.dumps(row))
+
+
+def _register(method: Method, fixed, moving, refs, *, shape_yx, spacing_xy, origin_xy, what):
+    """Run one registration; never raises: a failure comes back as (None, row)."""
+    t0 = time.perf_counter()
+    warnings: list[str] = []
+    metric = None
+    u = None
+    try:
+        res = method.register(fixed, moving, references=refs, spacing_xy=spacing_xy,
+                              origin_xy=origin_xy)
+        u = validate_field(res.field, name=f"field of {what}", shape_yx=shape_yx)
+        metric = res.metric
+        warnings += list(res.warnings)
+    except Exception as exc:  # one bad section must not end a long run
+        log.warning("%s: %s failed (%s: %s)", what, method.name, type(exc).__name__, exc)
+        warnings.append(f"registration failed: {type(exc).__name__}: {exc}")
+    row = {"metric": None if metric is None else float(metric),
+           "seconds": round(time.perf_counter() - t0, 4), "failed": u is None,
+           "warnings": "; ".join(warnings)}
+    return u, row
+
+
+# --- alignment -------------------------------------------------------------------------------
+
+def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
+                origin_xy=(0.0, 0.0), mode: str = "joint", neighbours: int = 1,
+                prior: float = 0.3, window: int = 1, work_dir=None, order: int = 1,
+                progress: bool = False) -> StackAlignment:
+    """Align a stack section by section with ``method``.
+
+    Parameters
+    ----------
+    stack : ndarray, shape (Z, H, W)
+    method : Method
+        Any object with ``register(fixed, moving, references=..., spacing_xy=...,
+        origin_xy=...)`` (see :mod:`hybridreg.methods`).
+    spacing_xy, origin_xy : (float, float)
+        The sections' grid; fields are in its physical units.
+    mode : {"joint", "sequential"}
+        See the module docstring.
+    neighbours : int
+        Joint mode: register each section to this many following sections.
+    prior : float
+        Joint mode: weight of the small-distortion prior (see :mod:`hybridreg.joint`).
+    window : int
+        Sequential mode: how many aligned sections the method sees (``window - 1`` older ones
+        are passed as ``references``, oldest first).
+    work_dir : path, optional
+        Checkpoint folder for resuming.
+    order : int
+        Interpolation order of the aligned sections (1 = linear).
+    progress : bool
+        Show a progress bar (tqdm) on stderr.
+
+    Returns
+    -------
+    StackAlignment
+    """
+    stack = np.asarray(stack)
+    if stack.ndim != 3:
+        raise ValueError(f"stack must have shape (Z, H, W), got {stack.shape}")
+    if stack.shape[0] < 1 or min(stack.shape[1:]) < 2:
+        raise ValueError(f"stack {stack.shape} has no section to align")
+    if mode not in ("joint", "sequential"):
+        raise ValueError(f"mode must be 'joint' or 'sequential', got {mode!r}")
+    if window < 1 or neighbours < 1:
+        raise ValueError(f"window and neighbours must be >= 1, got {window} and {neighbours}")
+    spacing_xy = tuple(float(s) for s in spacing_xy)
+    origin_xy = tuple(float(o) for o in origin_xy)
+    settings = {"mode": mode, "spacing_xy": spacing_xy, "origin_xy": origin_xy}
+    settings.update({"neighbours": neighbours} if mode == "joint" else {"window": window})
+    work = None
+    if work_dir is not None:
+        work = _WorkDir(work_dir, _fingerprint(stack, method, settings), spacing_xy, origin_xy)
+    raw = stack.astype(np.float32, copy=False)
+    run = _align_joint if mode == "joint" else _align_sequential
+    kw = {"neighbours": neighbours, "prior": prior} if mode == "joint" else {"window": window}
+    return run(raw, method, spacing_xy=spacing_xy, origin_xy=origin_xy, work=work, order=order,
+               progress=progress, **kw)
+
+
+def _bar(iterable, *, desc, progress):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, unit="pair", disable=not progress)
+
+
+def _align_sequential(raw, method, *, spacing_xy, origin_xy, work, order, progress, window):
+    z, h, w = raw.shape
+    fields = np.zeros((z, 2, h, w), np.float32)
+    aligned = np.empty((z, h, w), np.float32)
+    aligned[0] = raw[0]
+    table = [{"section": 0, "metric": None, "seconds": 0.0, "flagged": False, "warnings": ""}]
+    for k in _bar(range(1, z), desc=f"align ({method.name}, sequential)", progress=progress):
+        name = f"section_{k:04d}"
+        loaded = work.load(name) if work is not None else None
+        if loaded is not None:
+            fields[k], row = loaded
+        else:
+            refs = [aligned[j] for j in range(max(0, k - window), k - 1)]
+            u, row = _register(method, aligned[k - 1], raw[k], refs, shape_yx=(h, w),
+                               spacing_xy=spacing_xy, origin_xy=origin_xy,
+                               what=f"section {k}")
+            # a failed section keeps the transform of the one before it
+            fields[k] = fields[k - 1] if u is None else u
+            row = {"section": k, "metric": row["metric"], "seconds": row["seconds"],
+                   "flagged": bool(row["warnings"]), "warnings": row["warnings"]}
+            if work is not None:
+                work.save(name, fields[k], row)
+        table.append(row)
+        aligned[k] = warp(raw[k], fields[k], spacing_xy=spacing_xy, order=order)[0]
+    return StackAlignment(aligned=aligned, fields=fields, table=table, pairs=[],
+                          spacing_xy=spacing_xy, origin_xy=origin_xy, order=order)
+
+
+def _align_joint(raw, method, *, spacing_xy, origin_xy, work, order, progress, neighbours,
+                 prior):
+    z, h, w = raw.shape
+    pair_fields: dict = {}
+    pair_rows: dict = {}
+    for (i, j) in _bar(pair_list(z, neighbours=neighbours),
+                       desc=f"align ({method.name}, {neighbours} neighbour(s))",
+                       progress=progress):
+        name = f"pair_{i:04d}_{j:04d}"
+        loaded = work.load(name) if work is not None else None
+        if loaded is not None:
+            u, row = loaded
+        else:
+            u, row = _register(method, raw[i], raw[j], [], shape_yx=(h, w),
+                               spacing_xy=spacing_xy, origin_xy=origin_xy,
+                               what=f"pair {i}-{j}")
+            if work is not None and u is not None:
+                work.save(name, u, row)
+        if not row.get("failed") and u is not None:
+            pair_fields[(i, j)] = u
+        pair_rows[(i, j)] = row
+    if z == 1:
+        fields = np.zeros((1, 2, h, w), np.float32)
+        solution = None
+    elif not pair_fields:
+        raise RuntimeError(f"every registration of the {z}-section stack failed; "
+                           f"first error: {next(iter(pair_rows.values()))['warnings']}")
+    else:
+        from .metrics import interior_mask
+
+        margin = max(1, min(h, w) // 16)
+        solution = solve_joint(pair_fields, z, prior=prior, spacing_xy=spacing_xy,
+                               mask=interior_mask((h, w), margin_px=margin))
+        fields = solution.fields
+    pairs = []
+    for (i, j), row in pair_rows.items():
+        ok = solution is not None and (i, j) in solution.pair_weight
+        pairs.append({"fixed": i, "moving": j, "metric": row["metric"],
+                      "seconds": row["seconds"],
+                      "residual_px": solution.pair_residual_px[(i, j)] if ok else None,
+                      "weight": solution.pair_weight[(i, j)] if ok else 0.0,
+                      "warnings": row["warnings"]})
+    table = []
+    for k in range(z):
+        touching = [p for p in pairs if k in (p["fixed"], p["moving"])]
+        weights = [p["weight"] for p in touching]
+        own = [p for p in touching if p["moving"] == k]
+        warnings = [f"pair {p['fixed']}-{p['moving']}: {p['warnings']}"
+                    for p in touching if p["warnings"]]
+        low = [f"pair {p['fixed']}-{p['moving']} down-weighted to {p['weight']:.2f}"
+               for p in touching if 0 < p["weight"] < 0.5]
+        table.append({
+            "section": k,
+            "metric": own[0]["metric"] if own else None,
+            "seconds": round(sum(p["seconds"] for p in own), 4),
+            "pairs": len(touching),
+            "min_pair_weight": min(weights) if weights else None,
+            "flagged": bool(warnings or low or (z > 1 and not any(weights))),
+            "warnings": "; ".join(warnings + low),
+        })
+    aligned = np.stack([warp(raw[k], fields[k], spacing_xy=spacing_xy, order=order)[0]
+                        for k in range(z)]).astype(np.float32)
+    return StackAlignment(aligned=aligned, fields=fields, table=table, pairs=pairs,
+                          spacing_xy=spacing_xy, origin_xy=origin_xy, order=order)
+
+
+def save_alignment(result: StackAlignment, *, out=None, fields_out=None, transforms: bool = True,
+                   overwrite: bool = False, inputs=(), dtype=None) -> None:
+    """Write an alignment: the aligned stack, and the per-section transforms and tables.
+
+    ``fields_out`` receives, for every section k:
+
+    - ``section_kkkk.mha``: the field (the contract's on-disk form);
+    - ``section_kkkk.h5``: the same as an ITK ``DisplacementFieldTransform`` (``transforms``);
+    - ``transformix/section_kkkk/TransformParameters.0.txt``: a transformix chain that
+      reproduces the aligned section (``transformix -in raw_section.mha -tp ...``);
+
+    plus ``sections.csv`` (per section) and, in joint mode, ``pairs.csv``.
+
+    Parameters
+    ----------
+    out : path, optional
+        The aligned stack (any format :func:`hybridreg.io.write_stack` writes).
+    dtype : numpy dtype, optional
+        Cast the aligned stack to this (e.g. the input's uint8, rounded and clipped).
+    inputs : sequence of paths
+        Paths never to overwrite.
+    """
+    from . import io
+    from .metrics import write_table_csv
+
+    if out is not None:
+        data = result.aligned
+        if dtype is not None and np.issubdtype(np.dtype(dtype), np.integer):
+            info = np.iinfo(dtype)
+            data = np.clip(np.rint(data), info.min, info.max).astype(dtype)
+        io.write_stack(out, data, overwrite=overwrite, inputs=inputs)
+    if fields_out is None:
+        return
+    fields_out = Path(fields_out)
+    io.write_fields(fields_out, result.fields, spacing_xy=result.spacing_xy,
+                    origin_xy=result.origin_xy, overwrite=overwrite)
+    write_table_csv(result.table, fields_out / "sections.csv", overwrite=True)
+    if result.pairs:
+        write_table_csv(result.pairs, fields_out / "pairs.csv", overwrite=True)
+    if not transforms:
+        return
+    from .elastix import export_field_chain, write_itk_transform
+    from .fields import to_itk_transform
+
+    for k, u in enumerate(result.fields):
+        field_file = io.field_path(fields_out, k)
+        write_itk_transform(field_file.with_suffix(".h5"),
+                            to_itk_transform(u, spacing_xy=result.spacing_xy,
+                                             origin_xy=result.origin_xy))
+        export_field_chain(u, fields_out / "transformix" / field_file.stem,
+                           spacing_xy=result.spacing_xy, origin_xy=result.origin_xy,
+                           interpolation_order=result.order, field_file=field_file)

@@ -1,0 +1,128 @@
+"""register / align / apply on the command line, checked with elastix's own transformix."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from hybridreg import cli, io, metrics
+
+pytestmark = pytest.mark.elastix
+
+TRANSFORMIX = shutil.which("transformix")
+
+
+def run(argv) -> int:
+    return cli.main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def deformed(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stack")
+    assert run(["phantom", "--out", d / "ph.tif", "--labels-out", d / "lab.tif",
+                "--sections", 4, "--size", 96, 96, "--seed", 1]) == 0
+    assert run(["deform", d / "ph.tif", "--out", d / "def.tif", "--fields-out", d / "truth",
+                "--labels", d / "lab.tif", "--labels-out", d / "deflab.tif", "--seed", 2,
+                "--max-shift-px", 4, "--elastic-px", 2]) == 0
+    return d
+
+
+@pytest.fixture(scope="module")
+def aligned(deformed):
+    d = deformed
+    assert run(["align", d / "def.tif", "--params", "em_rigid", "--out", d / "aligned.tif",
+                "--fields-out", d / "fields", "--neighbours", 2, "--no-progress"]) == 0
+    return d
+
+
+def transformix(moving: np.ndarray, tp, out_dir):
+    import SimpleITK as sitk
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.GetImageFromArray(moving.astype(np.float32)), str(out_dir / "in.mha"))
+    subprocess.run([TRANSFORMIX, "-in", str(out_dir / "in.mha"), "-out", str(out_dir),
+                    "-tp", str(tp)], check=True, capture_output=True)
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(out_dir / "result.mha")))
+
+
+def test_align_outputs(aligned):
+    d = aligned
+    f = d / "fields"
+    assert [p.name for p in sorted(f.glob("section_*.mha"))] == [
+        f"section_{k:04d}.mha" for k in range(4)]
+    assert len(list(f.glob("section_*.h5"))) == 4
+    assert (f / "sections.csv").read_text().count("\n") == 5
+    assert not (f / "work").exists()  # checkpoints removed after a complete run
+    out = io.read_stack(d / "aligned.tif").data
+    assert out.shape == (4, 96, 96) and out.dtype == np.uint8
+
+
+def test_apply_reproduces_the_aligned_stack(aligned, capsys):
+    d = aligned
+    assert run(["apply", d / "def.tif", "--fields", d / "fields", "--out", d / "again.tif"]) == 0
+    np.testing.assert_array_equal(io.read_stack(d / "again.tif").data,
+                                  io.read_stack(d / "aligned.tif").data)
+    assert run(["apply", d / "deflab.tif", "--fields", d / "fields", "--out",
+                d / "lab_aligned.tif", "--nearest"]) == 0
+    lab = io.read_stack(d / "lab_aligned.tif").data
+    assert lab.dtype == io.read_stack(d / "deflab.tif").data.dtype
+
+
+@pytest.mark.skipif(TRANSFORMIX is None, reason="elastix's transformix program not installed")
+def test_transformix_reproduces_every_section(aligned, tmp_path):
+    d = aligned
+    raw = io.read_stack(d / "def.tif").data.astype(np.float32)
+    fields, _, _ = io.read_fields(d / "fields")
+    from hybridreg.warp import warp
+
+    for k in range(4):
+        tp = d / "fields" / "transformix" / f"section_{k:04d}" / "TransformParameters.0.txt"
+        result = transformix(raw[k], tp, tmp_path / f"s{k}")
+        ours = warp(raw[k], fields[k])[0]
+        mask = metrics.interior_mask((96, 96), margin_px=8)
+        assert metrics.ncc(result, ours, mask=mask) > 0.999
+
+
+def test_align_refuses_to_overwrite_and_resumes(aligned, capsys):
+    d = aligned
+    assert run(["align", d / "def.tif", "--params", "em_rigid", "--out", d / "aligned.tif",
+                "--fields-out", d / "fields", "--no-progress"]) == 2
+    assert "exists" in capsys.readouterr().err
+    (d / "fields" / "work").mkdir()
+    assert run(["align", d / "def.tif", "--params", "em_rigid", "--out", d / "x.tif",
+                "--fields-out", d / "fields", "--no-progress", "--overwrite"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    (d / "fields" / "work").rmdir()
+
+
+@pytest.mark.skipif(TRANSFORMIX is None, reason="elastix's transformix program not installed")
+def test_register_exports_elastix_chain(deformed, tmp_path, capsys):
+    d = deformed
+    stack = io.read_stack(d / "def.tif").data
+    io.write_stack(tmp_path / "fixed.tif", stack[:1])
+    io.write_stack(tmp_path / "moving.tif", stack[1:2])
+    assert run(["register", tmp_path / "fixed.tif", tmp_path / "moving.tif", "--params",
+                "em_affine", "--out", tmp_path / "warped.tif", "--fields-out",
+                tmp_path / "pair"]) == 0
+    assert "transformix -in" in capsys.readouterr().out
+    chain = sorted((tmp_path / "pair" / "transformix").glob("TransformParameters.*.txt"))
+    result = transformix(stack[1], chain[-1], tmp_path / "tx")
+    u, _, _ = io.read_field(tmp_path / "pair" / "section_0000.mha")
+    from hybridreg.warp import warp
+
+    ours = warp(stack[1].astype(np.float32), u, order=3)[0]
+    mask = metrics.interior_mask((96, 96), margin_px=8)
+    assert metrics.ncc(result, ours, mask=mask) > 0.999
+    # register takes single sections
+    assert run(["register", d / "def.tif", tmp_path / "moving.tif", "--out",
+                tmp_path / "w2.tif"]) == 2
+    assert "one section" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["register", "align", "apply"])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    assert exc.value.code == 0 and "usage: hybridreg " + command in capsys.readouterr().out

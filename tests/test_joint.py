@@ -1,0 +1,87 @@
+"""Joint solve of section fields from pairwise fields: exact cases."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hybridreg import fields
+from hybridreg.joint import pair_list, solve_joint
+
+from helpers import smooth_field
+
+SHAPE = (24, 28)
+
+
+def const(tx, ty):
+    u = np.zeros((2,) + SHAPE, np.float32)
+    u[0], u[1] = tx, ty
+    return u
+
+
+def translation_pairs(t, neighbours):
+    return {(i, j): const(*(t[j] - t[i])) for (i, j) in pair_list(len(t), neighbours=neighbours)}
+
+
+def test_pair_list():
+    assert pair_list(4, neighbours=1) == [(0, 1), (1, 2), (2, 3)]
+    assert pair_list(4, neighbours=2) == [(0, 1), (0, 2), (1, 2), (1, 3), (2, 3)]
+    with pytest.raises(ValueError, match="neighbours"):
+        pair_list(3, neighbours=0)
+
+
+@pytest.mark.parametrize("neighbours", [1, 2, 3])
+def test_exact_translations_with_anchor(neighbours):
+    rng = np.random.default_rng(0)
+    t = rng.uniform(-10, 10, (7, 2))
+    t[0] = 0
+    sol = solve_joint(translation_pairs(t, neighbours), 7, prior=1e-9, anchor=0)
+    np.testing.assert_allclose(sol.fields[:, :, 5, 5], t, atol=1e-4)
+
+
+def test_prior_keeps_sections_near_their_mean():
+    """Without an anchor, the solution is the truth up to the stack's mean position."""
+    t = np.array([[0, 0], [4, -2], [-3, 5], [6, 1], [1, -4]], float)
+    sol = solve_joint(translation_pairs(t, 2), 5, prior=1e-6)
+    est = sol.fields[:, :, 0, 0]
+    np.testing.assert_allclose(est, t - t.mean(axis=0), atol=1e-3)
+
+
+def test_robust_weights_reject_a_wrong_pair():
+    t = np.zeros((6, 2))
+    pairs = translation_pairs(t, 2)
+    pairs[(2, 3)] = const(20.0, -15.0)  # one failed registration
+    plain = solve_joint(pairs, 6, prior=0.1, robust_scale_px=0)
+    robust = solve_joint(pairs, 6, prior=0.1)
+    err_plain = np.abs(plain.fields[:, :, 0, 0]).max()
+    err_robust = np.abs(robust.fields[:, :, 0, 0]).max()
+    assert err_plain > 3.0
+    assert err_robust < 0.3 * err_plain
+    assert robust.pair_weight[(2, 3)] < 0.1
+    assert min(w for p, w in robust.pair_weight.items() if p != (2, 3)) > 0.5
+
+
+def test_nonlinear_fields_are_composed_correctly():
+    """Smooth, non-translational fields: pairs v_ij = compose(inv(u_i), u_j) are undone."""
+    z = 4
+    u = np.stack([np.zeros((2,) + SHAPE, np.float32)]
+                 + [smooth_field(SHAPE, seed=k, amplitude_px=3.0, sigma=6.0)
+                    for k in range(1, z)])
+    pairs = {(i, j): fields.compose(fields.invert(u[i]), u[j], order=3)
+             for (i, j) in pair_list(z, neighbours=2)}
+    linear = solve_joint(pairs, z, prior=1e-9, anchor=0, iterations=1)
+    sol = solve_joint(pairs, z, prior=1e-9, anchor=0, iterations=5)
+    inner = (slice(None), slice(None), slice(4, -4), slice(4, -4))
+    err = np.abs(sol.fields - u)[inner].max()
+    assert err < 0.05
+    assert err < 0.5 * np.abs(linear.fields - u)[inner].max()  # the re-sampling matters
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="no pairs"):
+        solve_joint({}, 3)
+    with pytest.raises(ValueError, match="distinct sections"):
+        solve_joint({(0, 5): const(0, 0)}, 3)
+    with pytest.raises(ValueError, match="prior"):
+        solve_joint({(0, 1): const(0, 0)}, 2, prior=0)
+    with pytest.raises(ValueError, match="grid shape"):
+        solve_joint({(0, 1): const(0, 0), (1, 2): np.zeros((2, 5, 5))}, 3)
