@@ -126,8 +126,21 @@ def test_console_script_and_lazy_import():
     assert res.stdout.strip() == "[]"
 
 
-def test_demo_runs(tmp_path, capsys):
-    assert run(["demo", "--out", tmp_path / "demo", "--sections", 4, "--size", 64]) == 0
+def test_demo_runs_without_methods(tmp_path, capsys):
+    assert run(["demo", "--out", tmp_path / "demo", "--sections", 4, "--size", 64,
+                "--methods"]) == 0
     out = capsys.readouterr().out
     assert "none" in out and "epe_mean_px" in out
     assert (tmp_path / "demo" / "metrics.json").exists()
+
+
+@pytest.mark.elastix
+def test_demo_with_elastix_beats_doing_nothing(tmp_path, capsys):
+    import json
+
+    assert run(["demo", "--out", tmp_path / "demo", "--sections", 4, "--size", 128,
+                "--no-progress"]) == 0
+    summaries = json.loads((tmp_path / "demo" / "metrics.json").read_text())["summaries"]
+    by_name = {s["method"]: s for s in summaries}
+    assert by_name["elastix"]["epe_mean_px"] < by_name["none"]["epe_mean_px"]
+    assert (tmp_path / "demo" / "aligned_elastix.tif").exists()
