@@ -609,8 +609,9 @@ def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.
     fixed_mask : ndarray of bool, shape (H, W), optional
         Where the similarity is measured (every channel).
     moving_mask : ndarray of bool, shape (H, W), optional
-        Where the moving section has content: samples that map outside it are not used
-        (e.g. the empty, zero-filled border of a section that was already warped).
+        Where the moving section has content. Beware: elastix then requires the samples of
+        the fixed mask to map strictly inside it, and stops with "Too many samples map
+        outside moving image buffer" when too few do; a fixed mask alone is more robust.
     threads : int, optional
         ``number_of_threads`` of the elastix filter; default: ITK's default.
     log_dir : str or os.PathLike, optional

@@ -138,6 +138,15 @@ class _WorkDir:
             Path(tmp).write_text(json.dumps(row))
 
 
+def _one_line(exc: Exception) -> str:
+    """The most telling line of an error (elastix errors are whole logs)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("Description:"):
+            return ln[len("Description:"):].strip()
+    return lines[0] if lines else type(exc).__name__
+
+
 def _register(method: Method, fixed, moving, refs, *, shape_yx, spacing_xy, origin_xy, what):
     """Run one registration; never raises: a failure comes back as (None, row)."""
     t0 = time.perf_counter()
@@ -152,7 +161,7 @@ def _register(method: Method, fixed, moving, refs, *, shape_yx, spacing_xy, orig
         warnings += list(res.warnings)
     except Exception as exc:  # one bad section must not end a long run
         log.warning("%s: %s failed (%s: %s)", what, method.name, type(exc).__name__, exc)
-        warnings.append(f"registration failed: {type(exc).__name__}: {exc}")
+        warnings.append(f"registration failed: {type(exc).__name__}: {_one_line(exc)}")
     row = {"metric": None if metric is None else float(metric),
            "seconds": round(time.perf_counter() - t0, 4), "failed": u is None,
            "warnings": "; ".join(warnings)}

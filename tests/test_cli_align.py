@@ -1,8 +1,10 @@
 """register / align / apply on the command line, checked with elastix's own transformix."""
 from __future__ import annotations
 
+import csv
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -31,9 +33,16 @@ def deformed(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def aligned(deformed):
+    """The align command, run as a program (a fresh process, as users run it).
+
+    In-process, an elastix run that follows other elastix registrations of the same process
+    has been seen to diverge on these small (96 px) sections; see the known issues in
+    benchmarks/RESULTS.md.
+    """
     d = deformed
-    assert run(["align", d / "def.tif", "--params", "em_rigid", "--out", d / "aligned.tif",
-                "--fields-out", d / "fields", "--neighbours", 2, "--no-progress"]) == 0
+    subprocess.run([sys.executable, "-m", "hybridreg.cli", "align", str(d / "def.tif"),
+                    "--params", "em_rigid", "--out", str(d / "aligned.tif"), "--fields-out",
+                    str(d / "fields"), "--neighbours", "2", "--no-progress"], check=True)
     return d
 
 
@@ -53,7 +62,10 @@ def test_align_outputs(aligned):
     assert [p.name for p in sorted(f.glob("section_*.mha"))] == [
         f"section_{k:04d}.mha" for k in range(4)]
     assert len(list(f.glob("section_*.h5"))) == 4
-    assert (f / "sections.csv").read_text().count("\n") == 5
+    with open(f / "sections.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["section"]) for r in rows] == [0, 1, 2, 3]
+    assert not any(r["flagged"] == "True" for r in rows), rows
     assert not (f / "work").exists()  # checkpoints removed after a complete run
     out = io.read_stack(d / "aligned.tif").data
     assert out.shape == (4, 96, 96) and out.dtype == np.uint8

@@ -25,8 +25,10 @@ class ElastixMethod:
     threads : int, optional
         elastix threads (Pool threader).
     mask_empty : bool
-        Leave the empty, zero-filled space of either section out of the similarity
-        (:func:`hybridreg.methods.base.content_mask`); default True.
+        Leave the empty, zero-filled space of the fixed section out of the similarity
+        (:func:`hybridreg.methods.base.content_mask`); default True. The moving section is
+        not masked: elastix then needs every sample to map strictly inside the moving mask,
+        and fails ("Too many samples map outside moving image buffer") when it does not.
 
     Notes
     -----
@@ -58,7 +60,7 @@ class ElastixMethod:
         fixed, moving, _ = check_pair(fixed, moving, references)
         masks = {}
         if self.mask_empty:
-            masks = {"fixed_mask": content_mask(fixed), "moving_mask": content_mask(moving)}
+            masks = {"fixed_mask": content_mask(fixed)}
         r = register_pair(fixed, moving, params=self.parameter_maps, spacing_xy=spacing_xy,
                           origin_xy=origin_xy, threads=self.threads, **masks)
         return RegistrationResult(
