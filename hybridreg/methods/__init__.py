@@ -12,6 +12,8 @@ __all__ = ["Method", "RegistrationResult", "check_pair", "get_method", "METHODS"
 #: method name -> "module:class"
 METHODS = {
     "elastix": "hybridreg.methods.elastix:ElastixMethod",
+    "learned": "hybridreg.methods.learned:LearnedMethod",
+    "ssemnet": "hybridreg.methods.ssemnet:SSEMnetMethod",
 }
 
 

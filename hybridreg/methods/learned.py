@@ -1,0 +1,349 @@
+"""The learned method: FAEMReg's window-to-field network, one forward pass per section.
+
+:class:`LearnedMethod` stacks the moving section with the already-aligned sections before it
+into FAEMReg's mirrored window ``[r1, ..., rk, m, rk, ..., r1]`` (``rk`` nearest: the
+``fixed`` section) and predicts the pull field of ``m`` with a
+:class:`~hybridreg.models.FAEMRegNet` in one forward pass.
+
+Window
+    The aligned sections available to one registration are ``references`` (older, oldest
+    first) followed by ``fixed`` (the nearest), as :func:`hybridreg.stack.align_stack` passes
+    them in sequential mode. The newest ``references`` of them (the method option) fill the
+    window; with fewer than the network's ``(window - 1) / 2``, the oldest one used is
+    repeated, as FAEMReg starts a stack with copies of section 0
+    (:func:`hybridreg.models.make_window`). ``references=1`` makes it a pairwise method.
+
+Intensities
+    Sections are normalised with :func:`hybridreg.models.normalize` (FAEMReg's statistics of
+    8-bit EM data): the network expects **0-255 grey values**. ``uint8`` sections and float
+    sections holding 0-255 values (what stack alignment passes on: aligned sections keep the
+    original grey range, with 0 in the empty space) give the same result. Other ranges need
+    the linear map ``x8 = intensity_scale * x + intensity_offset`` taking them to 0-255
+    (``intensity_scale=255`` for floats in [0, 1]); use the map the network was trained with,
+    :func:`hybridreg.training.eight_bit_scaling` of the stack (16-bit data: its 0.1 and 99.9
+    percentiles to 0 and 255). The map is fixed per method, never guessed per pair, so every
+    section of a stack is scaled alike.
+
+torch is imported when the first section is registered, not when this module is.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..fields import _spacing, to_physical
+from .base import RegistrationResult, check_pair, content_mask
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LearnedMethod"]
+
+#: Below this many pixels per side an image is refused, whatever the network.
+MIN_SIZE_PX = 16
+
+
+# --- helpers shared with hybridreg.methods.ssemnet ------------------------------------------
+
+def _resolve_device(device: str, module=None):
+    """``"auto"``: the module's own device if given one, else CUDA when available, else CPU."""
+    import torch
+
+    if device == "auto":
+        if module is not None:
+            p = next(module.parameters(), None)
+            if p is not None:
+                return p.device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class _ModelSource:
+    """A checkpoint path (loaded lazily, once) or an in-memory module, of one expected class.
+
+    Parameters
+    ----------
+    model : None, str, PathLike or nn.Module
+        None: the shipped weights ``default`` (:func:`hybridreg.weights.default_weights`,
+        which raises at once if they are not installed).
+    default : str
+        Name of the shipped weights.
+    expected : str
+        Class name the model must have (``"FAEMRegNet"``, ``"FeatureAutoencoder"``).
+    method : str
+        For messages.
+    """
+
+    def __init__(self, model, *, default: str, expected: str, method: str):
+        self.expected = expected
+        self.method = method
+        self.module = None
+        self.path: Path | None = None
+        self._sha256: str | None = None
+        if model is None:
+            from ..weights import default_weights
+
+            self.path = default_weights(default)
+        elif isinstance(model, (str, os.PathLike)):
+            self.path = Path(model)
+            if not self.path.is_file():
+                raise FileNotFoundError(f"{method}: model checkpoint not found: {self.path}")
+        elif hasattr(model, "state_dict") and hasattr(model, "parameters"):
+            if type(model).__name__ != expected:
+                raise TypeError(f"{method} needs a {expected}, got a {type(model).__name__}")
+            self.module = model
+        else:
+            raise TypeError(f"{method}: model must be None, a checkpoint path or a {expected}, "
+                            f"got {type(model).__name__}")
+
+    @property
+    def description(self) -> str:
+        return str(self.path) if self.path is not None else f"<in-memory {self.expected}>"
+
+    def load(self, device):
+        """The model, in eval mode, frozen (``requires_grad`` off), on ``device``."""
+        if self.module is None:
+            from ..models import CheckpointError, load_model
+
+            model = load_model(self.path, map_location="cpu")
+            if type(model).__name__ != self.expected:
+                raise CheckpointError(
+                    f"{self.path} holds a {type(model).__name__}, but the {self.method} "
+                    f"method needs a {self.expected} checkpoint")
+            self.module = model
+        self.module.eval().requires_grad_(False)
+        return self.module.to(device)
+
+    def sha256(self) -> str:
+        """Hash of the weights (the file's bytes, or the module's config and tensors)."""
+        if self._sha256 is None:
+            h = hashlib.sha256()
+            if self.path is not None:
+                with open(self.path, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(chunk)
+            else:
+                import json
+
+                h.update(json.dumps(getattr(self.module, "config", None), sort_keys=True,
+                                    default=str).encode())
+                for k, v in sorted(self.module.state_dict().items()):
+                    h.update(k.encode())
+                    h.update(v.detach().to("cpu").contiguous().numpy().tobytes())
+            self._sha256 = h.hexdigest()
+        return self._sha256
+
+    def __getstate__(self):  # pickling (process executors): reload from the file there
+        state = dict(self.__dict__)
+        if self.path is not None:
+            state["module"] = None
+        return state
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        if int(threads) < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(int(threads))  # process-wide, as torch has it
+
+
+def _normalized(sections: Sequence[np.ndarray], scale: float, offset: float,
+                method: str) -> np.ndarray:
+    """``(n, H, W)`` float32 sections normalised for the networks.
+
+    ``normalize(x * scale + offset)``: ``scale`` and ``offset`` take the sections to 0-255
+    grey values (FAEMReg's statistics are on that scale).
+    """
+    from ..models import FAEMREG_STD, normalize
+
+    out = np.stack([normalize(s, scale=scale) for s in sections])
+    if offset:
+        out += np.float32(offset / FAEMREG_STD)
+    # 255 normalises to about 3.3; far beyond means the sections are not on the 8-bit scale
+    if float(np.abs(out).max()) > 20.0:
+        log.warning("%s: intensities reach %.0f after the 8-bit scaling; the networks expect "
+                    "0-255 grey values (set intensity_scale and intensity_offset, e.g. from "
+                    "hybridreg.training.eight_bit_scaling(stack), as in training)", method,
+                    float(max(np.abs(s).max() for s in sections)) * scale + offset)
+    return out
+
+
+def _finite(value, name: str) -> float:
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
+def _ncc_metric(fixed: np.ndarray, warped: np.ndarray, valid: np.ndarray) -> float | None:
+    """NCC of ``warped`` and ``fixed`` where the warp is valid and ``fixed`` has content."""
+    from ..metrics import ncc
+
+    mask = valid.copy()
+    content = content_mask(fixed)
+    if content is not None:
+        mask &= content
+    if mask.sum() < 2:
+        return None
+    value = ncc(fixed, warped, mask=mask)
+    return value if np.isfinite(value) else None
+
+
+# --- the method ------------------------------------------------------------------------------
+
+class LearnedMethod:
+    """FAEMReg-style registration: a 3D-convolution network predicts the field in one pass.
+
+    Parameters
+    ----------
+    model : path, FAEMRegNet or None
+        A checkpoint written by :func:`hybridreg.models.save_model` holding a
+        :class:`~hybridreg.models.FAEMRegNet`, or the network itself (used as given, frozen
+        and put in eval mode). None: the shipped ``faemreg_compact`` weights
+        (:func:`hybridreg.weights.default_weights`; a clear error if not installed). A path is
+        loaded once, when the first section is registered.
+    references : int
+        At most this many aligned sections (``fixed`` and the newest of ``references``) fill
+        the window; at most the network's ``(window - 1) / 2`` (3 for FAEMReg's window of 7).
+    intensity_scale, intensity_offset : float
+        The linear map to 0-255 grey values, ``x8 = intensity_scale * x + intensity_offset``
+        (default the identity; see the module docstring).
+    device : str
+        ``"auto"`` (CUDA when available, else the CPU; a given module stays on its device),
+        ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+    threads : int, optional
+        ``torch.set_num_threads`` (process-wide) before the first registration.
+
+    Notes
+    -----
+    ``register`` returns the field in physical units (the network's pixels times
+    ``spacing_xy``), the moving section warped with it (:func:`hybridreg.warp.warp`, linear),
+    and as ``metric`` the NCC of the warped and the fixed section (higher is better) over
+    pixels that were warped from inside the moving section and are content of the fixed one
+    (:func:`hybridreg.methods.base.content_mask`).
+    """
+
+    name = "learned"
+
+    def __init__(self, model=None, *, references: int = 3, intensity_scale: float = 1.0,
+                 intensity_offset: float = 0.0, device: str = "auto",
+                 threads: int | None = None):
+        self._source = _ModelSource(model, default="faemreg_compact", expected="FAEMRegNet",
+                                    method=self.name)
+        if int(references) != references or references < 1:
+            raise ValueError(f"references must be an int >= 1, got {references!r}")
+        if not (intensity_scale > 0 and np.isfinite(intensity_scale)):
+            raise ValueError(f"intensity_scale must be positive, got {intensity_scale!r}")
+        self.references = int(references)
+        self.intensity_scale = float(intensity_scale)
+        self.intensity_offset = _finite(intensity_offset, "intensity_offset")
+        self.device = device
+        self.threads = threads
+        self._net = None
+        self._device = None
+        if self._source.module is not None:
+            self._check_window(self._source.module)
+
+    @property
+    def model_path(self) -> Path | None:
+        """The checkpoint file (None for an in-memory network)."""
+        return self._source.path
+
+    @property
+    def config(self) -> dict:
+        """JSON-able settings that determine the result (the resume fingerprint of stacks).
+
+        The weights enter by their SHA-256; ``device`` and ``threads`` do not.
+        """
+        return {"method": self.name, "model": self._source.description,
+                "weights_sha256": self._source.sha256(), "references": self.references,
+                "intensity_scale": self.intensity_scale,
+                "intensity_offset": self.intensity_offset}
+
+    def _check_window(self, net) -> None:
+        k = (net.window - 1) // 2
+        if self.references > k:
+            raise ValueError(f"references={self.references} is more than the network's window "
+                             f"of {net.window} holds ({k} references)")
+
+    def network(self):
+        """The :class:`~hybridreg.models.FAEMRegNet`, loaded on first use."""
+        if self._net is None:
+            _set_threads(self.threads)
+            device = _resolve_device(self.device, self._source.module)
+            net = self._source.load(device)
+            self._check_window(net)
+            self._net, self._device = net, device
+        return self._net
+
+    def min_size_px(self, net=None) -> int:
+        """Smallest section side accepted: half a cell of the network's coarsest level, >= 16."""
+        net = self.network() if net is None else net
+        return max(MIN_SIZE_PX, net.stride // 2)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if self._source.path is not None:
+            state["_net"] = None
+            state["_device"] = None
+        return state
+
+    def register(self, fixed: np.ndarray, moving: np.ndarray, *,
+                 references: Sequence[np.ndarray] = (), spacing_xy=(1.0, 1.0),
+                 origin_xy=(0.0, 0.0)) -> RegistrationResult:
+        """Register ``moving`` onto ``fixed`` (and the older ``references``).
+
+        Parameters
+        ----------
+        fixed : ndarray, shape (H, W)
+            The nearest aligned section, 0-255 grey values (see the module docstring).
+        moving : ndarray, shape (H, W)
+        references : sequence of ndarray (H, W)
+            Older aligned sections, oldest first.
+        spacing_xy, origin_xy : (float, float)
+            The sections' grid.
+
+        Returns
+        -------
+        RegistrationResult
+            ``field`` (2, H, W) float32 in physical units, pull direction; ``info`` holds
+            ``model``, ``config`` (the network's), ``references_used`` and ``window``.
+        """
+        import torch
+
+        from ..models import make_window
+        from ..warp import warp
+
+        t0 = time.perf_counter()
+        fixed, moving, refs = check_pair(fixed, moving, references)
+        spacing_xy = _spacing(spacing_xy)
+        net = self.network()
+        h, w = fixed.shape
+        minimum = self.min_size_px(net)
+        if min(h, w) < minimum:
+            raise ValueError(f"{self.name}: sections of {h}x{w} pixels are too small for this "
+                             f"network (stride {net.stride}); need at least {minimum}x{minimum}")
+        used = (list(refs) + [fixed])[-self.references:]  # oldest first, fixed last
+        window_np = _normalized(used + [moving], self.intensity_scale, self.intensity_offset,
+                                self.name)
+        with torch.inference_mode():
+            sections = torch.from_numpy(window_np).to(self._device)
+            x = make_window(sections[None, :-1], sections[None, -1:], window=net.window)
+            u_px = net(x)[0].float().cpu().numpy()
+        field = to_physical(u_px, spacing_xy)
+        warped, valid = warp(moving.astype(np.float32, copy=False), field,
+                             spacing_xy=spacing_xy, order=1)
+        metric = _ncc_metric(fixed.astype(np.float32, copy=False), warped, valid)
+        return RegistrationResult(
+            field=field, warped=warped, spacing_xy=spacing_xy,
+            origin_xy=tuple(float(o) for o in origin_xy), metric=metric,
+            seconds=time.perf_counter() - t0,
+            info={"model": self._source.description, "config": net.config,
+                  "references_used": len(used), "window": net.window})
