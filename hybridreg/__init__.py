@@ -10,7 +10,8 @@ import logging
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("fields", "warp", "io", "phantom", "synthetic", "metrics", "cli")
+_SUBMODULES = ("fields", "warp", "io", "phantom", "synthetic", "metrics", "joint", "stack",
+               "elastix", "methods", "models", "training", "cli")
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
