@@ -255,8 +255,9 @@ def test_bad_spacing_is_rejected():
 # --- elastix / transformix ------------------------------------------------------------------
 
 @pytest.mark.elastix
-def test_transformix_field_reproduces_elastix_result():
+def test_transformix_field_reproduces_elastix_result(tmp_path, monkeypatch):
     """A field from transformix, warped by hybridreg, gives elastix's own result image."""
+    monkeypatch.chdir(tmp_path)  # transformix_deformation_field writes into the working dir
     itk = _itk()
     from scipy import ndimage
 
@@ -288,8 +289,9 @@ def test_transformix_field_reproduces_elastix_result():
 
 
 @pytest.mark.elastix
-def test_elastix_translation_sign():
+def test_elastix_translation_sign(tmp_path, monkeypatch):
     """elastix registering a shifted section returns u = +shift in our convention."""
+    monkeypatch.chdir(tmp_path)  # transformix_deformation_field writes into the working dir
     itk = _itk()
     shape = (64, 64)
     fixed = smooth_texture(shape, seed=13, sigma=3.0)

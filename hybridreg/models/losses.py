@@ -85,8 +85,12 @@ def _weights_on(mask: torch.Tensor | None, like: torch.Tensor, name: str) -> tor
     h, w = like.shape[-2:]
     mh, mw = mask.shape[-2:]
     if (mh, mw) != (h, w):
-        factor = -(-mh // h)
-        if factor < 2 or -(-mh // factor) != h or -(-mw // factor) != w:
+        # the grids of encoder features are the image's, strided by a power of two (sizes that
+        # are not a multiple of it round up): ceil(50 / 16) = 4, but also ceil(50 / 13) = 4,
+        # so the factor is the power of two that fits both axes
+        factor = next((2 ** e for e in range(1, 11)
+                       if -(-mh // 2 ** e) == h and -(-mw // 2 ** e) == w), None)
+        if factor is None:
             raise ValueError(f"{name} grid {(mh, mw)} does not match the tensor grid "
                              f"{(h, w)}; pass a mask on the same grid or use "
                              f"downsample_mask(mask, factor)")

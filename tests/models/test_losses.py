@@ -100,3 +100,20 @@ def test_ssemnet_loss_drop_and_valid_mask():
 def test_loss_drop_schedule():
     assert [loss_drop_fraction(i) for i in range(4)] == [0.5, 0.25, 0.125, 0.0625]
     assert loss_drop_fraction(5, initial=0.4, halve_every=2) == pytest.approx(0.1)
+
+
+def test_mask_on_an_image_grid_not_a_multiple_of_the_stride():
+    """A 50 x 66 image mask on features at stride 16 (4 x 5): the factor is 16, not 13.
+
+    Rows 0-25 are valid: at stride 16 only feature row 0 is wholly inside them (error 1); a
+    factor of 13 would also keep row 1 (error 3), giving (1 + 9) / 2 = 5.
+    """
+    from hybridreg.models.losses import feature_similarity
+
+    feats = torch.zeros(1, 1, 4, 5)
+    warped = torch.ones(1, 1, 4, 5)
+    warped[..., 1, :] = 3.0
+    mask = torch.zeros(1, 1, 50, 66, dtype=torch.bool)
+    mask[..., :26, :] = True
+    loss = feature_similarity([feats], warped, [1.0], mask=mask)
+    assert torch.isclose(loss, torch.tensor(1.0)), loss
