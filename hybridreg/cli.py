@@ -193,13 +193,18 @@ def _method(args):
     from .methods import get_method
 
     options = {}
+    if args.threads:
+        options["threads"] = args.threads
     if args.method == "elastix":
         if args.params:
             options["params"] = args.params
-        if args.threads:
-            options["threads"] = args.threads
-    elif args.params:
-        raise CLIError(f"--params is for --method elastix, not {args.method}")
+        if args.model:
+            raise CLIError("--model is for the learned and ssemnet methods, not elastix")
+    else:
+        if args.params:
+            raise CLIError(f"--params is for --method elastix, not {args.method}")
+        if args.model:
+            options["model"] = args.model
     return get_method(args.method, **options)
 
 
@@ -308,6 +313,54 @@ def cmd_apply(args) -> int:
     return 0
 
 
+def _training_stacks(paths):
+    from . import io
+
+    return [io.read_stack(p).data for p in paths]
+
+
+def _print_log(what, log, out):
+    final = ", ".join(f"{k} {v:.4g}" for k, v in log.final.items()
+                      if isinstance(v, (int, float)))
+    print(f"{what}: {log.steps} steps in {log.seconds:.0f} s on {log.device} ({final}) -> {out}")
+
+
+def cmd_train_features(args) -> int:
+    from .training import train_features
+
+    log = train_features(_training_stacks(args.stacks), out=args.out, crop=args.crop,
+                         batch=args.batch, steps=args.steps, lr=args.lr, seed=args.seed,
+                         device=args.device, resume=args.resume, overwrite=args.overwrite,
+                         progress=not args.no_progress)
+    _print_log("feature autoencoder", log, args.out)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .training import train_registration
+
+    log = train_registration(
+        _training_stacks(args.stacks), out=args.out, features=args.features,
+        preset=args.preset, references=args.references, crop=args.crop, batch=args.batch,
+        steps=args.steps, lr=args.lr, seed=args.seed, device=args.device, resume=args.resume,
+        overwrite=args.overwrite, progress=not args.no_progress)
+    _print_log("registration network", log, args.out)
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from .training import finetune
+    from .weights import default_weights
+
+    init = args.model or default_weights("faemreg_compact")
+    log = finetune(_training_stacks(args.stacks), init=init, out=args.out, steps=args.steps,
+                   crop=args.crop, batch=args.batch,
+                   seed=args.seed, device=args.device, resume=args.resume,
+                   overwrite=args.overwrite, progress=not args.no_progress)
+    _print_log("fine-tuned network", log, args.out)
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -379,14 +432,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_metrics)
 
     def method_options(p):
-        p.add_argument("--method", default="elastix", choices=["elastix"],
+        p.add_argument("--method", default="elastix", choices=["elastix", "learned", "ssemnet"],
                        help="registration method (default elastix)")
+        p.add_argument("--model", help="learned: the registration network (.safetensors); "
+                                       "ssemnet: the feature autoencoder; default: the "
+                                       "shipped weights")
         p.add_argument("--params", nargs="+", metavar="FILE",
                        help="elastix parameter files, applied in order (a chain); also the "
                             "shipped names em_rigid, em_affine, em_bspline or itk's defaults "
                             "translation, rigid, affine, bspline (default: em_affine "
                             "em_bspline)")
-        p.add_argument("--threads", type=int, help="elastix threads")
+        p.add_argument("--threads", type=int, help="CPU threads of the method")
         p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
     p = sub.add_parser("register", help="register one section to another",
@@ -434,6 +490,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nearest-neighbour interpolation, keeping the dtype (labels)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=cmd_apply)
+
+    def training_options(p, *, steps, crop, batch, lr):
+        p.add_argument("stacks", nargs="+", help="aligned training stacks")
+        p.add_argument("--out", required=True, help="weights (.safetensors)")
+        p.add_argument("--steps", type=int, default=steps, help=f"default {steps}")
+        p.add_argument("--crop", type=int, default=crop, help=f"crop size (default {crop})")
+        p.add_argument("--batch", type=int, default=batch, help=f"default {batch}")
+        if lr is not None:
+            p.add_argument("--lr", type=float, default=lr, help=f"default {lr}")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+        p.add_argument("--resume", action="store_true", help="continue from OUT's state file")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("train-features", help="train the feature autoencoder",
+                       description="Train the feature autoencoder (ssEMnet/FAEMReg) on sections "
+                                   "of the given stacks, unsupervised.")
+    training_options(p, steps=2000, crop=128, batch=8, lr=1e-3)
+    p.set_defaults(func=cmd_train_features)
+
+    p = sub.add_parser("train", help="train the registration network",
+                       description="Train the FAEMReg-style network on aligned stacks: windows "
+                                   "of aligned sections, the moving one deformed synthetically; "
+                                   "loss: feature similarity (with --features), smoothness and "
+                                   "the endpoint error against the known synthetic field.")
+    training_options(p, steps=5000, crop=256, batch=4, lr=1e-4)
+    p.add_argument("--features", help="a trained feature autoencoder (.safetensors)")
+    p.add_argument("--preset", default="compact", choices=["compact", "paper", "tiny"])
+    p.add_argument("--references", type=int, default=3, help="aligned sections in the window")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="adapt a registration network to your stack",
+                       description="Fine-tune a registration network (default: the shipped "
+                                   "one) on your aligned stack(s), a few hundred steps.")
+    training_options(p, steps=300, crop=256, batch=4, lr=None)
+    p.add_argument("--model", help="the network to start from (default: the shipped weights)")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("demo", help="run the built-in demo on the phantom",
                        description="Generate the phantom, deform it with a known deformation, "
