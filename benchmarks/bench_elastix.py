@@ -26,7 +26,6 @@ Usage (from the repository root):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -69,8 +68,10 @@ def summarize(fields, truth, labels_def, labels_ref, margin, seconds):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stack", default=str(DATA / "isbi2012_train_raw.tif"))
-    ap.add_argument("--labels", default=str(DATA / "isbi2012_train_neurite_ids.tif"))
+    ap.add_argument("--labels", default=str(DATA / "isbi2012_train_neurite_ids.tif"),
+                    help="instance labels of the stack ('' for none)")
     ap.add_argument("--sections", type=int, default=None, help="first N sections only")
+    ap.add_argument("--crop", type=int, default=None, help="central CROP x CROP px only")
     ap.add_argument("--seed", type=int, default=2026, help="deformation seed")
     ap.add_argument("--maps", nargs="+", default=list(MAPS), choices=list(MAPS))
     ap.add_argument("--stack-maps", nargs="*", default=["itk-default-bspline", "em_rigid", "em_affine",
@@ -85,6 +86,11 @@ def main(argv=None):
 
     raw = io.read_stack(args.stack).data
     labels = io.read_stack(args.labels).data if args.labels else None
+    if args.crop:
+        h, w = raw.shape[1:]
+        y0, x0 = (h - args.crop) // 2, (w - args.crop) // 2
+        raw = raw[:, y0:y0 + args.crop, x0:x0 + args.crop]
+        labels = None if labels is None else labels[:, y0:y0 + args.crop, x0:x0 + args.crop]
     if args.sections:
         raw = raw[:args.sections]
         labels = None if labels is None else labels[:args.sections]
@@ -125,19 +131,23 @@ def main(argv=None):
 
     meta = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
             "stack": Path(args.stack).name, "shape": list(raw.shape), "seed": args.seed,
+            "crop": args.crop, "neighbours": args.neighbours, "prior": args.prior,
             "margin_px": args.margin, "threads": args.threads,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "date": time.strftime("%Y-%m-%d")}
     print()
-    print(f"| method | protocol | EPE mean (px) | EPE p95 (px) | folding | label agreement | "
-          f"Dice | s/pair |")
+    print("| method | protocol | EPE mean (px) | EPE p95 (px) | folding | label agreement | "
+          "Dice | s/pair |")
     print("|---|---|---|---|---|---|---|---|")
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
     for key, r in results.items():
         method, _, protocol = key.partition(" | ")
-        print(f"| {method} | {protocol or '-'} | {r['epe_mean_px']:.2f} | "
-              f"{r['epe_p95_px']:.2f} | {r['folding_fraction']:.4f} | "
-              f"{r['pixel_agreement']:.3f} | {r['dice_mean']:.3f} | "
-              f"{r['seconds_per_pair']:.2f} |")
+        print(f"| {method} | {protocol or '-'} | {fmt(r['epe_mean_px'], '.2f')} | "
+              f"{fmt(r['epe_p95_px'], '.2f')} | {fmt(r['folding_fraction'], '.4f')} | "
+              f"{fmt(r['pixel_agreement'], '.3f')} | {fmt(r['dice_mean'], '.3f')} | "
+              f"{fmt(r['seconds_per_pair'], '.2f')} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         metrics.write_json({"meta": meta, "results": results}, args.out)

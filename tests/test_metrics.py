@@ -84,11 +84,15 @@ def test_evaluate_stack_perfect_and_identity():
     inv = np.stack([fields.invert(t) for t in true])
     deformed = np.stack([warp(ref[k], inv[k], order=3)[0] for k in range(z)])
     labels_def = np.stack([warp(labels_ref[k], inv[k], order=0)[0] for k in range(z)])
-    perfect = metrics.evaluate_stack(fields=true, true_fields=true, labels=labels_def,
+    aligned = np.stack([warp(deformed[k], true[k], order=3)[0] for k in range(z)])
+    perfect = metrics.evaluate_stack(aligned=aligned, reference=ref, fields=true,
+                                     true_fields=true, labels=labels_def,
                                      labels_ref=labels_ref, margin_px=6)
     none = metrics.evaluate_stack(fields=np.zeros_like(true), true_fields=true,
                                   labels=labels_def, labels_ref=labels_ref, margin_px=6)
     assert all(r["epe_mean_px"] == 0.0 for r in perfect)
+    assert all(r["ncc_ref"] > 0.99 for r in perfect)
+    assert "ncc_prev" in perfect[1] and "ncc_prev" not in perfect[0]
     assert none[0]["epe_mean_px"] == 0.0 and none[1]["epe_mean_px"] > 0.5
     s_perfect, s_none = metrics.summarize(perfect), metrics.summarize(none)
     assert s_perfect["sections"] == 2

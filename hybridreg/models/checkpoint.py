@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -88,20 +86,10 @@ def save_model(model: nn.Module, path, *, metadata: dict | None = None) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         log.warning("save_model: %s does not end in .safetensors", path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from ..io import atomic_output
+
+    with atomic_output(path, overwrite=True) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     log.debug("saved %s (%d tensors) to %s", name, len(tensors), path)
     return path
 
