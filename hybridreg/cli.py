@@ -273,11 +273,16 @@ def cmd_align(args) -> int:
     for target in (Path(args.out), fields_out / "section_0000.mha"):
         if target.exists() and not args.overwrite:
             raise CLIError(f"{target} exists; pass --overwrite to replace the outputs")
+    if (args.workers or args.scheduler) and args.mode != "joint":
+        raise CLIError("--workers and --scheduler need --mode joint (sequential alignment "
+                       "cannot run in parallel)")
     method = _method(args)
     t0 = time.perf_counter()
-    result = align_stack(stack.data, method, spacing_xy=_spacing_xy(stack), mode=args.mode,
-                         neighbours=args.neighbours, prior=args.prior, window=args.window,
-                         work_dir=work, progress=not args.no_progress)
+    with _dask_client(args) as client:
+        result = align_stack(stack.data, method, spacing_xy=_spacing_xy(stack),
+                             mode=args.mode, neighbours=args.neighbours, prior=args.prior,
+                             window=args.window, work_dir=work,
+                             progress=not args.no_progress, client=client)
     save_alignment(result, out=args.out, fields_out=fields_out, overwrite=args.overwrite,
                    inputs=[args.stack], dtype=stack.data.dtype)
     shutil.rmtree(work, ignore_errors=True)
@@ -288,6 +293,33 @@ def cmd_align(args) -> int:
     if flagged:
         print(f"flagged sections (see {fields_out / 'sections.csv'}): {flagged}")
     return 0
+
+
+class _dask_client:
+    """A Dask client for --workers N (a local cluster of processes) or --scheduler ADDRESS."""
+
+    def __init__(self, args):
+        self.args = args
+        self.client = self.cluster = None
+
+    def __enter__(self):
+        if self.args.scheduler:
+            from dask.distributed import Client
+
+            self.client = Client(self.args.scheduler)
+        elif self.args.workers:
+            from dask.distributed import Client, LocalCluster
+
+            self.cluster = LocalCluster(n_workers=self.args.workers, threads_per_worker=1,
+                                        processes=True, dashboard_address=None)
+            self.client = Client(self.cluster)
+        return self.client
+
+    def __exit__(self, *exc):
+        for thing in (self.client, self.cluster):
+            if thing is not None:
+                thing.close()
+        return False
 
 
 def cmd_apply(args) -> int:
@@ -476,6 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequential: aligned sections the method sees (default 1)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from FIELDS_OUT/work")
+    p.add_argument("--workers", type=int, help="joint: register the pairs on a local Dask "
+                                               "cluster of this many worker processes")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="joint: register the pairs on an existing Dask scheduler")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     method_options(p)
     p.set_defaults(func=cmd_align)

@@ -14,6 +14,12 @@ Two modes:
     field found maps the common grid straight to raw section k. This is the classic way and
     the one FAEMReg uses; it accumulates every pair's error along the stack (drift).
 
+Parallel: in joint mode the pairs are independent tasks; with a ``dask.distributed`` client
+(``client=``) they run on its workers, each worker process loading itk's elastix wrapping
+(or the network) once, and their results are collected, checkpointed and solved here. A task
+whose worker dies is rescheduled by Dask. Registrations are deterministic for a given method
+configuration (fix the method's thread count), so 1 or N workers give the same output.
+
 Resume: with a ``work_dir``, each pair's (or section's) field and table row are written there
 atomically as soon as they are done; a later call with the same ``work_dir`` loads them
 instead of registering again. Aligned sections are always computed from the stored float32
@@ -173,7 +179,7 @@ def _register(method: Method, fixed, moving, refs, *, shape_yx, spacing_xy, orig
 def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
                 origin_xy=(0.0, 0.0), mode: str = "joint", neighbours: int = 1,
                 prior: float = 0.3, window: int = 1, work_dir=None, order: int = 1,
-                progress: bool = False) -> StackAlignment:
+                progress: bool = False, client=None) -> StackAlignment:
     """Align a stack section by section with ``method``.
 
     Parameters
@@ -199,6 +205,8 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
         Interpolation order of the aligned sections (1 = linear).
     progress : bool
         Show a progress bar (tqdm) on stderr.
+    client : dask.distributed.Client, optional
+        Joint mode: run the pair registrations on this client's workers.
 
     Returns
     -------
@@ -211,6 +219,9 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
         raise ValueError(f"stack {stack.shape} has no section to align")
     if mode not in ("joint", "sequential"):
         raise ValueError(f"mode must be 'joint' or 'sequential', got {mode!r}")
+    if client is not None and mode != "joint":
+        raise ValueError("parallel workers need mode='joint': sequential alignment registers "
+                         "each section to the result of the one before it")
     if window < 1 or neighbours < 1:
         raise ValueError(f"window and neighbours must be >= 1, got {window} and {neighbours}")
     spacing_xy = tuple(float(s) for s in spacing_xy)
@@ -222,15 +233,16 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
         work = _WorkDir(work_dir, _fingerprint(stack, method, settings), spacing_xy, origin_xy)
     raw = stack.astype(np.float32, copy=False)
     run = _align_joint if mode == "joint" else _align_sequential
-    kw = {"neighbours": neighbours, "prior": prior} if mode == "joint" else {"window": window}
+    kw = ({"neighbours": neighbours, "prior": prior, "client": client} if mode == "joint"
+          else {"window": window})
     return run(raw, method, spacing_xy=spacing_xy, origin_xy=origin_xy, work=work, order=order,
                progress=progress, **kw)
 
 
-def _bar(iterable, *, desc, progress):
+def _bar(iterable, *, desc, progress, total=None):
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, unit="pair", disable=not progress)
+    return tqdm(iterable, desc=desc, unit="pair", total=total, disable=not progress)
 
 
 def _align_sequential(raw, method, *, spacing_xy, origin_xy, work, order, progress, window):
@@ -262,26 +274,42 @@ def _align_sequential(raw, method, *, spacing_xy, origin_xy, work, order, progre
 
 
 def _align_joint(raw, method, *, spacing_xy, origin_xy, work, order, progress, neighbours,
-                 prior):
+                 prior, client=None):
     z, h, w = raw.shape
     pair_fields: dict = {}
     pair_rows: dict = {}
-    for (i, j) in _bar(pair_list(z, neighbours=neighbours),
-                       desc=f"align ({method.name}, {neighbours} neighbour(s))",
-                       progress=progress):
-        name = f"pair_{i:04d}_{j:04d}"
-        loaded = work.load(name) if work is not None else None
-        if loaded is not None:
-            u, row = loaded
+    todo = []
+    for (i, j) in pair_list(z, neighbours=neighbours):
+        loaded = work.load(f"pair_{i:04d}_{j:04d}") if work is not None else None
+        if loaded is None:
+            todo.append((i, j))
         else:
-            u, row = _register(method, raw[i], raw[j], [], shape_yx=(h, w),
-                               spacing_xy=spacing_xy, origin_xy=origin_xy,
-                               what=f"pair {i}-{j}")
-            if work is not None and u is not None:
-                work.save(name, u, row)
-        if not row.get("failed") and u is not None:
-            pair_fields[(i, j)] = u
-        pair_rows[(i, j)] = row
+            pair_fields[(i, j)], pair_rows[(i, j)] = loaded
+    if len(todo) < len(pair_list(z, neighbours=neighbours)):
+        log.info("resumed %d finished pairs", len(pair_list(z, neighbours=neighbours)) - len(todo))
+    kwargs = {"shape_yx": (h, w), "spacing_xy": spacing_xy, "origin_xy": origin_xy}
+
+    def finished(pair, u, row):
+        if work is not None and u is not None:
+            work.save(f"pair_{pair[0]:04d}_{pair[1]:04d}", u, row)
+        if u is not None:
+            pair_fields[pair] = u
+        pair_rows[pair] = row
+
+    desc = f"align ({method.name}, {neighbours} neighbour(s))"
+    if client is None:
+        for (i, j) in _bar(todo, desc=desc, progress=progress):
+            finished((i, j), *_register(method, raw[i], raw[j], [], what=f"pair {i}-{j}",
+                                        **kwargs))
+    else:
+        from dask.distributed import as_completed
+
+        futures = {client.submit(_register, method, raw[i], raw[j], [], what=f"pair {i}-{j}",
+                                 pure=False, **kwargs): (i, j) for (i, j) in todo}
+        for fut in _bar(as_completed(futures), desc=desc, progress=progress,
+                        total=len(futures)):
+            finished(futures[fut], *fut.result())
+    pair_rows = dict(sorted(pair_rows.items()))
     if z == 1:
         fields = np.zeros((1, 2, h, w), np.float32)
         solution = None

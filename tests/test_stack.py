@@ -5,32 +5,9 @@ import numpy as np
 import pytest
 
 from hybridreg import io, metrics, phantom, synthetic
-from hybridreg.methods.base import RegistrationResult, check_pair
 from hybridreg.stack import align_stack, apply_fields, save_alignment
 
-
-class PhaseCorrelation:
-    """A small, deterministic translation-only method for testing the stack machinery."""
-
-    name = "phasecorr"
-    config = {"method": "phasecorr"}
-
-    def __init__(self):
-        self.calls = 0
-
-    def register(self, fixed, moving, *, references=(), spacing_xy=(1.0, 1.0),
-                 origin_xy=(0.0, 0.0)):
-        self.calls += 1
-        fixed, moving, _ = check_pair(fixed, moving, references)
-        f = np.fft.fft2(fixed - fixed.mean())
-        m = np.fft.fft2(moving - moving.mean())
-        r = np.fft.ifft2(m * np.conj(f) / (np.abs(m * np.conj(f)) + 1e-9)).real
-        dy, dx = np.unravel_index(np.argmax(r), r.shape)
-        h, w = fixed.shape
-        dy, dx = (dy + h // 2) % h - h // 2, (dx + w // 2) % w - w // 2
-        u = np.zeros((2, h, w), np.float32)
-        u[0], u[1] = dx * spacing_xy[0], dy * spacing_xy[1]
-        return RegistrationResult(field=u, warped=moving, metric=float(r.max()))
+from helpers import PhaseCorrelation
 
 
 class Interrupting(PhaseCorrelation):
