@@ -71,7 +71,8 @@ class JointSolution:
 def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
                 prior: float = 0.3, spacing_xy=(1.0, 1.0), mask=None,
                 robust_scale_px: float | None = None, iterations: int = 4,
-                anchor: int | None = None) -> JointSolution:
+                anchor: int | None = None,
+                pair_weights: Mapping[tuple[int, int], float] | None = None) -> JointSolution:
     """Find every section's field from pairwise fields (see the module docstring).
 
     Parameters
@@ -93,6 +94,9 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
         Gauss-Newton / reweighting steps.
     anchor : int, optional
         Pin this section to the identity (e.g. a section known to be undistorted).
+    pair_weights : mapping ``(i, j) -> float`` in [0, 1], optional
+        Prior confidence in each pair (e.g. from its similarity after registration),
+        multiplied into the robust weights.
 
     Returns
     -------
@@ -119,7 +123,14 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
     m = np.ones((h, w), bool) if mask is None else np.asarray(mask, bool)
     grid = _index_grid((h, w))
     u = np.zeros((z, 2, h, w))
-    weight = {p: 1.0 for p in pairs}
+    prior_w = {p: 1.0 for p in pairs}
+    if pair_weights is not None:
+        for p, wt in pair_weights.items():
+            if p in prior_w:
+                if not 0.0 <= float(wt) <= 1.0:
+                    raise ValueError(f"pair weight of {p} must be in [0, 1], got {wt}")
+                prior_w[p] = float(wt)
+    weight = dict(prior_w)
     resid = {p: 0.0 for p in pairs}
     for it in range(max(1, iterations)):
         # targets: v_ij sampled where section i's current field sends p
@@ -146,8 +157,9 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
             resid[(i, j)] = float(np.sqrt((r ** 2).sum(axis=0))[m].mean())
         if robust_scale_px == 0:
             continue
-        scale = robust_scale_px or max(1.0, 2.0 * float(np.median(list(resid.values()))))
-        weight = {p: 1.0 / (1.0 + (resid[p] / scale) ** 2) for p in pairs}
+        trusted = [resid[p] for p in pairs if prior_w[p] > 0.5] or list(resid.values())
+        scale = robust_scale_px or max(1.0, 2.0 * float(np.median(trusted)))
+        weight = {p: prior_w[p] / (1.0 + (resid[p] / scale) ** 2) for p in pairs}
     low = {p: round(wt, 3) for p, wt in weight.items() if wt < 0.5}
     if low:
         log.info("joint solve: down-weighted pairs %s", low)

@@ -168,10 +168,46 @@ def _register(method: Method, fixed, moving, refs, *, shape_yx, spacing_xy, orig
     except Exception as exc:  # one bad section must not end a long run
         log.warning("%s: %s failed (%s: %s)", what, method.name, type(exc).__name__, exc)
         warnings.append(f"registration failed: {type(exc).__name__}: {_one_line(exc)}")
-    row = {"metric": None if metric is None else float(metric),
-           "seconds": round(time.perf_counter() - t0, 4), "failed": u is None,
-           "warnings": "; ".join(warnings)}
+    seconds = round(time.perf_counter() - t0, 4)
+    row = {"metric": None if metric is None else float(metric), "seconds": seconds,
+           "ncc": None if u is None else _pair_ncc(fixed, moving, u, spacing_xy),
+           "failed": u is None, "warnings": "; ".join(warnings)}
     return u, row
+
+
+def _pair_ncc(fixed, moving, u, spacing_xy) -> float | None:
+    """NCC of the fixed section and the registered moving one, on content both share."""
+    from .methods.base import content_mask
+    from .metrics import ncc
+
+    warped, valid = warp(moving, u, spacing_xy=spacing_xy)
+    mask = valid
+    for section in (fixed, warped):
+        m = content_mask(section)
+        if m is not None:
+            mask = mask & m
+    if mask.sum() < 16:
+        return None
+    value = ncc(fixed, warped, mask=mask)
+    return None if not np.isfinite(value) else round(float(value), 5)
+
+
+def _similarity_weights(rows: dict) -> dict:
+    """Confidence per pair from its NCC after registration, relative to the stack's good pairs.
+
+    ``(ncc / reference)^2`` clipped to [0, 1], the reference being the 75th percentile of the
+    pairs' NCC (not the median: one bad section touches up to 2 x neighbours pairs, which in
+    a short stack is most of them). A pair that matched as well as is typical keeps weight 1;
+    one that matched nothing (a blank or noise section) drops towards 0.
+    """
+    values = [r["ncc"] for r in rows.values() if r.get("ncc") is not None]
+    if len(values) < 2:
+        return {}
+    reference = float(np.percentile(values, 75))
+    if reference <= 0:
+        return {}
+    return {p: float(np.clip((r["ncc"] or 0.0) / reference, 0.0, 1.0) ** 2)
+            if r.get("ncc") is not None else 0.0 for p, r in rows.items()}
 
 
 # --- alignment -------------------------------------------------------------------------------
@@ -217,6 +253,11 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
         raise ValueError(f"stack must have shape (Z, H, W), got {stack.shape}")
     if stack.shape[0] < 1 or min(stack.shape[1:]) < 2:
         raise ValueError(f"stack {stack.shape} has no section to align")
+    if np.issubdtype(stack.dtype, np.floating):
+        bad = np.flatnonzero(~np.isfinite(stack).all(axis=(1, 2)))
+        if bad.size:
+            raise ValueError(f"section {int(bad[0])} of the stack contains NaN or infinite "
+                             f"values ({bad.size} section(s) in all); fill or mask them first")
     if mode not in ("joint", "sequential"):
         raise ValueError(f"mode must be 'joint' or 'sequential', got {mode!r}")
     if client is not None and mode != "joint":
@@ -320,14 +361,17 @@ def _align_joint(raw, method, *, spacing_xy, origin_xy, work, order, progress, n
         from .metrics import interior_mask
 
         margin = max(1, min(h, w) // 16)
+        similarity = _similarity_weights({p: r for p, r in pair_rows.items()
+                                          if p in pair_fields})
         solution = solve_joint(pair_fields, z, prior=prior, spacing_xy=spacing_xy,
-                               mask=interior_mask((h, w), margin_px=margin))
+                               mask=interior_mask((h, w), margin_px=margin),
+                               pair_weights=similarity)
         fields = solution.fields
     pairs = []
     for (i, j), row in pair_rows.items():
         ok = solution is not None and (i, j) in solution.pair_weight
         pairs.append({"fixed": i, "moving": j, "metric": row["metric"],
-                      "seconds": row["seconds"],
+                      "ncc": row.get("ncc"), "seconds": row["seconds"],
                       "residual_px": solution.pair_residual_px[(i, j)] if ok else None,
                       "weight": solution.pair_weight[(i, j)] if ok else 0.0,
                       "warnings": row["warnings"]})
@@ -340,13 +384,16 @@ def _align_joint(raw, method, *, spacing_xy, origin_xy, work, order, progress, n
                     for p in touching if p["warnings"]]
         low = [f"pair {p['fixed']}-{p['moving']} down-weighted to {p['weight']:.2f}"
                for p in touching if 0 < p["weight"] < 0.5]
+        if z > 1 and not any(weights):
+            warnings.append("no usable pair: the section stays where the prior puts it "
+                            "(near its raw position)")
         table.append({
             "section": k,
             "metric": own[0]["metric"] if own else None,
             "seconds": round(sum(p["seconds"] for p in own), 4),
             "pairs": len(touching),
             "min_pair_weight": min(weights) if weights else None,
-            "flagged": bool(warnings or low or (z > 1 and not any(weights))),
+            "flagged": bool(warnings or low),
             "warnings": "; ".join(warnings + low),
         })
     aligned = np.stack([warp(raw[k], fields[k], spacing_xy=spacing_xy, order=order)[0]
