@@ -138,3 +138,54 @@ def test_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([command, "--help"])
     assert exc.value.code == 0 and "usage: hybridreg " + command in capsys.readouterr().out
+
+
+INTERRUPTED_RUN = """
+import sys
+from hybridreg import io
+from hybridreg.methods import get_method
+from hybridreg.stack import align_stack
+
+stack = io.read_stack(sys.argv[1])
+inner = get_method("elastix", params=["em_rigid"], threads=1)
+
+
+class StopAfterOnePair:
+    name, config, calls = inner.name, inner.config, 0
+
+    def register(self, *args, **kwargs):
+        if self.calls == 1:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C
+        self.calls += 1
+        return inner.register(*args, **kwargs)
+
+
+try:
+    align_stack(stack.data, StopAfterOnePair(), spacing_xy=stack.spacing_xyz[:2],
+                work_dir=sys.argv[2])
+except KeyboardInterrupt:
+    sys.exit(0)
+sys.exit("was not interrupted")
+"""
+
+
+def test_align_resume_gives_the_uninterrupted_output(deformed):
+    d = deformed
+
+    def align(fields, *extra):
+        subprocess.run([sys.executable, "-m", "hybridreg.cli", "align", str(d / "def.tif"),
+                        "--params", "em_rigid", "--threads", "1", "--out",
+                        str(d / f"{fields}.tif"), "--fields-out", str(d / fields),
+                        "--no-progress", *extra], check=True)
+
+    align("straight")
+    (d / "resumed").mkdir()
+    subprocess.run([sys.executable, "-c", INTERRUPTED_RUN, str(d / "def.tif"),
+                    str(d / "resumed" / "work")], check=True)
+    assert len(list((d / "resumed" / "work").glob("pair_*.json"))) == 1  # one pair was done
+    align("resumed", "--resume")
+    np.testing.assert_array_equal(io.read_fields(d / "resumed")[0],
+                                  io.read_fields(d / "straight")[0])
+    np.testing.assert_array_equal(io.read_stack(d / "resumed.tif").data,
+                                  io.read_stack(d / "straight.tif").data)
+    assert not (d / "resumed" / "work").exists()
