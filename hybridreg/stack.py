@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["StackAlignment", "align_stack", "apply_fields", "save_alignment"]
 
+#: pairs whose final weight in the joint solve falls below this are flagged
+LOW_PAIR_WEIGHT = 0.2
+
 
 @dataclass(frozen=True)
 class StackAlignment:
@@ -193,21 +196,32 @@ def _pair_ncc(fixed, moving, u, spacing_xy) -> float | None:
 
 
 def _similarity_weights(rows: dict) -> dict:
-    """Confidence per pair from its NCC after registration, relative to the stack's good pairs.
+    """Confidence per pair from its NCC after registration, relative to comparable pairs.
 
-    ``(ncc / reference)^2`` clipped to [0, 1], the reference being the 75th percentile of the
-    pairs' NCC (not the median: one bad section touches up to 2 x neighbours pairs, which in
-    a short stack is most of them). A pair that matched as well as is typical keeps weight 1;
-    one that matched nothing (a blank or noise section) drops towards 0.
+    ``(ncc / reference)^2`` clipped to [0, 1]. The reference is the 75th percentile of the NCC
+    of the pairs *at the same distance* (sections further apart are less alike, so a pair two
+    sections apart is compared with other such pairs), and the 75th percentile rather than the
+    median because one bad section touches up to 2 x neighbours pairs, which in a short stack
+    is most of them. A pair that matched as well as is typical keeps weight 1; one that
+    matched nothing (a blank or noise section) drops towards 0.
     """
-    values = [r["ncc"] for r in rows.values() if r.get("ncc") is not None]
-    if len(values) < 2:
+    by_distance: dict = {}
+    for (i, j), r in rows.items():
+        if r.get("ncc") is not None:
+            by_distance.setdefault(abs(j - i), []).append(r["ncc"])
+    reference = {dist: float(np.percentile(v, 75)) for dist, v in by_distance.items()
+                 if len(v) >= 2 and np.percentile(v, 75) > 0}
+    if not reference:
         return {}
-    reference = float(np.percentile(values, 75))
-    if reference <= 0:
-        return {}
-    return {p: float(np.clip((r["ncc"] or 0.0) / reference, 0.0, 1.0) ** 2)
-            if r.get("ncc") is not None else 0.0 for p, r in rows.items()}
+    weights = {}
+    for (i, j), r in rows.items():
+        dist = abs(j - i)
+        # too few pairs at this distance (a short stack, a bad section): the nearest distance's
+        ref = reference.get(dist) or reference[min(reference, key=lambda e: (abs(e - dist), e))]
+        # no NCC at all: a section without any content to match (blank, saturated)
+        weights[(i, j)] = (float(np.clip(r["ncc"] / ref, 0.0, 1.0)) ** 2
+                           if r.get("ncc") is not None else 0.0)
+    return weights
 
 
 # --- alignment -------------------------------------------------------------------------------
@@ -382,8 +396,12 @@ def _align_joint(raw, method, *, spacing_xy, origin_xy, work, order, progress, n
         own = [p for p in touching if p["moving"] == k]
         warnings = [f"pair {p['fixed']}-{p['moving']}: {p['warnings']}"
                     for p in touching if p["warnings"]]
+        # clean pairs end at weights of 0.45-1 (a pair two sections apart, a little less alike
+        # and with a larger residual, at about 0.46 on a small phantom stack); pairs that
+        # registered noise, a blank section or failed end below 0.1: flag below 0.2
         low = [f"pair {p['fixed']}-{p['moving']} down-weighted to {p['weight']:.2f}"
-               for p in touching if 0 < p["weight"] < 0.5]
+               for p in touching
+               if p["weight"] < LOW_PAIR_WEIGHT and p["residual_px"] is not None]
         if z > 1 and not any(weights):
             warnings.append("no usable pair: the section stays where the prior puts it "
                             "(near its raw position)")
