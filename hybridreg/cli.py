@@ -230,7 +230,7 @@ def cmd_register(args) -> int:
     res = method.register(fixed.data[0].astype("float32"), moving.data[0].astype("float32"),
                           spacing_xy=spacing_xy)
     inputs = [args.fixed, args.moving]
-    io.write_stack(args.out, _cast_like(res.warped, moving.data.dtype),
+    io.write_stack(args.out, io.cast_to_dtype(res.warped, moving.data.dtype),
                    spacing_xyz=moving.spacing_xyz, overwrite=args.overwrite, inputs=inputs)
     if args.fields_out:
         out = Path(args.fields_out)
@@ -247,15 +247,6 @@ def cmd_register(args) -> int:
     print(f"registered {args.moving} to {args.fixed} with {method.name} in "
           f"{res.seconds:.1f} s{metric} -> {args.out}")
     return 0
-
-
-def _cast_like(data, dtype):
-    import numpy as np
-
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        return np.clip(np.rint(data), info.min, info.max).astype(dtype)
-    return data.astype(dtype)
 
 
 def cmd_align(args) -> int:
@@ -336,7 +327,7 @@ def cmd_apply(args) -> int:
     if args.nearest:
         out = apply_fields(stack.data, fields, spacing_xy=spacing_xy, order=0)
     else:
-        out = _cast_like(apply_fields(stack.data, fields, spacing_xy=spacing_xy, order=1),
+        out = io.cast_to_dtype(apply_fields(stack.data, fields, spacing_xy=spacing_xy, order=1),
                          stack.data.dtype)
     io.write_stack(args.out, out, spacing_xyz=stack.spacing_xyz, overwrite=args.overwrite,
                    inputs=[args.stack])

@@ -347,6 +347,19 @@ def _move_into_place(tmp: Path, final: Path, *, overwrite: bool, token: str) -> 
 
 # --- reading stacks ---------------------------------------------------------------------------
 
+def cast_to_dtype(data: np.ndarray, dtype) -> np.ndarray:
+    """Image values to ``dtype``: rounded and clipped to its range for integers, a plain cast
+    for floats, ``>= 0.5`` for bool (e.g. a float result back to the input stack's uint8)."""
+    dtype = np.dtype(dtype)
+    data = np.asarray(data)
+    if dtype == bool:
+        return data >= 0.5
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(data), info.min, info.max).astype(dtype)
+    return data.astype(dtype)
+
+
 def read_stack(path) -> Stack:
     """Read a stack of sections from a TIFF, an image folder, HDF5 or zarr.
 

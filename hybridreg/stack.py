@@ -446,10 +446,7 @@ def save_alignment(result: StackAlignment, *, out=None, fields_out=None, transfo
     from .metrics import write_table_csv
 
     if out is not None:
-        data = result.aligned
-        if dtype is not None and np.issubdtype(np.dtype(dtype), np.integer):
-            info = np.iinfo(dtype)
-            data = np.clip(np.rint(data), info.min, info.max).astype(dtype)
+        data = result.aligned if dtype is None else io.cast_to_dtype(result.aligned, dtype)
         io.write_stack(out, data, overwrite=overwrite, inputs=inputs)
     if fields_out is None:
         return

@@ -36,6 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from .fields import _spacing, to_physical
+from .io import cast_to_dtype
 from .warp import warp
 
 log = logging.getLogger(__name__)
@@ -417,21 +418,10 @@ def deform_stack(stack: np.ndarray, *, seed: int, labels: np.ndarray | None = No
         forward[k] = dfm.forward
         warped, valid[k] = warp(arr[k].astype(np.float32), dfm.forward, spacing_xy=spacing,
                                 order=order, cval=0.0)
-        out[k] = _cast_like(warped, arr.dtype)
+        out[k] = cast_to_dtype(warped, arr.dtype)
         if lab is not None:
             out_labels[k] = warp(lab[k], dfm.forward, spacing_xy=spacing, order=0, cval=0)[0]
         log.debug("section %d: rotation %.3f deg, scale %.4f, shift (%.2f, %.2f) px", k,
                   dfm.rotation_deg, dfm.scale, *dfm.shift_px)
     return DeformedStack(stack=out, labels=out_labels, fields=fields, forward_fields=forward,
                          valid=valid, spacing_xy=spacing)
-
-
-def _cast_like(a: np.ndarray, dtype) -> np.ndarray:
-    """Float image to ``dtype``: round and clip for integers, plain cast for floats."""
-    dtype = np.dtype(dtype)
-    if dtype == bool:
-        return a >= 0.5
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        return np.clip(np.rint(a), info.min, info.max).astype(dtype)
-    return a.astype(dtype)

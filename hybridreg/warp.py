@@ -27,10 +27,15 @@ def valid_mask(u: np.ndarray, *, spacing_xy=(1.0, 1.0), margin_px: float = 0.0) 
     mask : ndarray of bool, shape (H, W)
     """
     u = validate_field(u)
-    h, w = u.shape[1:]
-    pts = _index_grid((h, w)) + to_pixels(u, spacing_xy)
-    m = margin_px
-    eps = 1e-4
+    return _inside(_index_grid(u.shape[1:]) + to_pixels(u, spacing_xy), u.shape[1:],
+                   margin_px=margin_px)
+
+
+def _inside(pts: np.ndarray, shape_yx, *, margin_px: float = 0.0) -> np.ndarray:
+    """True where pixel positions ``pts`` (x, y) lie between the centres of the border pixels
+    of a ``shape_yx`` grid, at least ``margin_px`` in (with a 1e-4 px tolerance)."""
+    h, w = shape_yx
+    m, eps = margin_px, 1e-4
     return ((pts[0] >= m - eps) & (pts[0] <= w - 1 - m + eps)
             & (pts[1] >= m - eps) & (pts[1] <= h - 1 - m + eps))
 
@@ -76,11 +81,7 @@ def warp(moving: np.ndarray, u: np.ndarray, *, spacing_xy=(1.0, 1.0), order: int
     ]).astype(out_dtype, copy=False)
     if moving.ndim == 2:
         warped = warped[0]
-    h, w = u.shape[1:]
-    eps = 1e-4
-    valid = ((pts[0] >= -eps) & (pts[0] <= w - 1 + eps)
-             & (pts[1] >= -eps) & (pts[1] <= h - 1 + eps))
-    return warped, valid
+    return warped, _inside(pts, u.shape[1:])
 
 
 def warp_torch(moving: "torch.Tensor", u_px: "torch.Tensor", *, align_corners: bool = True,
