@@ -226,6 +226,11 @@ class StackSampler:
         A window is drawn only if none of its sections is excluded.
     seed : int
         Seed of the generator used when a draw gets no ``rng``.
+    solve_step_px : int
+        The deformation and its recovery are computed on a grid this many pixels apart and
+        interpolated (:func:`hybridreg.synthetic.random_deformation`): with 8, the truth is
+        within 0.002 px on average (0.07 px at most, at the crop's edges) of the exact one,
+        at a small fraction of the cost. 1 for the exact truth.
 
     Notes
     -----
@@ -241,7 +246,7 @@ class StackSampler:
 
     def __init__(self, stacks, *, crop: int, deformation: Mapping[str, float] | None = None,
                  reference_jitter_px: float = 1.5, augment: bool = True,
-                 exclude=None, seed: int = 0):
+                 exclude=None, seed: int = 0, solve_step_px: int = 8):
         self.stacks, self.names = _as_stacks(stacks)
         try:
             crop = int(crop)
@@ -261,6 +266,7 @@ class StackSampler:
         if not (self.reference_jitter_px >= 0 and math.isfinite(self.reference_jitter_px)):
             raise ValueError(f"reference_jitter_px must be >= 0, got {reference_jitter_px!r}")
         self.augment = bool(augment)
+        self.solve_step_px = _check_int("solve_step_px", solve_step_px, 1)
         self.excluded = _exclusions(exclude, len(self.stacks))
         self.scaling = [eight_bit_scaling(s) for s in self.stacks]
         self._rng = np.random.default_rng(seed)
@@ -435,7 +441,8 @@ class StackSampler:
                 op = int(rng.integers(8))
                 region, inside = _d4(region, op), _d4(inside, op)
             inside_f = inside.astype(np.float32)
-            dfm = random_deformation((c, c), rng=rng, **self.deformation)
+            dfm = random_deformation((c, c), rng=rng, solve_step_px=self.solve_step_px,
+                                     **self.deformation)
             fwd, rec = dfm.forward, dfm.recovery  # spacing 1: pixels
             # the moving section: deformed(q) = original(q + d(q)), read from the region
             pts = self._grid_xy + m + fwd

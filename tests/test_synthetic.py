@@ -316,3 +316,15 @@ def test_single_section_stack(em):
 def test_deform_stack_validates(stack, kwargs, error, match):
     with pytest.raises(error, match=match):
         deform_stack(stack, seed=0, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(192, 192), (97, 130)])
+def test_coarse_solve_is_close_to_the_exact_recovery(shape):
+    exact = random_deformation(shape, seed=3)
+    coarse = random_deformation(shape, seed=3, solve_step_px=8)
+    assert coarse.rotation_deg == exact.rotation_deg
+    err = np.abs(coarse.recovery - exact.recovery)
+    assert err.mean() < 0.005 and err.max() < 0.1
+    assert np.abs(coarse.forward - exact.forward).max() < 0.1
+    with pytest.raises(ValueError, match="solve_step_px"):
+        random_deformation(shape, seed=3, solve_step_px=0)
