@@ -63,6 +63,11 @@ def _resolve_device(device: str, module=None):
     return torch.device(device)
 
 
+def _is_a(model, class_name: str) -> bool:
+    """``model`` is an instance of the class named ``class_name`` (or of a subclass)."""
+    return any(k.__name__ == class_name for k in type(model).__mro__)
+
+
 class _ModelSource:
     """A checkpoint path (loaded lazily, once) or an in-memory module, of one expected class.
 
@@ -94,7 +99,7 @@ class _ModelSource:
             if not self.path.is_file():
                 raise FileNotFoundError(f"{method}: model checkpoint not found: {self.path}")
         elif hasattr(model, "state_dict") and hasattr(model, "parameters"):
-            if type(model).__name__ != expected:
+            if not _is_a(model, expected):
                 raise TypeError(f"{method} needs a {expected}, got a {type(model).__name__}")
             self.module = model
         else:
@@ -111,7 +116,7 @@ class _ModelSource:
             from ..models import CheckpointError, load_model
 
             model = load_model(self.path, map_location="cpu")
-            if type(model).__name__ != self.expected:
+            if not _is_a(model, self.expected):
                 raise CheckpointError(
                     f"{self.path} holds a {type(model).__name__}, but the {self.method} "
                     f"method needs a {self.expected} checkpoint")

@@ -24,6 +24,7 @@ from torch import nn
 
 from .autoencoder import FeatureAutoencoder
 from .faemreg import FAEMRegNet
+from .pyramid import FAEMRegPyramidNet
 from .transformer import SpatialTransformer
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ METADATA_KEY = "hybridreg_metadata"
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "FeatureAutoencoder": FeatureAutoencoder,
     "FAEMRegNet": FAEMRegNet,
+    "FAEMRegPyramidNet": FAEMRegPyramidNet,
     "SpatialTransformer": SpatialTransformer,
 }
 
