@@ -58,6 +58,8 @@ from . import fields as _fields
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "adapt_refinement_map",
+    "write_parameter_file",
     "ElastixError",
     "ElastixResult",
     "load_itk",
@@ -374,6 +376,94 @@ def refinement_map(n_channels: int, *, grid_spacing_px: float = _REFINE_DEFAULT_
     for i, w in enumerate(weights):
         m[f"Metric{i}Weight"] = [repr(w)]
     return m
+
+
+#: Entries that elastix expects once per image channel in a multi-metric registration.
+_PER_CHANNEL = ("FixedImagePyramid", "MovingImagePyramid", "Interpolator", "ImageSampler")
+
+
+def adapt_refinement_map(params, n_channels: int, *, weights: Sequence[float] | None = None
+                         ) -> tuple[dict[str, list[str]], list[str]]:
+    """Adapt a user's (B-spline) map to refine from an initial field with extra channels.
+
+    What changes, and why:
+
+    - transform penalties (``TransformBendingEnergyPenalty`` and the others of
+      ``TRANSFORM_PENALTIES``) are removed, with a warning: elastix cannot evaluate them
+      after an external initial transform ("Not implemented for AdvancedTransformAdapter");
+      the B-spline grid spacing is the regulariser then;
+    - ``Registration`` becomes ``MultiMetricMultiResolutionRegistration`` (for more than
+      one channel), and the map's first image metric, pyramids, interpolator and sampler are
+      repeated once per channel, unless the map already lists one per channel;
+    - ``Metric<i>Weight`` is set from ``weights`` (default: the map's own, else 1.0);
+    - ``AutomaticTransformInitialization`` is turned off (the initial field places the
+      moving section; a centre-of-mass initialisation on top of it would move it again).
+
+    Everything else (grid spacing, optimiser, iterations, samples, ...) stays the user's.
+
+    Parameters
+    ----------
+    params
+        One map, as :func:`parameter_maps` accepts it (a file, dict, name or
+        ParameterObject with one map).
+    n_channels : int
+        The section plus the extra channels.
+    weights : sequence of float, optional
+        One per channel.
+
+    Returns
+    -------
+    (dict, list of str)
+        The adapted map and the warnings (also logged).
+    """
+    maps = parameter_maps(params)
+    if len(maps) != 1:
+        raise ValueError(f"a refinement needs one parameter map, got a chain of {len(maps)}; "
+                         f"pass the B-spline map alone")
+    n = int(n_channels)
+    if n < 1 or n != n_channels:
+        raise ValueError(f"n_channels must be a positive integer, got {n_channels!r}")
+    m = {k: list(v) for k, v in maps[0].items()}
+    notes: list[str] = []
+    metrics = list(m.get("Metric", []))
+    penalties = [x for x in metrics if x in TRANSFORM_PENALTIES]
+    image = [x for x in metrics if x not in TRANSFORM_PENALTIES]
+    if penalties:
+        notes.append(f"removed transform penalties {penalties} from the refinement map: "
+                     f"elastix cannot evaluate them after an external initial transform; the "
+                     f"B-spline grid spacing regularises the refinement instead")
+    transform = m.get("Transform", ["(none)"])[0]
+    if transform != "BSplineTransform":
+        notes.append(f"the refinement map's Transform is {transform!r}, not "
+                     f"'BSplineTransform'; it is run as given")
+    if not image:
+        image = ["AdvancedNormalizedCorrelation"]
+        notes.append("the refinement map had no image metric; using "
+                     "AdvancedNormalizedCorrelation")
+    old_weights = [m.get(f"Metric{i}Weight", [None])[0] for i in range(len(metrics))]
+    kept_weights = [w for x, w in zip(metrics, old_weights) if x not in TRANSFORM_PENALTIES]
+    for key in [k for k in m if k.startswith("Metric") and k.endswith(("Weight", "Use"))]:
+        del m[key]
+    if len(image) != n:
+        image = [image[0]] * n
+        kept_weights = [kept_weights[0] if kept_weights else None] * n
+    m["Metric"] = image
+    for key in _PER_CHANNEL:
+        if key in m and len(m[key]) != n:
+            m[key] = [m[key][0]] * n
+    if n > 1 or penalties:
+        m["Registration"] = ["MultiMetricMultiResolutionRegistration"]
+    m["AutomaticTransformInitialization"] = ["false"]
+    if weights is None:
+        weights = [float(w) if w is not None else 1.0 for w in kept_weights]
+    weights = [float(w) for w in weights]
+    if len(weights) != n or any(not (math.isfinite(w) and w >= 0) for w in weights):
+        raise ValueError(f"weights must be {n} finite numbers >= 0, got {weights}")
+    for i, w in enumerate(weights):
+        m[f"Metric{i}Weight"] = [repr(w)]
+    for note in notes:
+        log.warning("adapt_refinement_map: %s", note)
+    return m, notes
 
 
 def _image_metrics(m: Mapping[str, Sequence[str]]) -> list[str]:
@@ -817,6 +907,29 @@ def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.
 
 
 # --- export ----------------------------------------------------------------------------------
+
+def write_parameter_file(mapping, path, *, overwrite: bool = False) -> Path:
+    """Write one parameter map as an elastix parameter file (``(Key "value" ...)`` lines).
+
+    Parameters
+    ----------
+    mapping : dict
+        ``{name: [str, ...]}`` (e.g. an entry of ``ElastixResult.parameter_maps``).
+    path : str or os.PathLike
+    overwrite : bool
+        Replace an existing file.
+
+    Returns
+    -------
+    Path
+    """
+    from .io import atomic_output
+
+    path = Path(path)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        Path(tmp).write_text(_format_parameter_file(_plain_map(mapping)))
+    return path
+
 
 def _format_parameter_file(m: Mapping[str, Sequence[str]]) -> str:
     """An elastix parameter file: numbers bare, other values quoted."""

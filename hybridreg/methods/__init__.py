@@ -14,6 +14,7 @@ METHODS = {
     "elastix": "hybridreg.methods.elastix:ElastixMethod",
     "learned": "hybridreg.methods.learned:LearnedMethod",
     "ssemnet": "hybridreg.methods.ssemnet:SSEMnetMethod",
+    "hybrid": "hybridreg.methods.hybrid:HybridMethod",
 }
 
 

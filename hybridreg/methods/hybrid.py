@@ -1,0 +1,314 @@
+"""The hybrid method: the learned field initialises an elastix B-spline refinement.
+
+For each pair:
+
+1. the ``learned`` network (:class:`~hybridreg.methods.learned.LearnedMethod`) predicts
+   the pull field ``u0`` in one pass;
+2. elastix refines it with a B-spline (:func:`hybridreg.elastix.register_pair` with
+   ``initial_field=u0``, i.e. ``SetExternalInitialTransform`` with an ITK
+   ``DisplacementFieldTransform``), on several similarity channels: the EM section itself
+   and ``feature_channels`` feature maps of the frozen autoencoder
+   (:class:`~hybridreg.models.FeatureAutoencoder`), each channel with its own metric and
+   ``Metric<i>Weight``;
+3. the refined field is kept only if it is better than ``u0`` by the method's own measure
+   (NCC of the warped and the fixed section on the fixed section's content) and does not
+   fold; otherwise, or when elastix fails, the section keeps ``u0`` and is flagged (a
+   warning in the result, so a stack run goes on and its table says which sections).
+
+Feature channels
+    The encoder's features at ``feature_stride`` (default 4: 16 channels after FAEMReg's
+    fourth layer; its final one-channel 1/16 features are too coarse to refine anything)
+    are reduced to their ``feature_channels`` principal components, computed over the
+    fixed and moving features together (one projection for both, so the channels are
+    comparable), and interpolated bilinearly back to the section grid. Elastix's
+    ``AdvancedNormalizedCorrelation`` does not care about their scale.
+
+Default weights: 1.0 for the section and ``0.5 / feature_channels`` for each feature
+    channel. The section carries the fine detail the refinement is for; the features are
+    smoother (a wider capture basin and less sensitivity to the noise and small content
+    changes between sections), which is what keeps a free B-spline from chasing
+    section-to-section differences. Weighting the features at half the section, in all,
+    lets them steady the optimisation without overruling the section's detail. Set
+    ``channel_weights`` to change this.
+
+The refinement map
+    Default :func:`hybridreg.elastix.refinement_map` for ``1 + feature_channels`` channels
+    with a 64 px final grid (32 px on the coarser level), 2 levels, 100 iterations and 2048
+    samples per channel: the learned field is already close, so the refinement needs few
+    iterations, and a coarse grid leaves it little freedom to follow content that changes
+    between sections. A user's own B-spline map may be given (``params``): it is adapted
+    with :func:`hybridreg.elastix.adapt_refinement_map` (channels added, transform penalties
+    removed with a warning), and the maps actually run are in ``info["parameter_maps"]``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+import numpy as np
+
+from ..fields import _spacing, folding_fraction
+from .base import RegistrationResult, check_pair, content_mask
+from .learned import LearnedMethod, _ModelSource, _ncc_metric, _normalized
+
+log = logging.getLogger(__name__)
+
+__all__ = ["HybridMethod", "feature_maps", "DEFAULT_REFINEMENT"]
+
+#: Options of :func:`hybridreg.elastix.refinement_map` for the default refinement.
+DEFAULT_REFINEMENT = {"grid_spacing_px": 64.0, "resolutions": 2, "iterations": 100,
+                      "samples": 2048}
+#: A refinement may lower the NCC by at most this much before it is rejected.
+DEFAULT_TOLERANCE = 0.0
+#: A refined field folding on more than this fraction of the content is rejected.
+MAX_FOLDING = 1e-3
+
+
+def feature_maps(ae, fixed: np.ndarray, moving: np.ndarray, *, n_channels: int = 2,
+                 feature_stride: int = 4, intensity_scale: float = 1.0,
+                 intensity_offset: float = 0.0, device="cpu"
+                 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Autoencoder feature channels of a pair, on the sections' grid.
+
+    Parameters
+    ----------
+    ae : FeatureAutoencoder
+        Frozen.
+    fixed, moving : ndarray, shape (H, W)
+        0-255 grey values after ``intensity_scale * x + intensity_offset``.
+    n_channels : int
+        Principal components kept (>= 1).
+    feature_stride : int
+        Use the encoder's features at this stride (see the module docstring).
+
+    Returns
+    -------
+    (list of ndarray, list of ndarray)
+        ``n_channels`` float32 maps ``(H, W)`` for the fixed and for the moving section
+        (fewer if the features have fewer non-constant directions; none for a blank
+        section).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from .ssemnet import _encoder_depth, _features
+
+    n_channels = int(n_channels)
+    if n_channels < 1:
+        raise ValueError(f"n_channels must be >= 1, got {n_channels}")
+    h, w = fixed.shape
+    depth, stride = _encoder_depth(ae, feature_stride)
+    if min(float(np.std(fixed)), float(np.std(moving))) * intensity_scale < 1e-3:
+        return [], []  # a blank section: its features would only show the zero padding
+    x = _normalized([fixed, moving], intensity_scale, intensity_offset, "hybrid")
+    with torch.inference_mode():
+        f = _features(ae, torch.from_numpy(x)[:, None].to(device), depth, stride)
+        f = f.double().cpu()
+    c = f.shape[1]
+    flat = f.permute(1, 0, 2, 3).reshape(c, -1)            # (C, 2 * h * w)
+    mean = flat.mean(1, keepdim=True)
+    _, sv, vh = torch.linalg.svd((flat - mean).T, full_matrices=False)
+    keep = int(min(n_channels, (sv > sv[0] * 1e-3).sum())) if sv.numel() and sv[0] > 0 else 0
+    if keep == 0:
+        return [], []
+    proj = vh[:keep] @ (flat - mean)                         # (keep, 2 * h * w)
+    maps = proj.reshape(keep, 2, *f.shape[-2:]).permute(1, 0, 2, 3).float()
+    up = F.interpolate(maps, scale_factor=stride, mode="bilinear", align_corners=False)
+    up = up[..., :h, :w].numpy()
+    return list(up[0]), list(up[1])
+
+
+class HybridMethod:
+    """Learned field, then an elastix B-spline refinement on section and feature channels.
+
+    Parameters
+    ----------
+    model : path, FAEMRegNet or None
+        The network of the ``learned`` step (default: the shipped ``faemreg_compact``).
+    features : path, FeatureAutoencoder, None or False
+        The autoencoder of the feature channels (default: the shipped ``feature_ae``);
+        False: the section channel only.
+    params : path, dict or name, optional
+        A B-spline parameter map of the user's, adapted with
+        :func:`hybridreg.elastix.adapt_refinement_map`. Default:
+        :func:`hybridreg.elastix.refinement_map` with :data:`DEFAULT_REFINEMENT`.
+    feature_channels : int
+        Principal components of the features given to elastix (default 2).
+    channel_weights : sequence of float, optional
+        ``Metric<i>Weight`` of the section and each feature channel (see the module
+        docstring for the default).
+    feature_stride : int
+        Encoder stride of the features (default 4).
+    references : int
+        Window of the learned step (see :class:`LearnedMethod`).
+    tolerance : float
+        The refined NCC may fall at most this much below the learned one.
+    intensity_scale, intensity_offset, device
+        As in :class:`LearnedMethod`.
+    threads : int, optional
+        elastix threads and ``torch.set_num_threads``.
+    """
+
+    name = "hybrid"
+
+    def __init__(self, model=None, features=None, *, params=None, feature_channels: int = 2,
+                 channel_weights: Sequence[float] | None = None, feature_stride: int = 4,
+                 references: int = 3, tolerance: float = DEFAULT_TOLERANCE,
+                 intensity_scale: float = 1.0, intensity_offset: float = 0.0,
+                 device: str = "auto", threads: int | None = None):
+        from ..elastix import adapt_refinement_map, refinement_map
+
+        self.learned = LearnedMethod(model, references=references,
+                                     intensity_scale=intensity_scale,
+                                     intensity_offset=intensity_offset, device=device,
+                                     threads=threads)
+        if features is False:
+            self._features = None
+            feature_channels = 0
+        else:
+            self._features = _ModelSource(features, default="feature_ae",
+                                          expected="FeatureAutoencoder", method=self.name)
+        self.feature_channels = int(feature_channels)
+        if self.feature_channels < 0:
+            raise ValueError(f"feature_channels must be >= 0, got {feature_channels}")
+        self.feature_stride = int(feature_stride)
+        n = 1 + self.feature_channels
+        if channel_weights is None:
+            channel_weights = [1.0] + [0.5 / max(self.feature_channels, 1)] * \
+                self.feature_channels
+        channel_weights = [float(v) for v in channel_weights]
+        if len(channel_weights) != n:
+            raise ValueError(f"channel_weights must have {n} entries (the section and "
+                             f"{self.feature_channels} feature channel(s)), got "
+                             f"{len(channel_weights)}")
+        self.channel_weights = channel_weights
+        self.params = params
+        self.adapt_warnings: list[str] = []
+        if params is None:
+            self.parameter_map = refinement_map(n, weights=channel_weights,
+                                                **DEFAULT_REFINEMENT)
+        else:
+            self.parameter_map, self.adapt_warnings = adapt_refinement_map(
+                params, n, weights=channel_weights)
+        self.tolerance = float(tolerance)
+        self.threads = threads
+        self._ae = None
+
+    @property
+    def config(self) -> dict:
+        """JSON-able settings that determine the result (the resume fingerprint of stacks)."""
+        return {"method": self.name, "learned": self.learned.config,
+                "features": (None if self._features is None else
+                             {"model": self._features.description,
+                              "weights_sha256": self._features.sha256()}),
+                "feature_channels": self.feature_channels,
+                "feature_stride": self.feature_stride,
+                "channel_weights": self.channel_weights,
+                "parameter_map": self.parameter_map, "tolerance": self.tolerance}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if self._features is not None and self._features.path is not None:
+            state["_ae"] = None
+        return state
+
+    def autoencoder(self):
+        """The frozen feature autoencoder (None without feature channels)."""
+        if self._features is None or self.feature_channels == 0:
+            return None
+        if self._ae is None:
+            self.learned.network()  # sets the threads and the device
+            self._ae = self._features.load(self.learned._device)
+        return self._ae
+
+    def register(self, fixed: np.ndarray, moving: np.ndarray, *,
+                 references: Sequence[np.ndarray] = (), spacing_xy=(1.0, 1.0),
+                 origin_xy=(0.0, 0.0)) -> RegistrationResult:
+        """Register ``moving`` onto ``fixed``: learned field, then the refinement.
+
+        Returns
+        -------
+        RegistrationResult
+            ``field``: the refined (or, after a fallback, the learned) pull field in
+            physical units; ``info``: ``learned_field``, ``elastix`` (the
+            :class:`~hybridreg.elastix.ElastixResult`, when the refinement ran and was
+            kept), ``parameter_maps`` (what elastix ran), ``fallback`` (the reason, or
+            None), ``ncc_learned``, ``ncc_refined``, ``seconds_learned``,
+            ``seconds_features``, ``seconds_refinement``.
+        """
+        from ..elastix import register_pair
+        from ..warp import warp
+
+        t0 = time.perf_counter()
+        fixed, moving, refs = check_pair(fixed, moving, references)
+        spacing_xy = _spacing(spacing_xy)
+        origin_xy = tuple(float(o) for o in origin_xy)
+        first = self.learned.register(fixed, moving, references=refs, spacing_xy=spacing_xy,
+                                      origin_xy=origin_xy)
+        t1 = time.perf_counter()
+        fixed_ch, moving_ch = [], []
+        warnings = list(self.adapt_warnings)
+        ae = self.autoencoder()
+        if ae is not None:
+            fixed_ch, moving_ch = feature_maps(
+                ae, fixed, moving, n_channels=self.feature_channels,
+                feature_stride=self.feature_stride,
+                intensity_scale=self.learned.intensity_scale,
+                intensity_offset=self.learned.intensity_offset, device=self.learned._device)
+        params = self.parameter_map
+        if len(fixed_ch) != self.feature_channels:
+            from ..elastix import adapt_refinement_map
+
+            warnings.append(f"only {len(fixed_ch)} of {self.feature_channels} feature "
+                            f"channels carry signal (blank or constant section?)")
+            params, _ = adapt_refinement_map(
+                self.parameter_map, 1 + len(fixed_ch),
+                weights=self.channel_weights[:1 + len(fixed_ch)])
+        t2 = time.perf_counter()
+        mask = content_mask(fixed)
+        info = {"learned_field": first.field, "parameter_maps": [params], "fallback": None,
+                "ncc_learned": first.metric, "ncc_refined": None,
+                "seconds_learned": t1 - t0, "seconds_features": t2 - t1}
+        fallback = None
+        refined = None
+        try:
+            refined = register_pair(
+                fixed.astype(np.float32, copy=False), moving.astype(np.float32, copy=False),
+                params=[params], spacing_xy=spacing_xy, origin_xy=origin_xy,
+                fixed_channels=fixed_ch, moving_channels=moving_ch,
+                initial_field=first.field, threads=self.threads,
+                **({"fixed_mask": mask} if mask is not None else {}))
+        except Exception as exc:  # noqa: BLE001 - any failure falls back, flagged
+            fallback = f"the refinement failed ({type(exc).__name__}: " \
+                       f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        info["seconds_refinement"] = time.perf_counter() - t2
+        if refined is not None:
+            info["parameter_maps"] = refined.parameter_maps
+            warped, valid = warp(moving.astype(np.float32, copy=False), refined.field,
+                                 spacing_xy=spacing_xy, order=1)
+            ncc_refined = _ncc_metric(fixed.astype(np.float32, copy=False), warped, valid)
+            info["ncc_refined"] = ncc_refined
+            folds = folding_fraction(refined.field, spacing_xy=spacing_xy, mask=mask)
+            if not np.all(np.isfinite(refined.field)):
+                fallback = "the refined field is not finite"
+            elif folds > MAX_FOLDING:
+                fallback = f"the refined field folds on {folds:.2%} of the section"
+            elif ncc_refined is None:
+                fallback = "the refined result has no measurable overlap"
+            elif first.metric is not None and ncc_refined < first.metric - self.tolerance:
+                fallback = (f"the refinement lowered the NCC from {first.metric:.4f} to "
+                            f"{ncc_refined:.4f}")
+        if fallback is not None:
+            info["fallback"] = fallback
+            warnings.append(f"kept the learned field: {fallback}")
+            log.info("hybrid: %s", warnings[-1])
+            return RegistrationResult(
+                field=first.field, warped=first.warped, spacing_xy=spacing_xy,
+                origin_xy=origin_xy, metric=first.metric,
+                seconds=time.perf_counter() - t0, warnings=tuple(warnings), info=info)
+        info["elastix"] = refined
+        return RegistrationResult(
+            field=refined.field, warped=warped, spacing_xy=spacing_xy, origin_xy=origin_xy,
+            metric=info["ncc_refined"], seconds=time.perf_counter() - t0,
+            warnings=tuple(warnings), info=info)

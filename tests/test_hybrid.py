@@ -1,0 +1,147 @@
+"""The hybrid method: learned field -> elastix B-spline refinement with feature channels.
+
+Tiny in-memory networks (untrained or briefly fitted), 96 px phantom sections, elastix with
+one thread.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hybridreg import elastix, synthetic
+from hybridreg.methods import get_method
+from hybridreg.methods.hybrid import HybridMethod, feature_maps
+from hybridreg.metrics import endpoint_error
+from hybridreg.models import FAEMRegNet, FeatureAutoencoder
+from hybridreg.phantom import make_phantom
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.elastix
+
+AE_LAYERS = [[8, 3, 1], [8, 3, 2], [8, 3, 2]]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    ph = make_phantom(sections=2, shape_yx=(96, 96), seed=4)
+    fixed = ph.stack[1].astype(np.float32)
+    d = synthetic.random_deformation((96, 96), seed=11, max_rotation_deg=0.5,
+                                     max_shift_px=2.0, elastic_px=2.0, max_scale=0.0,
+                                     elastic_spacing_px=48.0)
+    moving = synthetic.warp(fixed, d.forward, order=3)[0]
+    return fixed, moving, d.recovery
+
+
+def _nets():
+    torch.manual_seed(0)
+    net = FAEMRegNet.from_preset("tiny-pyramid")
+    ae = FeatureAutoencoder(AE_LAYERS, feature_relu=False)
+    return net, ae
+
+
+def test_feature_maps_are_on_the_section_grid(pair):
+    fixed, moving, _ = pair
+    _, ae = _nets()
+    f, m = feature_maps(ae.eval(), fixed[:90, :93], moving[:90, :93], n_channels=2,
+                        feature_stride=4)
+    assert len(f) == len(m) == 2
+    assert all(a.shape == (90, 93) and a.dtype == np.float32 for a in f + m)
+    assert all(np.std(a) > 0 for a in f)
+    # the same section gives the same channels
+    f2, m2 = feature_maps(ae.eval(), fixed, fixed, n_channels=1)
+    assert np.allclose(f2[0], m2[0], atol=1e-5)
+
+
+def test_blank_sections_give_no_feature_channels():
+    _, ae = _nets()
+    blank = np.full((64, 64), 100.0, np.float32)
+    assert feature_maps(ae.eval(), blank, blank, n_channels=2) == ([], [])
+
+
+def test_hybrid_refines_the_learned_field(pair):
+    fixed, moving, truth = pair
+    net, ae = _nets()
+    method = get_method("hybrid", model=net, features=ae, threads=1)
+    assert isinstance(method, HybridMethod)
+    res = method.register(fixed, moving)
+    learned = res.info["learned_field"]
+    assert res.field.shape == (2, 96, 96) and res.field.dtype == np.float32
+    inner = (slice(None), slice(12, -12), slice(12, -12))
+    e_learned = endpoint_error(learned[inner], truth[inner]).mean_px
+    e_hybrid = endpoint_error(res.field[inner], truth[inner]).mean_px
+    if res.info["fallback"] is None:
+        # an untrained net is about the identity; the refinement does the work
+        assert e_hybrid < 0.6 * e_learned
+        maps = res.info["parameter_maps"]
+        assert maps[0]["Metric"] == ["AdvancedNormalizedCorrelation"] * 3
+        assert res.info["ncc_refined"] >= res.info["ncc_learned"]
+        assert res.info["elastix"].initial_field is not None
+    else:
+        pytest.fail(f"the refinement fell back: {res.info['fallback']}")
+
+
+def test_failed_refinement_falls_back_and_flags(pair, monkeypatch):
+    fixed, moving, _ = pair
+    net, ae = _nets()
+    method = HybridMethod(net, ae, threads=1)
+
+    def boom(*a, **k):
+        raise elastix.ElastixError("elastix said no")
+
+    monkeypatch.setattr(elastix, "register_pair", boom)
+    res = method.register(fixed, moving)
+    assert res.info["fallback"].startswith("the refinement failed (ElastixError")
+    assert any("kept the learned field" in w for w in res.warnings)
+    assert np.array_equal(res.field, res.info["learned_field"])
+    assert "elastix" not in res.info
+
+
+def test_worse_refinement_is_rejected(pair, monkeypatch):
+    """A refinement that lowers the NCC (here: elastix's field replaced by a large shift)
+    is not kept."""
+    fixed, moving, _ = pair
+    net, ae = _nets()
+    method = HybridMethod(net, ae, threads=1)
+    real = elastix.register_pair
+
+    def worse(*a, **k):
+        r = real(*a, **k)
+        bad = r.field + np.array([7.0, -5.0], np.float32)[:, None, None]
+        return elastix.ElastixResult(**{**r.__dict__, "field": bad})
+
+    monkeypatch.setattr(elastix, "register_pair", worse)
+    res = method.register(fixed, moving)
+    assert "lowered the NCC" in res.info["fallback"]
+    assert np.array_equal(res.field, res.info["learned_field"])
+
+
+def test_user_parameter_file_is_adapted(tmp_path):
+    net, ae = _nets()
+    # the shipped em_bspline carries a bending-energy penalty
+    method = HybridMethod(net, ae, params="em_bspline", channel_weights=[1.0, 0.3, 0.2])
+    m = method.parameter_map
+    assert "TransformBendingEnergyPenalty" not in m["Metric"]
+    assert len(m["Metric"]) == 3 and m["Registration"] == [
+        "MultiMetricMultiResolutionRegistration"]
+    assert [m[f"Metric{i}Weight"][0] for i in range(3)] == ["1.0", "0.3", "0.2"]
+    assert len(m["FixedImagePyramid"]) == 3 and len(m["Interpolator"]) == 3
+    assert any("removed transform penalties" in w for w in method.adapt_warnings)
+    original = elastix.parameter_maps("em_bspline")[0]
+    # everything else stays the user's
+    assert m["FinalGridSpacingInVoxels"] == original["FinalGridSpacingInVoxels"]
+    assert m["MaximumNumberOfIterations"] == original["MaximumNumberOfIterations"]
+    with pytest.raises(ValueError, match="channel_weights"):
+        HybridMethod(net, ae, channel_weights=[1.0])
+    with pytest.raises(ValueError, match="chain"):
+        elastix.adapt_refinement_map(["em_affine", "em_bspline"], 2)
+
+
+def test_without_features_one_channel(pair):
+    fixed, moving, _ = pair
+    net, _ = _nets()
+    method = HybridMethod(net, False, threads=1)
+    assert method.autoencoder() is None
+    assert method.parameter_map["Metric"] == ["AdvancedNormalizedCorrelation"]
+    res = method.register(fixed, moving)
+    assert res.field.shape == (2, 96, 96)
