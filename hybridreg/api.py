@@ -1,0 +1,246 @@
+"""The ITK-style Python API: ``hybridreg.register`` and ``hybridreg.align_stack``.
+
+In the manner of ``itk.elastix_registration_method``: images in (``itk.Image`` or numpy
+arrays), images and transforms out, spacing and origin kept::
+
+    import itk, hybridreg
+    fixed = itk.imread("s001.tif", itk.F)
+    moving = itk.imread("s002.tif", itk.F)
+    result_image, transform = hybridreg.register(fixed, moving, method="hybrid")
+    itk.imwrite(result_image, "s002_aligned.mha")
+
+    out = hybridreg.align_stack(itk.imread("stack.tif", itk.F), method="hybrid")
+    itk.imwrite(out.image, "aligned.mha")      # spacing and origin of the input stack
+
+``register`` returns a :class:`Registration`, ``align_stack`` a :class:`StackRegistration`;
+both unpack like elastix's ``(image, transform)`` pair and also carry the contract field
+(:mod:`hybridreg.fields`: pull direction, physical units) and the method's full result.
+Only axis-aligned grids are supported (identity direction); anything else is refused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field as dc_field
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["register", "align_stack", "Registration", "StackRegistration"]
+
+
+def _is_itk_image(obj) -> bool:
+    return type(obj).__module__.startswith("itk") and hasattr(obj, "GetSpacing")
+
+
+def _section(obj, name: str, spacing_xy, origin_xy):
+    """``(array, spacing_xy, origin_xy, from_itk)`` of a 2D itk.Image or array."""
+    from .io import section_from_itk
+
+    if _is_itk_image(obj):
+        try:
+            arr, sp, org = section_from_itk(obj)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        for given, found, what in ((spacing_xy, sp, "spacing_xy"), (origin_xy, org, "origin_xy")):
+            if given is not None and not np.allclose(given, found):
+                raise ValueError(f"{what}={tuple(given)} disagrees with the {name} "
+                                 f"itk.Image's {found}")
+        return arr, sp, org, True
+    arr = np.asarray(obj)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2D itk.Image or an array (H, W), got shape "
+                         f"{arr.shape}")
+    sp = (1.0, 1.0) if spacing_xy is None else tuple(float(s) for s in spacing_xy)
+    org = (0.0, 0.0) if origin_xy is None else tuple(float(o) for o in origin_xy)
+    return arr, sp, org, False
+
+
+def _method(method, options):
+    from .methods import get_method
+
+    if isinstance(method, str):
+        return get_method(method, **options)
+    if options:
+        raise TypeError(f"options {sorted(options)} are for a method given by name; "
+                        f"{type(method).__name__} is already built")
+    if not hasattr(method, "register"):
+        raise TypeError(f"method must be a name or an object with register(), got "
+                        f"{type(method).__name__}")
+    return method
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What :func:`register` returns; unpacks as ``image, transform``.
+
+    Attributes
+    ----------
+    image : itk.Image
+        The moving section resampled onto the fixed grid (float32), with the fixed
+        section's spacing and origin.
+    transform : itk.DisplacementFieldTransform
+        Maps fixed points to moving points (ITK's convention; reproduces ``image`` with
+        ``itk.resample_image_filter``).
+    field : ndarray, shape (2, H, W), float32
+        The same transform as a pull field in physical units (:mod:`hybridreg.fields`).
+    spacing_xy, origin_xy : (float, float)
+    result : RegistrationResult
+        The method's full result (warnings, timings, ``info``: for ``hybrid`` the elastix
+        result and the parameter maps it ran).
+    """
+
+    image: Any
+    transform: Any
+    field: np.ndarray
+    spacing_xy: tuple
+    origin_xy: tuple
+    result: Any
+
+    def __iter__(self):
+        return iter((self.image, self.transform))
+
+
+@dataclass(frozen=True)
+class StackRegistration:
+    """What :func:`align_stack` returns; unpacks as ``image, transforms``.
+
+    Attributes
+    ----------
+    image : itk.Image
+        The aligned stack, 3D (x, y, z), float32, with the input's spacing and origin.
+    transforms : list of itk.DisplacementFieldTransform
+        One per section (section 0's is the identity unless the joint solve moved it).
+    fields : ndarray, shape (Z, 2, H, W), float32
+        Pull fields, physical units.
+    table : list of dict
+        One row per section (flags, warnings, timings; see :func:`hybridreg.stack.align_stack`).
+    alignment : StackAlignment
+        The full result of :func:`hybridreg.stack.align_stack`.
+    """
+
+    image: Any
+    transforms: list
+    fields: np.ndarray
+    table: list
+    alignment: Any = dc_field(repr=False)
+
+    def __iter__(self):
+        return iter((self.image, self.transforms))
+
+
+def register(fixed, moving, *, method="hybrid", references: Sequence = (),
+             spacing_xy=None, origin_xy=None, **options) -> Registration:
+    """Register ``moving`` onto ``fixed``, ITK style.
+
+    Parameters
+    ----------
+    fixed, moving : itk.Image (2D, scalar) or ndarray (H, W)
+        On one grid. With ``itk.Image`` inputs their spacing and origin are used.
+    method : str or method object
+        ``"hybrid"`` (default), ``"learned"``, ``"ssemnet"``, ``"elastix"``, or an object
+        from :func:`hybridreg.methods.get_method`.
+    references : sequence of itk.Image or ndarray
+        Older aligned sections (oldest first) for the methods that use a window.
+    spacing_xy, origin_xy : (float, float), optional
+        The grid of array inputs (default spacing 1, origin 0).
+    **options
+        Options of the method (e.g. ``model=``, ``features=``, ``params=``, ``threads=``).
+
+    Returns
+    -------
+    Registration
+        ``image, transform = hybridreg.register(...)`` works as with
+        ``itk.elastix_registration_method``.
+    """
+    from .fields import to_itk_transform
+    from .io import section_to_itk
+
+    f, sp, org, _ = _section(fixed, "fixed", spacing_xy, origin_xy)
+    m, msp, morg, _ = _section(moving, "moving", spacing_xy, origin_xy)
+    if not (np.allclose(sp, msp) and np.allclose(org, morg)):
+        raise ValueError(f"fixed (spacing {sp}, origin {org}) and moving (spacing {msp}, "
+                         f"origin {morg}) must share one grid")
+    refs = [_section(r, f"references[{i}]", sp, org)[0] for i, r in enumerate(references)]
+    impl = _method(method, options)
+    res = impl.register(f, m, references=refs, spacing_xy=sp, origin_xy=org)
+    image = section_to_itk(res.warped, spacing_xy=sp, origin_xy=org)
+    transform = to_itk_transform(res.field, spacing_xy=sp, origin_xy=org)
+    return Registration(image=image, transform=transform, field=res.field, spacing_xy=sp,
+                        origin_xy=org, result=res)
+
+
+def _stack(stack, spacing_xyz, origin_xyz):
+    if _is_itk_image(stack):
+        import itk
+
+        if stack.GetImageDimension() != 3:
+            raise ValueError(f"stack: expected a 3D itk.Image (x, y, z), got dimension "
+                             f"{stack.GetImageDimension()}")
+        if not np.allclose(np.asarray(stack.GetDirection()), np.eye(3)):
+            raise ValueError("stack: hybridreg supports axis-aligned grids only (identity "
+                             "direction)")
+        arr = np.array(itk.array_from_image(stack), copy=True)
+        sp = tuple(float(s) for s in stack.GetSpacing())
+        org = tuple(float(o) for o in stack.GetOrigin())
+        return arr, sp, org
+    if isinstance(stack, (list, tuple)) and stack and _is_itk_image(stack[0]):
+        secs = [_section(s, f"stack[{i}]", None, None) for i, s in enumerate(stack)]
+        sp2, org2 = secs[0][1], secs[0][2]
+        for i, s in enumerate(secs):
+            if not (np.allclose(s[1], sp2) and np.allclose(s[2], org2)):
+                raise ValueError(f"stack[{i}] has spacing {s[1]} and origin {s[2]}, section 0 "
+                                 f"has {sp2} and {org2}: sections must share one grid")
+        arr = np.stack([s[0] for s in secs])
+        sz = 1.0 if spacing_xyz is None else float(spacing_xyz[2])
+        return arr, (*sp2, sz), (*org2, 0.0)
+    arr = np.asarray(stack)
+    if arr.ndim != 3:
+        raise ValueError(f"stack must be a 3D itk.Image, a list of 2D itk.Images or an array "
+                         f"(Z, H, W), got shape {arr.shape}")
+    sp = (1.0, 1.0, 1.0) if spacing_xyz is None else tuple(float(s) for s in spacing_xyz)
+    org = (0.0, 0.0, 0.0) if origin_xyz is None else tuple(float(o) for o in origin_xyz)
+    return arr, sp, org
+
+
+def align_stack(stack, *, method="hybrid", spacing_xyz=None, origin_xyz=None,
+                progress: bool = False, **options) -> StackRegistration:
+    """Align a stack, ITK style.
+
+    Parameters
+    ----------
+    stack : itk.Image (3D), list of 2D itk.Image, or ndarray (Z, H, W)
+    method : str or method object
+        As in :func:`register`.
+    spacing_xyz, origin_xyz : (float, float, float), optional
+        The grid of an array input (default spacing 1, origin 0).
+    progress : bool
+        A progress bar on stderr.
+    **options
+        Options of :func:`hybridreg.stack.align_stack` (``mode``, ``neighbours``,
+        ``prior``, ``window``, ``work_dir``, ``order``, ``client``); the others go to the
+        method.
+
+    Returns
+    -------
+    StackRegistration
+        ``image, transforms = hybridreg.align_stack(...)``.
+    """
+    import itk
+
+    from .fields import to_itk_transform
+    from .stack import align_stack as _align
+
+    arr, sp, org = _stack(stack, spacing_xyz, origin_xyz)
+    stack_opts = {k: options.pop(k) for k in ("mode", "neighbours", "prior", "window",
+                                              "work_dir", "order", "client")
+                  if k in options}
+    impl = _method(method, options)
+    res = _align(arr, impl, spacing_xy=sp[:2], origin_xy=org[:2], progress=progress,
+                 **stack_opts)
+    aligned = np.ascontiguousarray(np.asarray(res.aligned), dtype=np.float32)
+    image = itk.image_from_array(aligned)
+    image.SetSpacing([float(s) for s in sp])
+    image.SetOrigin([float(o) for o in org])
+    transforms = [to_itk_transform(u, spacing_xy=sp[:2], origin_xy=org[:2])
+                  for u in res.fields]
+    return StackRegistration(image=image, transforms=transforms, fields=res.fields,
+                             table=res.table, alignment=res)
