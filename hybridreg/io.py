@@ -25,7 +25,23 @@ Stacks
         ``spacing_xyz`` attribute (x, y, z) or ilastik's ``element_size_um`` (z, y, x), and
         written as ``spacing_xyz``.
     ``store.zarr`` or ``store.zarr:/group/array``
-        A zarr array, with spacing in a ``spacing_xyz`` attribute.
+        Zarr. An OME-Zarr image (NGFF v0.4, or v0.5 where the metadata sit under ``ome``)
+        is read from its level-0 array (the first of ``multiscales[0].datasets``), with the
+        spacing from that level's ``scale`` (times any ``coordinateTransformations`` of the
+        multiscale) and the unit of its x axis; axes must end in ``y, x`` with ``z`` before
+        them, and ``t``/``c`` axes of length 1 are dropped. A plain zarr array carries its
+        spacing in a ``spacing_xyz`` attribute. A bare ``store.zarr`` is *written* as an
+        OME-Zarr image (NGFF v0.4: zarr format 2, level-0 array ``0``, chunks of one section
+        along z and at most 1024 x 1024 in y, x, ``/`` chunk keys, ``multiscales`` with axes
+        ``z, y, x`` of type ``space``, their ``unit`` where known, and a ``scale`` of
+        ``(z, y, x)`` spacing); ``store.zarr:/group/array`` is written as a plain array.
+        :class:`SectionWriter` writes such a store one section at a time, resumably.
+
+    ``read_stack(path, lazy=True)`` reads nothing but the metadata: its ``data`` is a
+    :class:`LazySections` that reads (and checks) one section when it is indexed, so a volume
+    larger than memory can be aligned section by section. Lazy zarr, HDF5, TIFF and folder
+    stacks are all read this way; a Dask worker given a :class:`LazySections` reads its own
+    sections from the path.
 
     Anything else (colour images, 4D data, other dtypes, empty stacks, NaN or infinite
     values, sections of different shapes) raises :class:`StackError` with a message that
@@ -39,7 +55,10 @@ Writing
     Nothing is overwritten unless ``overwrite=True``, and paths given as ``inputs`` are never
     overwritten at all. Every write goes to a temporary name next to the target and is moved
     into place only when it has succeeded (:func:`atomic_output`), so an interrupted or
-    failing write never leaves a half-written file under the final name.
+    failing write never leaves a half-written file under the final name. The one exception
+    is :class:`SectionWriter` (a volume too large to write at once): it writes in place, one
+    section at a time, and marks the store incomplete (a ``.NAME.progress`` folder next to
+    it, listing the sections done) until every section is written.
 """
 from __future__ import annotations
 
@@ -62,8 +81,12 @@ log = logging.getLogger(__name__)
 __all__ = [
     "Stack",
     "StackError",
+    "LazySections",
+    "SectionWriter",
     "read_stack",
     "write_stack",
+    "open_section_writer",
+    "is_ome_zarr_target",
     "atomic_output",
     "section_to_itk",
     "section_from_itk",
@@ -107,11 +130,19 @@ class Stack:
         when the file carries none.
     path : str or None
         Where the stack was read from, as given (including any ``:/dataset`` part).
+    unit : str or None
+        Unit of the spacing where the file names one (OME-Zarr axes), e.g. ``"nanometer"``.
+
+    Notes
+    -----
+    ``read_stack(path, lazy=True)`` gives a ``data`` that is a :class:`LazySections` (array-
+    like, read one section at a time) instead of an ndarray.
     """
 
     data: np.ndarray = field(repr=False)
     spacing_xyz: tuple[float, float, float] = (1.0, 1.0, 1.0)
     path: str | None = None
+    unit: str | None = None
 
     def __post_init__(self):
         if np.ndim(self.data) != 3:
@@ -120,8 +151,9 @@ class Stack:
         object.__setattr__(self, "spacing_xyz", _spacing_xyz(self.spacing_xyz, "Stack"))
 
     def __repr__(self) -> str:
+        lazy = ", lazy" if isinstance(self.data, LazySections) else ""
         return (f"Stack(shape_zyx={tuple(self.data.shape)}, dtype={self.data.dtype}, "
-                f"spacing_xyz={self.spacing_xyz}, path={self.path!r})")
+                f"spacing_xyz={self.spacing_xyz}, path={self.path!r}{lazy})")
 
 
 # --- small helpers ----------------------------------------------------------------------------
@@ -165,26 +197,33 @@ def _canonical_dtype(dtype, where: str) -> np.dtype:
                      f"float32 (float64 is converted to float32)")
 
 
+def _check_shape(shape, where: str) -> tuple[int, int, int]:
+    """The ``(Z, H, W)`` of data of ``shape`` (2D: Z = 1), or a StackError saying why not."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) in (3, 4) and shape[-1] in (3, 4) and shape[-2] > 4:
+        raise StackError(f"{where}: looks like a colour (RGB/RGBA) image, shape {shape} with "
+                         f"a trailing axis of {shape[-1]}; hybridreg needs grayscale "
+                         f"sections: convert it to grayscale first")
+    if len(shape) not in (2, 3):
+        raise StackError(f"{where}: not a 2D section or 3D grayscale stack (Z, H, W): got "
+                         f"{len(shape)}D data of shape {shape}")
+    zyx = shape if len(shape) == 3 else (1,) + shape
+    if zyx[0] == 0:
+        raise StackError(f"{where}: empty stack (0 sections), shape {shape}")
+    if zyx[1] == 0 or zyx[2] == 0:
+        raise StackError(f"{where}: empty stack: zero-size sections, shape {shape}")
+    return zyx
+
+
 def _validate_stack(data, where: str, names: list[str] | None = None) -> np.ndarray:
     """Check a stack and return it as a contiguous ``(Z, H, W)`` array of a supported dtype.
 
     ``names`` (one per section) are added to messages about single sections.
     """
     arr = np.asarray(data)
-    shape = tuple(arr.shape)
-    if arr.ndim in (3, 4) and shape[-1] in (3, 4) and shape[-2] > 4:
-        raise StackError(f"{where}: looks like a colour (RGB/RGBA) image, shape {shape} with "
-                         f"a trailing axis of {shape[-1]}; hybridreg needs grayscale "
-                         f"sections: convert it to grayscale first")
-    if arr.ndim not in (2, 3):
-        raise StackError(f"{where}: not a 2D section or 3D grayscale stack (Z, H, W): got "
-                         f"{arr.ndim}D data of shape {shape}")
+    _check_shape(arr.shape, where)
     if arr.ndim == 2:
         arr = arr[np.newaxis]
-    if arr.shape[0] == 0:
-        raise StackError(f"{where}: empty stack (0 sections), shape {shape}")
-    if arr.shape[1] == 0 or arr.shape[2] == 0:
-        raise StackError(f"{where}: empty stack: zero-size sections, shape {shape}")
     dt = _canonical_dtype(arr.dtype, where)
     if arr.dtype != dt:
         arr = arr.astype(dt)
@@ -360,14 +399,18 @@ def cast_to_dtype(data: np.ndarray, dtype) -> np.ndarray:
     return data.astype(dtype)
 
 
-def read_stack(path) -> Stack:
-    """Read a stack of sections from a TIFF, an image folder, HDF5 or zarr.
+def read_stack(path, *, lazy: bool = False) -> Stack:
+    """Read a stack of sections from a TIFF, an image folder, HDF5 or zarr (OME-Zarr).
 
     Parameters
     ----------
     path : str or os.PathLike
         ``stack.tif``, a folder of 2D images, ``file.h5[:/dataset]`` or
         ``store.zarr[:/group/array]`` (see the module docstring).
+    lazy : bool
+        Read only the metadata now: ``data`` is a :class:`LazySections` that reads one
+        section when it is indexed (``data[k]``), checking its values then (NaN raises
+        :class:`StackError` naming the section). For volumes larger than memory.
 
     Returns
     -------
@@ -381,7 +424,8 @@ def read_stack(path) -> Stack:
     StackError
         Missing or unreadable files, missing datasets, colour images, data that is not 2D
         or 3D, empty stacks, unsupported dtypes, sections of different shapes, NaN or
-        infinite values. The message names the file and the problem.
+        infinite values, a zarr store left incomplete by an interrupted write. The message
+        names the file and the problem.
     """
     text = os.fspath(path)
     file, inner = _split_spec(text)
@@ -389,10 +433,25 @@ def read_stack(path) -> Stack:
         raise StackError(f"'{file}': no such file or folder")
     suffix = file.suffix.lower()
     names = None
-    if suffix in HDF5_SUFFIXES:
+    unit = None
+    is_zarr = suffix in ZARR_SUFFIXES or (file.is_dir() and _is_zarr(file))
+    if lazy:
+        if suffix in HDF5_SUFFIXES:
+            source, spacing = _H5Source.open(file, inner)
+        elif is_zarr:
+            source, spacing, unit = _ZarrSource.open(file, inner)
+        elif file.is_dir():
+            source, spacing = _FolderSource.open(file)
+        elif suffix in TIFF_SUFFIXES:
+            source, spacing = _TiffSource.open(file)
+        else:
+            raise StackError(f"'{file}': unknown stack format {suffix!r}; expected {_FORMATS}")
+        data = LazySections(source)
+        where = source.where
+    elif suffix in HDF5_SUFFIXES:
         data, spacing, where = _read_hdf5(file, inner)
-    elif suffix in ZARR_SUFFIXES or (file.is_dir() and _is_zarr(file)):
-        data, spacing, where = _read_zarr(file, inner)
+    elif is_zarr:
+        data, spacing, where, unit = _read_zarr(file, inner)
     elif file.is_dir():
         data, spacing, names = _read_folder(file)
         where = f"'{file}'"
@@ -401,10 +460,11 @@ def read_stack(path) -> Stack:
         where = f"'{file}'"
     else:
         raise StackError(f"'{file}': unknown stack format {suffix!r}; expected {_FORMATS}")
-    data = _validate_stack(data, where, names)
-    stack = Stack(data=data, spacing_xyz=_spacing_xyz(spacing, where), path=text)
-    log.info("read %s: %d sections of %dx%d (H x W) %s, spacing_xyz=%s", text,
-             *data.shape, data.dtype, stack.spacing_xyz)
+    if not lazy:
+        data = _validate_stack(data, where, names)
+    stack = Stack(data=data, spacing_xyz=_spacing_xyz(spacing, where), path=text, unit=unit)
+    log.info("read %s%s: %d sections of %dx%d (H x W) %s, spacing_xyz=%s", text,
+             " (lazily)" if lazy else "", *data.shape, data.dtype, stack.spacing_xyz)
     return stack
 
 
@@ -436,34 +496,39 @@ def _tiff_spacing(tif, page) -> tuple[float, float, float]:
     return sx, sy, sz
 
 
+def _tiff_info(tif, file: Path):
+    """Check a TIFF's one image series; its ``(shape, dtype, spacing_xyz)``."""
+    series = tif.series
+    if not series:
+        raise StackError(f"'{file}': empty stack: the TIFF holds no images")
+    if len(series) > 1:
+        shapes = [tuple(s.shape) for s in series]
+        raise StackError(f"'{file}': holds {len(series)} image series of different "
+                         f"shapes {shapes}; expected one page per section, all of one "
+                         f"shape")
+    s = series[0]
+    axes, shape = s.axes, tuple(s.shape)
+    page = tif.pages[0]
+    photometric = getattr(page.photometric, "name", str(page.photometric))
+    n_samples = shape[axes.index("S")] if "S" in axes else 1
+    if photometric in _COLOUR_PHOTOMETRIC or n_samples > 1:
+        raise StackError(f"'{file}': is a colour image (photometric {photometric}, "
+                         f"{n_samples} samples per pixel, shape {shape}, axes "
+                         f"{axes!r}); hybridreg needs grayscale sections: convert it "
+                         f"to grayscale first")
+    if len(shape) == 3 and axes[0] == "C":
+        log.warning("%s: treating the %d channels (axes %r) as sections", file,
+                    shape[0], axes)
+    return shape, s.dtype, _tiff_spacing(tif, page)
+
+
 def _read_tiff(file: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     import tifffile
 
     try:
         with tifffile.TiffFile(file) as tif:
-            series = tif.series
-            if not series:
-                raise StackError(f"'{file}': empty stack: the TIFF holds no images")
-            if len(series) > 1:
-                shapes = [tuple(s.shape) for s in series]
-                raise StackError(f"'{file}': holds {len(series)} image series of different "
-                                 f"shapes {shapes}; expected one page per section, all of one "
-                                 f"shape")
-            s = series[0]
-            axes, shape = s.axes, tuple(s.shape)
-            page = tif.pages[0]
-            photometric = getattr(page.photometric, "name", str(page.photometric))
-            n_samples = shape[axes.index("S")] if "S" in axes else 1
-            if photometric in _COLOUR_PHOTOMETRIC or n_samples > 1:
-                raise StackError(f"'{file}': is a colour image (photometric {photometric}, "
-                                 f"{n_samples} samples per pixel, shape {shape}, axes "
-                                 f"{axes!r}); hybridreg needs grayscale sections: convert it "
-                                 f"to grayscale first")
-            if len(shape) == 3 and axes[0] == "C":
-                log.warning("%s: treating the %d channels (axes %r) as sections", file,
-                            shape[0], axes)
-            data = s.asarray()
-            spacing = _tiff_spacing(tif, page)
+            _, _, spacing = _tiff_info(tif, file)
+            data = tif.series[0].asarray()
     except StackError:
         raise
     except Exception as exc:
@@ -498,7 +563,7 @@ def _read_section_file(file: Path) -> tuple[np.ndarray, tuple[float, float, floa
     return img, spacing
 
 
-def _read_folder(folder: Path):
+def _section_files(folder: Path) -> list[Path]:
     files = sorted((p for p in folder.iterdir()
                     if p.is_file() and not p.name.startswith(".")
                     and p.suffix.lower() in SECTION_SUFFIXES),
@@ -506,6 +571,11 @@ def _read_folder(folder: Path):
     if not files:
         raise StackError(f"'{folder}': empty stack: the folder holds no images "
                          f"(*.tif, *.tiff, *.png)")
+    return files
+
+
+def _read_folder(folder: Path):
+    files = _section_files(folder)
     first, spacing = _read_section_file(files[0])
     out = np.empty((len(files),) + first.shape, dtype=first.dtype)
     out[0] = first
@@ -573,39 +643,350 @@ def _read_hdf5(file: Path, inner: str | None):
     return np.asarray(data), spacing, where
 
 
-def _read_zarr(file: Path, inner: str | None):
+def _progress_dir(store: Path) -> Path:
+    """The folder of :class:`SectionWriter`'s completion markers, next to the store."""
+    return store.with_name(f".{store.name}.progress")
+
+
+def _ome_multiscales(attrs: dict):
+    """``multiscales`` of NGFF v0.4 (top level) or v0.5 (under ``ome``), or None."""
+    ms = attrs.get("multiscales")
+    if ms is None and isinstance(attrs.get("ome"), dict):
+        ms = attrs["ome"].get("multiscales")
+    return ms
+
+
+def _ome_scale(transforms, n: int, where: str) -> list[float]:
+    scale = [1.0] * n
+    for t in transforms or ():
+        if isinstance(t, dict) and t.get("type") == "scale":
+            values = [float(v) for v in t.get("scale", ())]
+            if len(values) != n:
+                raise StackError(f"{where}: OME-Zarr scale {values} has {len(values)} values "
+                                 f"for {n} axes")
+            scale = [a * b for a, b in zip(scale, values)]
+    return scale
+
+
+def _zarr_locate(file: Path, inner: str | None):
+    """Find the array to read in a zarr store (the level 0 of an OME-Zarr image).
+
+    Returns ``(array, array_path, lead, spacing_xyz, unit, where)``: ``lead`` is the number of
+    leading length-1 axes (t, c) to drop.
+    """
     import zarr
 
+    if _progress_dir(file).exists():
+        raise StackError(f"'{file}': incomplete: an interrupted run was writing it section by "
+                         f"section (markers in '{_progress_dir(file)}'); finish it with "
+                         f"'hybridreg align ... --resume' or delete it")
     try:
         root = zarr.open(str(file), mode="r")
     except Exception as exc:
         raise StackError(f"cannot read '{file}': not a readable zarr store (corrupt or "
                          f"incomplete?): {type(exc).__name__}: {exc}") from exc
-    if isinstance(root, zarr.Array):
-        if inner is not None:
+    node, node_path = root, None
+    if inner is not None:
+        if isinstance(root, zarr.Array):
             raise StackError(f"'{file}': is a single zarr array, it has no member '/{inner}'")
-        arr, where = root, f"'{file}'"
-    else:
-        arrays = [name for name, m in root.members(max_depth=None)
-                  if isinstance(m, zarr.Array)]
-        listing = ", ".join(f"'/{a}'" for a in sorted(arrays)) or "none"
+        try:
+            node = root[inner]
+        except Exception:
+            node = None
+        node_path = inner
+    if isinstance(node, zarr.Group):
+        ms = _ome_multiscales(dict(node.attrs))
+        if ms:
+            return _ome_locate(file, node, node_path, ms)
         if inner is None:
+            arrays = [name for name, m in node.members(max_depth=None)
+                      if isinstance(m, zarr.Array)]
+            listing = ", ".join(f"'/{a}'" for a in sorted(arrays)) or "none"
             if len(arrays) != 1:
                 raise StackError(f"'{file}': holds {len(arrays)} arrays ({listing}); name one "
                                  f"as '{file}:/group/array'")
-            inner = arrays[0]
-        try:
-            arr = root[inner]
-        except Exception:
-            arr = None
-        if not isinstance(arr, zarr.Array):
-            raise StackError(f"'{file}': no array '/{inner}' (arrays in the store: {listing})")
-        where = f"'{file}:/{inner}'"
+            node_path = arrays[0]
+            node = root[node_path]
+    if not isinstance(node, zarr.Array):
+        arrays = ([name for name, m in root.members(max_depth=None)
+                   if isinstance(m, zarr.Array)] if isinstance(root, zarr.Group) else [])
+        listing = ", ".join(f"'/{a}'" for a in sorted(arrays)) or "none"
+        raise StackError(f"'{file}': no array '/{inner}' (arrays in the store: {listing})")
+    where = f"'{file}:/{node_path}'" if node_path else f"'{file}'"
+    return node, node_path, 0, _spacing_from_attrs(dict(node.attrs), where), None, where
+
+
+def _ome_locate(file: Path, group, group_path: str | None, ms):
+    import zarr
+
+    shown = f"'{file}:/{group_path}'" if group_path else f"'{file}'"
     try:
-        data = np.asarray(arr[...])
+        m = ms[0]
+        axes = [a if isinstance(a, str) else a["name"] for a in m.get("axes", ())]
+        units = {(a if isinstance(a, str) else a["name"]):
+                 (None if isinstance(a, str) else a.get("unit")) for a in m.get("axes", ())}
+        level0 = m["datasets"][0]
+        path = str(level0["path"])
+    except (KeyError, IndexError, TypeError) as exc:
+        raise StackError(f"{shown}: malformed OME-Zarr multiscales metadata "
+                         f"({type(exc).__name__}: {exc})") from None
+    try:
+        arr = group[path]
+    except Exception:
+        arr = None
+    if not isinstance(arr, zarr.Array):
+        raise StackError(f"{shown}: OME-Zarr level 0 '{path}' named in multiscales is not an "
+                         f"array in the store")
+    array_path = f"{group_path}/{path}" if group_path else path
+    where = f"'{file}:/{array_path}'"
+    if not axes:  # NGFF <= 0.3: 5D t, c, z, y, x
+        axes = ["t", "c", "z", "y", "x"][-arr.ndim:]
+    if len(axes) != arr.ndim or axes[-2:] != ["y", "x"]:
+        raise StackError(f"{where}: OME-Zarr axes {axes} for an array of shape {arr.shape}; "
+                         f"hybridreg reads images whose axes end in y, x")
+    lead = len(axes) - 2 - (1 if "z" in axes else 0)
+    if (axes[lead:-2] not in ([], ["z"])
+            or any(n != 1 for n in arr.shape[:lead])):
+        raise StackError(f"{where}: OME-Zarr axes {axes} with shape {arr.shape}: only t and c "
+                         f"axes of length 1 can come before z, y, x")
+    scale = _ome_scale(level0.get("coordinateTransformations"), len(axes), where)
+    outer = _ome_scale(m.get("coordinateTransformations"), len(axes), where)
+    scale = dict(zip(axes, (a * b for a, b in zip(scale, outer))))
+    spacing = _spacing_xyz((scale["x"], scale["y"], scale.get("z", 1.0)),
+                           f"{where} (OME-Zarr scale)")
+    return arr, array_path, lead, spacing, units.get("x"), where
+
+
+def _read_zarr(file: Path, inner: str | None):
+    arr, _, lead, spacing, unit, where = _zarr_locate(file, inner)
+    try:
+        data = np.asarray(arr[(0,) * lead + (...,)])
     except Exception as exc:
         raise StackError(f"cannot read {where}: {type(exc).__name__}: {exc}") from exc
-    return data, _spacing_from_attrs(dict(arr.attrs), where), where
+    return data, spacing, where, unit
+
+
+# --- lazy stacks ------------------------------------------------------------------------------
+
+class _Source:
+    """Reads one raw section ``k`` of a file; picklable (path only, handles reopened)."""
+
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    where: str
+    _handle = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_handle", None)
+        return state
+
+    def read(self, k: int) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class _ZarrSource(_Source):
+    def __init__(self, file: Path, array_path, lead: int, shape, dtype, where, two_d):
+        self.file, self.array_path, self.lead = str(file), array_path, lead
+        self.shape, self.dtype, self.where, self.two_d = shape, dtype, where, two_d
+
+    @classmethod
+    def open(cls, file: Path, inner):
+        arr, array_path, lead, spacing, unit, where = _zarr_locate(file, inner)
+        raw = tuple(arr.shape[lead:])
+        src = cls(file, array_path, lead, _check_shape(raw, where), arr.dtype, where,
+                  len(raw) == 2)
+        src._handle = arr
+        return src, spacing, unit
+
+    def read(self, k):
+        if self._handle is None:
+            import zarr
+
+            self._handle = zarr.open_array(store=self.file, path=self.array_path or "",
+                                           mode="r")
+        key = (0,) * self.lead + ((...,) if self.two_d else (k, ...))
+        return np.asarray(self._handle[key])
+
+
+class _H5Source(_Source):
+    def __init__(self, file: Path, inner: str, shape, dtype, where, two_d):
+        self.file, self.inner = str(file), inner
+        self.shape, self.dtype, self.where, self.two_d = shape, dtype, where, two_d
+
+    @classmethod
+    def open(cls, file: Path, inner):
+        import h5py
+
+        try:
+            with h5py.File(file, "r") as f:
+                datasets: list[str] = []
+                f.visititems(lambda name, obj: datasets.append(name)
+                             if isinstance(obj, h5py.Dataset) else None)
+                listing = ", ".join(f"'/{d}'" for d in datasets) or "none"
+                if inner is None:
+                    if len(datasets) != 1:
+                        raise StackError(f"'{file}': holds {len(datasets)} datasets "
+                                         f"({listing}); name one as '{file}:/dataset'")
+                    inner = datasets[0]
+                obj = f.get(inner)
+                if not isinstance(obj, h5py.Dataset):
+                    raise StackError(f"'{file}': no dataset '/{inner}' (datasets in the file: "
+                                     f"{listing})")
+                where = f"'{file}:/{inner}'"
+                shape, dtype = tuple(obj.shape), obj.dtype
+                spacing = _spacing_from_attrs(obj.attrs, where)
+        except StackError:
+            raise
+        except Exception as exc:
+            raise StackError(f"cannot read '{file}': not a readable HDF5 file (corrupt or "
+                             f"truncated?): {exc}") from exc
+        return cls(file, inner, _check_shape(shape, where), dtype, where,
+                   len(shape) == 2), spacing
+
+    def read(self, k):
+        if self._handle is None:
+            import h5py
+
+            self._handle = h5py.File(self.file, "r")[self.inner]
+        return np.asarray(self._handle[()] if self.two_d else self._handle[k])
+
+
+class _TiffSource(_Source):
+    def __init__(self, file: Path, shape, dtype, per_page: bool):
+        self.file, self.shape, self.dtype = str(file), shape, dtype
+        self.where, self.per_page = f"'{file}'", per_page
+
+    @classmethod
+    def open(cls, file: Path):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(file) as tif:
+                shape, dtype, spacing = _tiff_info(tif, file)
+                n_pages = len(tif.series[0].pages)
+        except StackError:
+            raise
+        except Exception as exc:
+            raise StackError(f"cannot read '{file}': not a readable TIFF file (corrupt or "
+                             f"truncated?): {type(exc).__name__}: {exc}") from exc
+        zyx = _check_shape(shape, f"'{file}'")
+        return cls(file, zyx, dtype, per_page=n_pages == zyx[0]), spacing
+
+    def read(self, k):
+        import tifffile
+
+        if self._handle is None:
+            self._handle = tifffile.TiffFile(self.file)
+        if self.per_page:
+            return self._handle.asarray(key=k, series=0)
+        log.debug("%s: pages are not one per section; reading the whole series", self.file)
+        return self._handle.series[0].asarray().reshape(self.shape)[k]
+
+
+class _FolderSource(_Source):
+    def __init__(self, folder: Path, files: list[str], shape, dtype):
+        self.files, self.shape, self.dtype = files, shape, dtype
+        self.where = f"'{folder}'"
+
+    @classmethod
+    def open(cls, folder: Path):
+        files = _section_files(folder)
+        first, spacing = _read_section_file(files[0])
+        zyx = _check_shape((len(files),) + first.shape, f"'{folder}'")
+        return cls(folder, [str(f) for f in files], zyx, first.dtype), spacing or (1.0, 1.0, 1.0)
+
+    def read(self, k):
+        img, _ = _read_section_file(Path(self.files[k]))
+        if img.shape != self.shape[1:] or img.dtype != self.dtype:
+            raise StackError(f"'{self.files[k]}': section {k} has shape {tuple(img.shape)} and "
+                             f"dtype {img.dtype}, but the first section "
+                             f"'{Path(self.files[0]).name}' has shape {self.shape[1:]} and "
+                             f"dtype {self.dtype}; all sections of a folder must have one "
+                             f"shape and dtype")
+        return img
+
+
+class LazySections:
+    """A stack on disk, read one section at a time (``read_stack(path, lazy=True)``).
+
+    Behaves like a read-only array of shape ``(Z, H, W)``: ``shape``, ``dtype`` (uint8,
+    uint16 or float32), ``ndim``, ``len``, iteration, and indexing. ``sections[k]`` reads
+    section ``k`` only, converts float64 to float32 and checks it (NaN or infinite values
+    raise :class:`StackError` naming the section); a slice or a tuple index reads the
+    sections it selects; ``np.asarray(sections)`` reads them all.
+
+    Instances pickle by path (no open file handles), so a Dask worker that receives one
+    reads its own sections. ``reads`` counts the sections read by this instance.
+    """
+
+    ndim = 3
+
+    def __init__(self, source: _Source):
+        self._source = source
+        self.shape = tuple(int(n) for n in source.shape)
+        self.dtype = _canonical_dtype(source.dtype, source.where)
+        self.where = source.where
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def section(self, k: int) -> np.ndarray:
+        """Read section ``k``: ndarray (H, W) of ``self.dtype``."""
+        z = self.shape[0]
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not -z <= k < z:
+            raise IndexError(f"{self.where}: section index {k!r} out of range for {z} "
+                             f"sections")
+        k = int(k) % z
+        try:
+            arr = np.asarray(self._source.read(k))
+        except StackError:
+            raise
+        except Exception as exc:
+            raise StackError(f"cannot read section {k} of {self.where}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+        self.reads += 1
+        if arr.shape != self.shape[1:]:
+            raise StackError(f"{self.where}: section {k} has shape {arr.shape}, expected "
+                             f"{self.shape[1:]}")
+        if arr.dtype != self.dtype:
+            arr = arr.astype(self.dtype)
+        if self.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise StackError(f"{self.where}: contains NaN or infinite values in section {k}")
+        return arr
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            return self.section(key)
+        rest = ()
+        if isinstance(key, tuple):
+            key, rest = (key[0], key[1:]) if key else (slice(None), ())
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            return self.section(key)[rest]
+        if key is Ellipsis:
+            key = slice(None)
+        ks = range(self.shape[0])[key] if isinstance(key, slice) else np.asarray(key)
+        out = [self.section(int(k))[rest] for k in ks]
+        if not out:
+            return np.empty((0,) + self.shape[1:], self.dtype)[(slice(None),) + rest]
+        return np.stack(out)
+
+    def __iter__(self):
+        for k in range(self.shape[0]):
+            yield self.section(k)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+    def __repr__(self) -> str:
+        return (f"LazySections({self.where}, shape_zyx={self.shape}, dtype={self.dtype}, "
+                f"{self.reads} section reads)")
 
 
 # --- writing stacks ---------------------------------------------------------------------------
@@ -629,8 +1010,8 @@ def _chunks(shape) -> tuple[int, int, int]:
     return (1, min(shape[1], 1024), min(shape[2], 1024))
 
 
-def write_stack(path, data, *, spacing_xyz=None, overwrite: bool = False,
-                inputs: Iterable = ()) -> None:
+def write_stack(path, data, *, spacing_xyz=None, unit: str | None = None,
+                overwrite: bool = False, inputs: Iterable = ()) -> None:
     """Write a stack atomically as TIFF, an image folder, HDF5 or zarr, keeping its dtype.
 
     Parameters
@@ -645,6 +1026,9 @@ def write_stack(path, data, *, spacing_xyz=None, overwrite: bool = False,
         A :class:`Stack` also gives its spacing, unless ``spacing_xyz`` is passed.
     spacing_xyz : (float, float, float), optional
         Physical spacing (x, y, z); default ``(1.0, 1.0, 1.0)``.
+    unit : str, optional
+        Unit of the spacing, written to OME-Zarr axes (a bare ``store.zarr``); a
+        :class:`Stack` gives its own unless this is passed.
     overwrite : bool
         Replace an existing target. A folder is only replaced if it holds nothing but
         images, a zarr target only if it is a zarr store.
@@ -661,6 +1045,8 @@ def write_stack(path, data, *, spacing_xyz=None, overwrite: bool = False,
     if isinstance(data, Stack):
         if spacing_xyz is None:
             spacing_xyz = data.spacing_xyz
+        if unit is None:
+            unit = data.unit
         data = data.data
     arr = _validate_stack(data, f"data to write to '{text}'")
     spacing = _spacing_xyz((1.0, 1.0, 1.0) if spacing_xyz is None else spacing_xyz,
@@ -675,7 +1061,7 @@ def write_stack(path, data, *, spacing_xyz=None, overwrite: bool = False,
     elif kind == "hdf5":
         _write_hdf5(file, inner, arr, spacing, overwrite=overwrite)
     else:
-        _write_zarr(file, inner, arr, spacing, overwrite=overwrite)
+        _write_zarr(file, inner, arr, spacing, overwrite=overwrite, unit=unit)
     log.info("wrote %s: %d sections of %dx%d (H x W) %s, spacing_xyz=%s", text, *arr.shape,
              arr.dtype, spacing)
 
@@ -754,8 +1140,29 @@ def _zarr_create(store: Path, arr: np.ndarray, spacing, *, zarr_format: int = 3)
     z[...] = arr
 
 
+def _ome_attrs(spacing, unit: str | None, name: str) -> dict:
+    sx, sy, sz = (float(v) for v in spacing)
+    axes = [{"name": n, "type": "space", **({"unit": unit} if unit else {})} for n in "zyx"]
+    return {"multiscales": [{
+        "version": "0.4", "name": name, "axes": axes,
+        "datasets": [{"path": "0",
+                      "coordinateTransformations": [{"type": "scale",
+                                                     "scale": [sz, sy, sx]}]}],
+        "metadata": {"written_by": "hybridreg"}}]}
+
+
+def _ome_create(store: Path, shape, dtype, spacing, unit: str | None, name: str):
+    """An OME-Zarr (NGFF v0.4) image at ``store``; returns its level-0 array."""
+    import zarr
+
+    group = zarr.open_group(str(store), mode="w", zarr_format=2,
+                            attributes=_ome_attrs(spacing, unit, name))
+    return group.create_array("0", shape=tuple(shape), dtype=dtype, chunks=_chunks(shape),
+                              fill_value=0, chunk_key_encoding={"name": "v2", "separator": "/"})
+
+
 def _write_zarr(store: Path, inner: str | None, arr: np.ndarray, spacing, *,
-                overwrite: bool) -> None:
+                overwrite: bool, unit: str | None = None) -> None:
     import zarr
 
     if inner is None or not os.path.exists(store):
@@ -763,13 +1170,15 @@ def _write_zarr(store: Path, inner: str | None, arr: np.ndarray, spacing, *,
             raise StackError(f"'{store}' exists and is not a zarr store; refusing to replace it")
         with atomic_output(store, overwrite=overwrite) as tmp:
             if inner is None:
-                _zarr_create(tmp, arr, spacing)
+                _ome_create(tmp, arr.shape, arr.dtype, spacing, unit, store.stem)[...] = arr
             else:
                 group = zarr.open_group(str(tmp), mode="w")
                 z = group.create_array(name=inner, shape=arr.shape, dtype=arr.dtype,
                                        chunks=_chunks(arr.shape),
                                        attributes={"spacing_xyz": [float(s) for s in spacing]})
                 z[...] = arr
+        if inner is None:
+            _remove(_progress_dir(store))  # a complete store replaced one left incomplete
         return
     try:
         root = zarr.open(str(store), mode="r")
@@ -798,6 +1207,189 @@ def _write_zarr(store: Path, inner: str | None, arr: np.ndarray, spacing, *,
                              f"'/{parent}': {type(exc).__name__}: {exc}") from exc
     with atomic_output(store / inner, overwrite=overwrite) as tmp:
         _zarr_create(tmp, arr, spacing, zarr_format=root.metadata.zarr_format)
+
+
+def is_ome_zarr_target(path) -> bool:
+    """Whether ``path`` is written as an OME-Zarr image: a bare ``store.zarr`` (no ``:/``).
+
+    Such targets can be written section by section with :func:`open_section_writer`.
+    """
+    file, inner = _split_spec(path)
+    return file.suffix.lower() in ZARR_SUFFIXES and inner is None
+
+
+class SectionWriter:
+    """Writes a stack into an OME-Zarr image one section at a time, resumably.
+
+    Made by :func:`open_section_writer`. Section ``k`` fills its own chunks (one section per
+    chunk along z; zarr writes every chunk file atomically); once they are all written, an
+    empty marker file ``section_kkkkkk`` is added to the folder ``.NAME.progress`` next to
+    the store. While that folder exists the store is incomplete: :func:`read_stack` refuses
+    it, and ``open_section_writer(..., resume=True)`` continues it, so only sections without
+    a marker need writing (:meth:`missing`). :meth:`close` checks that every section was
+    written and removes the folder. Used as a context manager, it closes on success and
+    leaves the store resumable when the block raises.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+    shape : (int, int, int)
+        (Z, H, W).
+    dtype : numpy.dtype
+    spacing_xyz : (float, float, float)
+    unit : str or None
+    """
+
+    def __init__(self, path: Path, array, progress: Path, shape, dtype, spacing_xyz, unit):
+        self.path, self._array, self._progress = path, array, progress
+        self.shape, self.dtype, self.spacing_xyz, self.unit = shape, dtype, spacing_xyz, unit
+
+    def _marker(self, k: int) -> Path:
+        return self._progress / f"section_{k:06d}"
+
+    def done(self) -> set[int]:
+        """Indices of the sections already written (all of them once closed)."""
+        if not self._progress.is_dir():
+            return set(range(self.shape[0]))
+        return {int(p.name[8:]) for p in self._progress.iterdir()
+                if p.name.startswith("section_") and p.name[8:].isdigit()}
+
+    def missing(self) -> list[int]:
+        """Indices of the sections still to write, ascending."""
+        done = self.done()
+        return [k for k in range(self.shape[0]) if k not in done]
+
+    def write(self, k: int, section) -> None:
+        """Write section ``k``: ndarray (H, W), cast to the store's dtype (integers rounded
+        and clipped, see :func:`cast_to_dtype`)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) \
+                or not 0 <= k < self.shape[0]:
+            raise IndexError(f"'{self.path}': section index {k!r} out of range for "
+                             f"{self.shape[0]} sections")
+        arr = np.asarray(section)
+        if arr.shape != tuple(self.shape[1:]):
+            raise StackError(f"'{self.path}': section {k} has shape {arr.shape}, the store "
+                             f"holds sections of {tuple(self.shape[1:])} (H, W)")
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            raise StackError(f"'{self.path}': section {k} to write contains NaN or infinite "
+                             f"values")
+        if arr.dtype != self.dtype:
+            arr = cast_to_dtype(arr, self.dtype)
+        self._array[int(k)] = arr
+        self._marker(int(k)).touch()
+
+    def close(self) -> None:
+        """Finish the store: every section must have been written."""
+        missing = self.missing()
+        if missing:
+            raise StackError(f"'{self.path}': {len(missing)} of {self.shape[0]} sections not "
+                             f"written yet (first: {missing[0]}); the store stays incomplete")
+        shutil.rmtree(self._progress, ignore_errors=True)
+        log.info("wrote %s: %d sections of %dx%d (H x W) %s, spacing_xyz=%s", self.path,
+                 *self.shape, self.dtype, self.spacing_xyz)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        return False
+
+
+def open_section_writer(path, *, shape_zyx, dtype, spacing_xyz=None, unit: str | None = None,
+                        overwrite: bool = False, resume: bool = False,
+                        inputs: Iterable = ()) -> SectionWriter:
+    """Create (or continue) an OME-Zarr image to write section by section.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A bare ``store.zarr`` (see :func:`is_ome_zarr_target`).
+    shape_zyx : (int, int, int)
+        Sections, rows, columns.
+    dtype : numpy dtype
+        uint8, uint16 or float32.
+    spacing_xyz : (float, float, float), optional
+        Physical spacing (x, y, z), written as the OME-Zarr ``scale`` (z, y, x); default
+        ``(1.0, 1.0, 1.0)``.
+    unit : str, optional
+        Unit of the spacing for the OME-Zarr axes (e.g. ``"nanometer"``).
+    overwrite : bool
+        Replace an existing store (only a zarr store, never any other folder).
+    resume : bool
+        Continue a store this function created and an interrupted run left incomplete, when
+        its shape, dtype, spacing and unit match: the sections already written stay, and
+        :meth:`SectionWriter.missing` lists the rest. Otherwise (no such store, another
+        shape, a complete store) the store is started over, as with ``overwrite``.
+    inputs : iterable of str, os.PathLike or Stack
+        Paths never to overwrite.
+
+    Returns
+    -------
+    SectionWriter
+
+    Raises
+    ------
+    StackError
+        A path that is not a bare ``.zarr``, invalid shape, dtype or spacing, an existing
+        target without ``overwrite``/``resume``, a target that is one of ``inputs`` or not
+        a zarr store.
+    """
+    import json
+
+    import zarr
+
+    text = os.fspath(path)
+    if not is_ome_zarr_target(text):
+        raise StackError(f"'{text}': writing section by section needs a bare 'store.zarr' "
+                         f"path (an OME-Zarr image), not a group member or another format")
+    file, _ = _split_spec(text)
+    where = f"writing '{text}'"
+    shape = tuple(int(n) for n in shape_zyx)
+    if len(shape) != 3:
+        raise StackError(f"{where}: shape_zyx must be (Z, H, W), got {shape_zyx!r}")
+    shape = _check_shape(shape, where)
+    dt = _canonical_dtype(dtype, where)
+    spacing = _spacing_xyz((1.0, 1.0, 1.0) if spacing_xyz is None else spacing_xyz, where)
+    _refuse_inputs(file, None, inputs, text)
+    progress = _progress_dir(file)
+    manifest = {"shape_zyx": list(shape), "dtype": dt.str, "spacing_xyz": list(spacing),
+                "unit": unit}
+    state = _existing(file)
+    if resume and state == "dir" and progress.is_dir():
+        try:
+            old = json.loads((progress / "manifest.json").read_text())
+            array = zarr.open_array(store=str(file), path="0", mode="r+")
+            ok = old == manifest and tuple(array.shape) == shape and array.dtype == dt
+        except Exception as exc:  # a store cut short before its metadata was complete
+            log.debug("cannot reopen %s: %s", file, exc)
+            ok = False
+        if ok:
+            writer = SectionWriter(file, array, progress, shape, dt, spacing, unit)
+            log.info("resuming %s: %d of %d sections already written", file,
+                     len(writer.done()), shape[0])
+            return writer
+        log.info("%s cannot be resumed (another shape, dtype or spacing, or incomplete "
+                 "metadata): starting it over", file)
+    if state == "file":
+        raise StackError(f"'{file}' is a file; cannot write a zarr store there")
+    if state == "dir":
+        if not (overwrite or resume):
+            raise StackError(f"'{file}' already exists; pass overwrite=True to replace it")
+        if not (_is_zarr(file) or progress.is_dir()):
+            raise StackError(f"'{file}' exists and is not a zarr store; refusing to replace it")
+    if state is not None:
+        _remove(file)
+    _remove(progress)
+    # the markers' folder first: a run killed at any later point leaves a store marked
+    # incomplete (and resumable), never one that looks finished
+    progress.mkdir(parents=True)
+    with atomic_output(progress / "manifest.json") as tmp:
+        Path(tmp).write_text(json.dumps(manifest))
+    array = _ome_create(file, shape, dt, spacing, unit, file.stem)
+    log.info("writing %s section by section: %d sections of %dx%d %s", file, *shape, dt)
+    return SectionWriter(file, array, progress, shape, dt, spacing, unit)
 
 
 # --- sections and ITK -------------------------------------------------------------------------

@@ -28,6 +28,17 @@ identical to an uninterrupted one.
 
 A registration that raises is not fatal: the pair is left out of the joint solve (sequential:
 the section keeps the transform of the one before it) and flagged in the table.
+
+Large stacks: ``stack`` may be a lazy array (``hybridreg.io.read_stack(path, lazy=True)``, or
+any array-like with ``shape``, ``dtype`` and ``stack[k]``, e.g. a zarr array). Sections are
+then read when a pair needs them (a few are cached), a Dask worker given a
+:class:`hybridreg.io.LazySections` reads its own sections from the file, and the result's
+``aligned`` is an :class:`AlignedSections` that warps a section when it is indexed;
+:func:`save_alignment` writes it to an OME-Zarr store section by section. Memory then holds
+the fields (``Z x 2 x H x W`` float32, which the joint solve needs at once) and a few
+sections, never the image volume. (A float stack is read once up front to check for NaN, and
+once more to fingerprint it when there is a ``work_dir``.) Sections too large to register
+whole: wrap the method in :class:`hybridreg.tiling.TiledMethod`.
 """
 from __future__ import annotations
 
@@ -47,7 +58,8 @@ from .warp import warp
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StackAlignment", "align_stack", "apply_fields", "save_alignment"]
+__all__ = ["StackAlignment", "AlignedSections", "align_stack", "apply_fields",
+           "save_alignment"]
 
 #: pairs whose final weight in the joint solve falls below this are flagged
 LOW_PAIR_WEIGHT = 0.2
@@ -59,7 +71,10 @@ class StackAlignment:
 
     Attributes
     ----------
-    aligned : ndarray, shape (Z, H, W), float32
+    aligned : ndarray or AlignedSections, shape (Z, H, W), float32
+        An ndarray when the input stack was one; for a lazy input stack an
+        :class:`AlignedSections`, which warps a section when it is indexed
+        (``np.asarray(result.aligned)`` computes them all).
     fields : ndarray, shape (Z, 2, H, W), float32
         Pull fields (physical units): ``aligned[k] = warp(stack[k], fields[k])``.
     table : list of dict
@@ -83,6 +98,84 @@ class StackAlignment:
     order: int = 1
 
 
+class AlignedSections:
+    """The aligned stack of a lazy input, warped one section at a time on demand.
+
+    Array-like of shape ``(Z, H, W)``, dtype float32: ``aligned[k]`` is
+    ``warp(stack[k], fields[k], spacing_xy=spacing_xy, order=order)[0]``, computed when asked
+    for; slices and ``np.asarray`` compute the sections they select.
+
+    Parameters
+    ----------
+    stack : array-like, shape (Z, H, W)
+        The raw sections (read with ``stack[k]``).
+    fields : ndarray, shape (Z, 2, H, W)
+        Pull fields, physical units.
+    spacing_xy : (float, float)
+    order : int
+        Interpolation order.
+    """
+
+    ndim = 3
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, stack, fields: np.ndarray, *, spacing_xy=(1.0, 1.0), order: int = 1):
+        self.stack, self.fields = stack, fields
+        self.spacing_xy, self.order = tuple(spacing_xy), order
+        self.shape = tuple(int(n) for n in stack.shape)
+        if fields.shape != (self.shape[0], 2) + self.shape[1:]:
+            raise ValueError(f"fields {fields.shape} do not match the stack {self.shape}")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def section(self, k: int) -> np.ndarray:
+        """Aligned section ``k``: ndarray (H, W), float32."""
+        raw = np.asarray(self.stack[int(k)], dtype=np.float32)
+        return warp(raw, self.fields[int(k)], spacing_xy=self.spacing_xy,
+                    order=self.order)[0].astype(np.float32, copy=False)
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            return self.section(range(self.shape[0])[key])
+        rest = ()
+        if isinstance(key, tuple):
+            key, rest = (key[0], key[1:]) if key else (slice(None), ())
+        if isinstance(key, (int, np.integer)):
+            return self.section(range(self.shape[0])[key])[rest]
+        ks = range(self.shape[0])[slice(None) if key is Ellipsis else key]
+        return np.stack([self.section(k)[rest] for k in ks])
+
+    def __iter__(self):
+        for k in range(self.shape[0]):
+            yield self.section(k)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
+def _is_lazy(stack) -> bool:
+    """A stack read on demand: an array-like that is not an ndarray (LazySections, zarr...)."""
+    return (not isinstance(stack, np.ndarray) and hasattr(stack, "shape")
+            and hasattr(stack, "dtype") and hasattr(stack, "__getitem__"))
+
+
+class _SectionCache:
+    """float32 sections of a stack read on demand, the last ``size`` kept."""
+
+    def __init__(self, stack, size: int):
+        self.stack, self.size = stack, max(1, int(size))
+        self._cache: dict = {}
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        if k not in self._cache:
+            if len(self._cache) >= self.size:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[k] = np.asarray(self.stack[k]).astype(np.float32, copy=False)
+        return self._cache[k]
+
+
 def apply_fields(stack: np.ndarray, fields: np.ndarray, *, spacing_xy=(1.0, 1.0),
                  order: int = 1) -> np.ndarray:
     """Warp every section with its field: ``out[k] = warp(stack[k], fields[k])``.
@@ -101,10 +194,14 @@ def apply_fields(stack: np.ndarray, fields: np.ndarray, *, spacing_xy=(1.0, 1.0)
 
 # --- resume ----------------------------------------------------------------------------------
 
-def _fingerprint(stack: np.ndarray, method: Method, settings: dict) -> str:
+def _fingerprint(stack, method: Method, settings: dict) -> str:
     h = hashlib.sha256()
-    h.update(str(stack.shape).encode() + str(stack.dtype).encode())
-    h.update(np.ascontiguousarray(stack).tobytes())
+    h.update(str(tuple(stack.shape)).encode() + str(stack.dtype).encode())
+    if isinstance(stack, np.ndarray):
+        h.update(np.ascontiguousarray(stack).tobytes())
+    else:  # one section at a time: the same bytes, in the same order
+        for k in range(stack.shape[0]):
+            h.update(np.ascontiguousarray(stack[k]).tobytes())
     h.update(json.dumps(getattr(method, "config", method.name), sort_keys=True,
                         default=str).encode())
     h.update(json.dumps(settings, sort_keys=True).encode())
@@ -178,6 +275,14 @@ def _register(method: Method, fixed, moving, refs, *, shape_yx, spacing_xy, orig
     return u, row
 
 
+def _register_sections(method: Method, stack, i: int, j: int, **kwargs):
+    """:func:`_register` of sections ``i`` (fixed) and ``j`` (moving), read here (on a
+    Dask worker: by the worker, from the file of a lazy stack)."""
+    fixed = np.asarray(stack[i]).astype(np.float32, copy=False)
+    moving = np.asarray(stack[j]).astype(np.float32, copy=False)
+    return _register(method, fixed, moving, [], **kwargs)
+
+
 def _pair_ncc(fixed, moving, u, spacing_xy) -> float | None:
     """NCC of the fixed section and the registered moving one, on content both share."""
     from .methods.base import content_mask
@@ -234,7 +339,10 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
 
     Parameters
     ----------
-    stack : ndarray, shape (Z, H, W)
+    stack : ndarray or array-like, shape (Z, H, W)
+        An ndarray, or a lazy stack read one section at a time (see the module docstring):
+        :class:`hybridreg.io.LazySections`, a :class:`hybridreg.io.Stack` (its ``data``),
+        a zarr array.
     method : Method
         Any object with ``register(fixed, moving, references=..., spacing_xy=...,
         origin_xy=...)`` (see :mod:`hybridreg.methods`).
@@ -261,17 +369,27 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
     Returns
     -------
     StackAlignment
+        ``aligned`` is an ndarray for an ndarray input, an :class:`AlignedSections` for a
+        lazy one.
     """
-    stack = np.asarray(stack)
-    if stack.ndim != 3:
-        raise ValueError(f"stack must have shape (Z, H, W), got {stack.shape}")
-    if stack.shape[0] < 1 or min(stack.shape[1:]) < 2:
-        raise ValueError(f"stack {stack.shape} has no section to align")
+    if hasattr(stack, "data") and hasattr(stack, "spacing_xyz"):  # a hybridreg.io.Stack
+        stack = stack.data
+    lazy = _is_lazy(stack)
+    if not lazy:
+        stack = np.asarray(stack)
+    shape = tuple(stack.shape)
+    if len(shape) != 3:
+        raise ValueError(f"stack must have shape (Z, H, W), got {shape}")
+    if shape[0] < 1 or min(shape[1:]) < 2:
+        raise ValueError(f"stack {shape} has no section to align")
     if np.issubdtype(stack.dtype, np.floating):
-        bad = np.flatnonzero(~np.isfinite(stack).all(axis=(1, 2)))
-        if bad.size:
+        if lazy:
+            bad = [k for k in range(shape[0]) if not _finite(stack, k)]
+        else:
+            bad = np.flatnonzero(~np.isfinite(stack).all(axis=(1, 2)))
+        if len(bad):
             raise ValueError(f"section {int(bad[0])} of the stack contains NaN or infinite "
-                             f"values ({bad.size} section(s) in all); fill or mask them first")
+                             f"values ({len(bad)} section(s) in all); fill or mask them first")
     if mode not in ("joint", "sequential"):
         raise ValueError(f"mode must be 'joint' or 'sequential', got {mode!r}")
     if client is not None and mode != "joint":
@@ -286,12 +404,28 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
     work = None
     if work_dir is not None:
         work = _WorkDir(work_dir, _fingerprint(stack, method, settings), spacing_xy, origin_xy)
-    raw = stack.astype(np.float32, copy=False)
+    if lazy:
+        raw = _SectionCache(stack, 2 * (neighbours if mode == "joint" else window) + 2)
+    else:
+        raw = stack.astype(np.float32, copy=False)
     run = _align_joint if mode == "joint" else _align_sequential
     kw = ({"neighbours": neighbours, "prior": prior, "client": client} if mode == "joint"
           else {"window": window})
-    return run(raw, method, spacing_xy=spacing_xy, origin_xy=origin_xy, work=work, order=order,
-               progress=progress, **kw)
+    result = run(raw, method, shape=shape, spacing_xy=spacing_xy, origin_xy=origin_xy,
+                 work=work, order=order, progress=progress, **kw)
+    if lazy:
+        from dataclasses import replace
+
+        result = replace(result, aligned=AlignedSections(stack, result.fields,
+                                                         spacing_xy=spacing_xy, order=order))
+    return result
+
+
+def _finite(stack, k: int) -> bool:
+    try:
+        return bool(np.isfinite(np.asarray(stack[k])).all())
+    except ValueError:  # hybridreg.io.StackError: LazySections checks on reading
+        return False
 
 
 def _bar(iterable, *, desc, progress, total=None):
@@ -300,10 +434,13 @@ def _bar(iterable, *, desc, progress, total=None):
     return tqdm(iterable, desc=desc, unit="pair", total=total, disable=not progress)
 
 
-def _align_sequential(raw, method, *, spacing_xy, origin_xy, work, order, progress, window):
-    z, h, w = raw.shape
+def _align_sequential(raw, method, *, shape, spacing_xy, origin_xy, work, order, progress,
+                      window):
+    z, h, w = shape
     fields = np.zeros((z, 2, h, w), np.float32)
-    aligned = np.empty((z, h, w), np.float32)
+    # the last `window` aligned sections, the rest only when the input is an ndarray
+    keep_all = isinstance(raw, np.ndarray)
+    aligned = np.empty((z, h, w), np.float32) if keep_all else {}
     aligned[0] = raw[0]
     table = [{"section": 0, "metric": None, "seconds": 0.0, "flagged": False, "warnings": ""}]
     for k in _bar(range(1, z), desc=f"align ({method.name}, sequential)", progress=progress):
@@ -324,13 +461,17 @@ def _align_sequential(raw, method, *, spacing_xy, origin_xy, work, order, progre
                 work.save(name, fields[k], row)
         table.append(row)
         aligned[k] = warp(raw[k], fields[k], spacing_xy=spacing_xy, order=order)[0]
+        if not keep_all:
+            aligned.pop(k - window, None)
+    if not keep_all:
+        aligned = None  # align_stack makes the lazy AlignedSections
     return StackAlignment(aligned=aligned, fields=fields, table=table, pairs=[],
                           spacing_xy=spacing_xy, origin_xy=origin_xy, order=order)
 
 
-def _align_joint(raw, method, *, spacing_xy, origin_xy, work, order, progress, neighbours,
-                 prior, client=None):
-    z, h, w = raw.shape
+def _align_joint(raw, method, *, shape, spacing_xy, origin_xy, work, order, progress,
+                 neighbours, prior, client=None):
+    z, h, w = shape
     pair_fields: dict = {}
     pair_rows: dict = {}
     todo = []
@@ -357,13 +498,8 @@ def _align_joint(raw, method, *, spacing_xy, origin_xy, work, order, progress, n
             finished((i, j), *_register(method, raw[i], raw[j], [], what=f"pair {i}-{j}",
                                         **kwargs))
     else:
-        from dask.distributed import as_completed
-
-        futures = {client.submit(_register, method, raw[i], raw[j], [], what=f"pair {i}-{j}",
-                                 pure=False, **kwargs): (i, j) for (i, j) in todo}
-        for fut in _bar(as_completed(futures), desc=desc, progress=progress,
-                        total=len(futures)):
-            finished(futures[fut], *fut.result())
+        _run_on_client(client, method, raw, todo, kwargs, finished,
+                       bar=_bar(None, desc=desc, progress=progress, total=len(todo)))
     pair_rows = dict(sorted(pair_rows.items()))
     if z == 1:
         fields = np.zeros((1, 2, h, w), np.float32)
@@ -414,14 +550,72 @@ def _align_joint(raw, method, *, spacing_xy, origin_xy, work, order, progress, n
             "flagged": bool(warnings or low),
             "warnings": "; ".join(warnings + low),
         })
-    aligned = np.stack([warp(raw[k], fields[k], spacing_xy=spacing_xy, order=order)[0]
-                        for k in range(z)]).astype(np.float32)
+    aligned = None  # a lazy input: align_stack makes the lazy AlignedSections
+    if isinstance(raw, np.ndarray):
+        aligned = np.stack([warp(raw[k], fields[k], spacing_xy=spacing_xy, order=order)[0]
+                            for k in range(z)]).astype(np.float32)
     return StackAlignment(aligned=aligned, fields=fields, table=table, pairs=pairs,
                           spacing_xy=spacing_xy, origin_xy=origin_xy, order=order)
 
 
+def _run_on_client(client, method, raw, todo, kwargs, finished, *, bar) -> None:
+    """Register the pairs ``todo`` on a Dask client's workers, at most a few per worker in
+    flight; ``finished(pair, u, row)`` is called here as each completes, in any order.
+
+    A :class:`hybridreg.io.LazySections` stack is sent as its path: each worker reads its
+    own sections. Otherwise the two sections of a pair are read here and sent with it. A
+    task whose worker dies is rescheduled by Dask on another worker.
+    """
+    from dask.distributed import as_completed
+
+    from .io import LazySections
+
+    stack = raw.stack if isinstance(raw, _SectionCache) else raw
+    # a LazySections pickles to its path (a few hundred bytes): sent with every task, so that
+    # no worker's death can lose it
+    by_path = isinstance(stack, LazySections)
+
+    def limit() -> int:
+        # enough queued to keep every worker thread busy (workers may come and go), but not
+        # the whole stack at once
+        return max(4, 2 * sum(client.nthreads().values()))
+
+    pending = iter(todo)
+    futures: dict = {}
+
+    def submit(pair) -> None:
+        i, j = pair
+        what = f"pair {i}-{j}"
+        if by_path:
+            fut = client.submit(_register_sections, method, stack, i, j, what=what,
+                                pure=False, **kwargs)
+        else:
+            fut = client.submit(_register, method, raw[i], raw[j], [], what=what, pure=False,
+                                **kwargs)
+        futures[fut] = pair
+
+    for pair in pending:
+        submit(pair)
+        if len(futures) >= limit():
+            break
+    done = as_completed(list(futures))
+    for fut in done:
+        finished(futures.pop(fut), *fut.result())
+        bar.update(1)
+        room = limit() - len(futures)
+        for pair in pending:
+            submit(pair)
+            done.add(list(futures)[-1])
+            room -= 1
+            if room <= 0:
+                break
+    bar.close()
+
+
 def save_alignment(result: StackAlignment, *, out=None, fields_out=None, transforms: bool = True,
-                   overwrite: bool = False, inputs=(), dtype=None) -> None:
+                   overwrite: bool = False, inputs=(), dtype=None, spacing_xyz=None,
+                   unit: str | None = None, resume: bool = False,
+                   progress: bool = False) -> None:
     """Write an alignment: the aligned stack, and the per-section transforms and tables.
 
     ``fields_out`` receives, for every section k:
@@ -436,18 +630,48 @@ def save_alignment(result: StackAlignment, *, out=None, fields_out=None, transfo
     Parameters
     ----------
     out : path, optional
-        The aligned stack (any format :func:`hybridreg.io.write_stack` writes).
+        The aligned stack (any format :func:`hybridreg.io.write_stack` writes). A bare
+        ``store.zarr`` is written as an OME-Zarr image one section at a time
+        (:func:`hybridreg.io.open_section_writer`): a lazy ``result.aligned`` is never
+        held whole in memory.
     dtype : numpy dtype, optional
         Cast the aligned stack to this (e.g. the input's uint8, rounded and clipped).
+    spacing_xyz : (float, float, float), optional
+        Spacing written with the aligned stack; default ``(*result.spacing_xy, 1.0)``.
+    unit : str, optional
+        Unit of the spacing (OME-Zarr axes).
     inputs : sequence of paths
         Paths never to overwrite.
+    resume : bool
+        Finish the outputs of an interrupted call with the same result: a zarr ``out``
+        left incomplete keeps the sections it has and gets the missing ones; the other
+        outputs are written again (as with ``overwrite``), giving the same files.
+    progress : bool
+        A progress bar (tqdm) while writing a zarr ``out``.
     """
     from . import io
     from .metrics import write_table_csv
 
-    if out is not None:
-        data = result.aligned if dtype is None else io.cast_to_dtype(result.aligned, dtype)
-        io.write_stack(out, data, overwrite=overwrite, inputs=inputs)
+    if spacing_xyz is None:
+        spacing_xyz = tuple(result.spacing_xy) + (1.0,)
+    if out is not None and io.is_ome_zarr_target(out):
+        z, h, w = result.fields.shape[0], *result.fields.shape[2:]
+        writer = io.open_section_writer(
+            out, shape_zyx=(z, h, w), dtype=np.float32 if dtype is None else dtype,
+            spacing_xyz=spacing_xyz, unit=unit, overwrite=overwrite, resume=resume,
+            inputs=inputs)
+        missing = writer.missing()
+        if len(missing) < z:
+            log.info("%s: %d of %d sections already written", out, z - len(missing), z)
+        for k in _bar(missing, desc="write", progress=progress):
+            writer.write(k, result.aligned[k])
+        writer.close()
+    elif out is not None:
+        aligned = np.asarray(result.aligned)
+        data = aligned if dtype is None else io.cast_to_dtype(aligned, dtype)
+        io.write_stack(out, data, spacing_xyz=spacing_xyz, unit=unit,
+                       overwrite=overwrite or resume, inputs=inputs)
+    overwrite = overwrite or resume
     if fields_out is None:
         return
     fields_out = Path(fields_out)

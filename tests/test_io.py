@@ -86,9 +86,12 @@ def test_zarr_round_trip(tmp_path, dtype, inner):
     write_stack(spec, data, spacing_xyz=SPACING)
     check_stack(read_stack(spec), data)
     stored = zarr.open(str(tmp_path / "vol.zarr"), mode="r")
-    if inner:
+    if inner:  # a named array: a plain zarr array with a spacing_xyz attribute
         stored = stored[inner.lstrip(":/")]
-    assert list(stored.attrs["spacing_xyz"]) == list(SPACING)
+        assert list(stored.attrs["spacing_xyz"]) == list(SPACING)
+    else:  # a bare store: an OME-Zarr image (tests/test_zarr.py checks its metadata)
+        scale = stored.attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+        assert scale[0]["scale"] == list(SPACING[::-1])
 
 
 def test_hdf5_ilastik_spacing_and_float64(tmp_path):

@@ -94,3 +94,157 @@ def test_cli_elastix_one_and_two_workers_identical(tmp_path):
                     tmp_path / f"f{n}", "--no-progress"]) == 0
         out[n] = io.read_fields(tmp_path / f"f{n}")[0]
     assert np.array_equal(out[1], out[2])
+
+
+class SlowOnWorkers(PhaseCorrelation):
+    """Phase correlation that takes a while and leaves a trace: ``started-PID-N`` when a pair
+    begins on a worker process, ``done-PID-N`` when it ends."""
+
+    def __init__(self, trace, seconds=0.4):
+        super().__init__()
+        self.trace, self.seconds = str(trace), seconds
+
+    def register(self, fixed, moving, **kwargs):
+        import time
+        import uuid
+
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        Path(self.trace, f"started-{tag}").touch()
+        time.sleep(self.seconds)
+        res = super().register(fixed, moving, **kwargs)
+        Path(self.trace, f"done-{tag}").touch()
+        return res
+
+
+def kill_a_busy_worker(trace: Path, stop, killed: list) -> None:
+    """Once a pair has finished, SIGKILL a worker process in the middle of another pair."""
+    import signal
+    import time
+
+    while not stop.is_set():
+        names = {p.name for p in trace.iterdir()}
+        if any(n.startswith("done-") for n in names):
+            busy = [n[len("started-"):] for n in names if n.startswith("started-")
+                    and f"done-{n[len('started-'):]}" not in names]
+            if busy:
+                os.kill(int(busy[0].split("-")[0]), signal.SIGKILL)
+                killed.append(busy[0])
+                return
+        time.sleep(0.02)
+
+
+def test_a_worker_killed_from_outside_mid_run_is_survived(stack, tmp_path):
+    """SIGKILL (as the OOM killer or a lost node would) a worker while it registers a pair:
+    Dask reschedules the pair on a live worker and the output is that of a serial run."""
+    import threading
+
+    serial = align_stack(stack, PhaseCorrelation(), neighbours=2)
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    killed: list = []
+    stop = threading.Event()
+    c, client = cluster(2)
+    watcher = threading.Thread(target=kill_a_busy_worker, args=(trace, stop, killed))
+    watcher.start()
+    try:
+        r = align_stack(stack, SlowOnWorkers(trace), neighbours=2, client=client)
+    finally:
+        stop.set()
+        watcher.join()
+        client.close()
+        c.close()
+    assert killed, "no worker was killed during the run"
+    assert not (trace / f"done-{killed[0]}").exists()  # it died in the middle of a pair
+    # every pair finished; the killed one again (and any result held by the dead worker)
+    assert len(list(trace.glob("done-*"))) >= 7
+    assert np.array_equal(r.fields, serial.fields)
+    assert np.array_equal(r.aligned, serial.aligned)
+    assert [row["flagged"] for row in r.table] == [row["flagged"] for row in serial.table]
+
+
+class FailsOnPair(PhaseCorrelation):
+    """Raises, like elastix on a section it cannot register, when pair (i, j) is asked."""
+
+    def __init__(self, fixed_mean, moving_mean):
+        super().__init__()
+        self.fixed_mean, self.moving_mean = fixed_mean, moving_mean
+
+    def register(self, fixed, moving, **kwargs):
+        if (float(fixed.mean()), float(moving.mean())) == (self.fixed_mean, self.moving_mean):
+            raise RuntimeError("itk::ExceptionObject\nDescription: elastix failed here")
+        return super().register(fixed, moving, **kwargs)
+
+
+def test_a_registration_failing_on_a_worker_is_flagged_and_the_stack_continues(stack):
+    method = FailsOnPair(float(stack[1].mean()), float(stack[2].mean()))
+    serial = align_stack(stack, method, neighbours=2)
+    c, client = cluster(2)
+    try:
+        r = align_stack(stack, method, neighbours=2, client=client)
+    finally:
+        client.close()
+        c.close()
+    [failed] = [p for p in r.pairs if (p["fixed"], p["moving"]) == (1, 2)]
+    assert "registration failed: RuntimeError: elastix failed here" in failed["warnings"]
+    assert failed["weight"] == 0.0
+    assert r.table[1]["flagged"] and r.table[2]["flagged"]
+    assert "pair 1-2: registration failed" in r.table[2]["warnings"]
+    assert np.isfinite(r.fields).all()
+    assert np.array_equal(r.fields, serial.fields)  # the same as without workers
+
+
+def test_workers_read_a_lazy_stack_themselves(stack, tmp_path):
+    from hybridreg import io
+
+    io.write_stack(tmp_path / "stack.zarr", stack)
+    lazy = io.read_stack(tmp_path / "stack.zarr", lazy=True).data
+    serial = align_stack(stack, PhaseCorrelation(), neighbours=2)
+    c, client = cluster(2)
+    try:
+        r = align_stack(lazy, PhaseCorrelation(), neighbours=2, client=client)
+    finally:
+        client.close()
+        c.close()
+    # here: each section once, for the NaN check of a float stack; the pairs' sections were
+    # read by the workers (here, they would add 2 reads per pair)
+    assert lazy.reads == stack.shape[0]
+    assert np.array_equal(r.fields, serial.fields)
+    assert np.array_equal(np.asarray(r.aligned), serial.aligned)
+
+
+@pytest.mark.slow
+@pytest.mark.elastix
+def test_elastix_failing_on_a_worker_is_flagged_and_the_stack_continues(tmp_path):
+    """A real elastix error (an unknown transform in the map of one pair), raised on a Dask
+    worker: the pair is flagged in the tables and left out, every section is aligned."""
+    from hybridreg import synthetic
+    from hybridreg.methods.elastix import ElastixMethod
+
+    class FailsOnSection2(ElastixMethod):
+        def __init__(self, target, **kwargs):
+            super().__init__(**kwargs)
+            self.target = target
+            self.good_maps = self.parameter_maps
+
+        def register(self, fixed, moving, **kwargs):
+            bad = [dict(m, Transform=["NoSuchTransform"]) for m in self.good_maps]
+            self.parameter_maps = bad if float(moving.mean()) == self.target else self.good_maps
+            return super().register(fixed, moving, **kwargs)
+
+    ph = phantom.make_phantom(sections=4, shape_yx=(96, 96), seed=3)
+    d = synthetic.deform_stack(ph.stack, seed=4, max_shift_px=4, elastic_px=1)
+    raw = d.stack.astype(np.float32)
+    method = FailsOnSection2(float(raw[2].mean()), params=["em_rigid"], threads=1)
+    c, client = cluster(2)
+    try:
+        r = align_stack(raw, method, neighbours=2, client=client)
+    finally:
+        client.close()
+        c.close()
+    failed = [p for p in r.pairs if p["moving"] == 2]
+    assert failed and all(p["warnings"].startswith("registration failed") and
+                          p["weight"] == 0.0 for p in failed), failed
+    assert r.table[2]["flagged"] and "registration failed" in r.table[2]["warnings"]
+    ok = [p for p in r.pairs if p["moving"] != 2]
+    assert ok and not any(p["warnings"].startswith("registration failed") for p in ok)
+    assert np.isfinite(r.fields).all() and r.aligned.shape == raw.shape
