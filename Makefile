@@ -16,8 +16,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# phantom -> known deformation -> `hybridreg compare` with every method -> demo-out/report.html
 demo: $(STAMP)
-	$(VENV)/bin/hybridreg demo --out demo-out
+	$(VENV)/bin/hybridreg demo --out demo-out --overwrite
 
 # pytest exits 5 when it collected no test: say so loudly, but do not fail CI on it
 test: $(STAMP)
@@ -31,4 +32,4 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) demo-out .pytest_cache test-artifacts

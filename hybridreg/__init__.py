@@ -14,7 +14,8 @@ import logging
 __version__ = "0.1.0"
 
 _SUBMODULES = ("fields", "warp", "io", "phantom", "synthetic", "metrics", "joint", "stack",
-               "elastix", "methods", "models", "training", "cli", "api")
+               "elastix", "methods", "models", "training", "cli", "api", "compare",
+               "report", "tiling")
 #: The ITK-style API (:mod:`hybridreg.api`), loaded on first use.
 _API = ("register", "align_stack", "Registration", "StackRegistration")
 
