@@ -143,49 +143,143 @@ def cmd_metrics(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    """Phantom -> known deformation -> each method -> metrics against the ground truth."""
+# --- compare and demo ---------------------------------------------------------------------
+
+COMPARE_COLUMNS = ["method", "status", "epe_mean_px", "epe_p95_px", "ncc_prev", "ssim_prev",
+                   "dice_mean", "pixel_agreement", "dice_prev", "folding_fraction", "flagged",
+                   "total_seconds", "seconds"]
+
+
+def format_comparison(comparison) -> str:
+    """The summary table of ``compare`` and ``demo``, then each method's failure or note."""
+    summaries = comparison.summaries
+    columns = [c for c in COMPARE_COLUMNS if any(c in s for s in summaries)
+               and (c != "flagged" or any(s.get(c) for s in summaries))]
+    lines = [_format_table(summaries, columns)]
+    lines += [f"{r.name} ({r.status}): {r.reason}" for r in comparison.runs if r.reason]
+    return "\n".join(lines)
+
+
+def _method_names(values) -> list[str]:
+    """``"a,b"`` or ``["a,b", "c"]`` (``--methods``) -> ``["a", "b", "c"]``."""
+    if isinstance(values, str):
+        values = [values]
+    names = [n.strip() for v in values or () for n in str(v).split(",") if n.strip()]
+    if len(set(names)) != len(names):
+        raise CLIError(f"--methods lists a method twice: {','.join(names)}")
+    return names
+
+
+def _option_value(text: str):
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _compare_options(args, names: list[str]) -> dict:
+    """Per-method options from --params, --model METHOD=PATH and --option METHOD.KEY=VALUE."""
+    options: dict = {}
+
+    def put(method, key, value, flag):
+        if method not in names:
+            raise CLIError(f"{flag} is for method {method!r}, which is not in --methods "
+                           f"({','.join(names) or 'none'})")
+        options.setdefault(method, {})[key] = value
+
+    if args.params:
+        put("elastix", "params", args.params, "--params")
+    for item in args.model or ():
+        method, sep, path = item.partition("=")
+        if not sep or not path:
+            raise CLIError(f"--model {item!r}: expected METHOD=PATH, e.g. "
+                           f"learned=net.safetensors")
+        put(method.strip(), "model", path, "--model")
+    for item in args.option or ():
+        lhs, sep, value = item.partition("=")
+        method, dot, key = lhs.partition(".")
+        if not (sep and dot and method and key):
+            raise CLIError(f"--option {item!r}: expected METHOD.KEY=VALUE, e.g. "
+                           f"ssemnet.iterations=50")
+        put(method.strip(), key.strip(), _option_value(value), "--option")
+    return options
+
+
+def _read_labels(path, shape):
     import numpy as np
 
-    from . import io, metrics, phantom, synthetic
-    from .methods import get_method
-    from .stack import align_stack, save_alignment
+    from . import io
+
+    labels = io.read_stack(path).data
+    if labels.shape != tuple(shape):
+        raise CLIError(f"labels {path} have shape {labels.shape}, the stack {tuple(shape)}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise CLIError(f"labels {path} must be an integer stack, got {labels.dtype}")
+    return labels
+
+
+def cmd_compare(args) -> int:
+    from . import compare, io
+
+    names = _method_names(args.methods)
+    options = _compare_options(args, names)
+    compare.check_outputs(args.report, names=names, save_aligned=args.save_aligned,
+                          overwrite=args.overwrite)
+    stack = io.read_stack(args.stack)
+    labels = None if args.labels is None else _read_labels(args.labels, stack.data.shape)
+    case = compare.make_case(stack.data, spacing_xy=_spacing_xy(stack), labels=labels,
+                             deform_seed=args.deform_seed, name=str(args.stack))
+    comparison = compare.compare_methods(
+        case, names, options=options, threads=args.threads, mode=args.mode,
+        neighbours=args.neighbours, prior=args.prior, window=args.window,
+        margin_px=args.margin, progress=not args.no_progress)
+    inputs = [args.stack] + ([args.labels] if args.labels else [])
+    written = compare.write_comparison(comparison, args.report, overwrite=args.overwrite,
+                                       inputs=inputs, save_aligned=args.save_aligned)
+    print(format_comparison(comparison))
+    print(f"metrics: {written['csv']}, {written['json']}")
+    print(f"report: {Path(written['report']).resolve()}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Phantom -> known deformation -> ``compare`` with every method -> report."""
+    from . import compare, io, phantom
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    names = _method_names(args.methods)
+    own = [out / n for n in ("phantom.tif", "labels.tif", "deformed.tif",
+                             "deformed_labels.tif", "truth")]
+    if not args.overwrite:
+        for path in own:
+            if path.exists():
+                raise CLIError(f"{path} exists; pass --overwrite to replace the demo's "
+                               f"outputs in {out}")
+    compare.check_outputs(out, names=names, save_aligned=True, overwrite=args.overwrite)
     t0 = time.perf_counter()
     ph = phantom.make_phantom(sections=args.sections, shape_yx=(args.size, args.size),
                               seed=args.seed)
-    deformed = synthetic.deform_stack(ph.stack, labels=ph.labels, seed=args.seed + 1)
+    case = compare.make_case(ph.stack, labels=ph.labels, deform_seed=args.seed + 1,
+                             name=f"phantom (seed {args.seed})")
     print(f"phantom: {ph.stack.shape[0]} sections of {args.size}x{args.size}, deformed with "
           f"seed {args.seed + 1} ({time.perf_counter() - t0:.1f} s)")
-    for name, data in (("phantom.tif", ph.stack), ("deformed.tif", deformed.stack)):
-        io.write_stack(out / name, data, overwrite=True)
-    io.write_fields(out / "truth", deformed.fields, spacing_xy=(1.0, 1.0),
-                    origin_xy=(0.0, 0.0), overwrite=True)
-    margin = args.size // 16
-
-    def evaluate(name, fields, seconds=None):
-        rows = metrics.evaluate_stack(
-            aligned=None, reference=None, fields=fields, true_fields=deformed.fields,
-            labels=deformed.labels, labels_ref=ph.labels, margin_px=margin, seconds=seconds)
-        metrics.write_table_csv(rows, out / f"metrics_{name}.csv")
-        return {"method": name, **metrics.summarize(rows)}
-
-    summaries = [evaluate("none", np.zeros_like(deformed.fields))]
-    for name in args.methods:
-        method = get_method(name, **({"threads": 2} if name == "elastix" else {}))
-        t = time.perf_counter()
-        result = align_stack(deformed.stack, method, progress=not args.no_progress)
-        print(f"{name}: aligned in {time.perf_counter() - t:.1f} s")
-        save_alignment(result, out=out / f"aligned_{name}.tif", fields_out=out / name,
-                       overwrite=True, transforms=False, dtype=deformed.stack.dtype)
-        summaries.append(evaluate(name, result.fields,
-                                  seconds=[r["seconds"] for r in result.table]))
-    metrics.write_json({"summaries": summaries}, out / "metrics.json")
-    print(format_summary(summaries))
-    print("epe: endpoint error against the known deformation (px); seconds: per section")
-    print(f"outputs in {out.resolve()}")
+    for path, data in zip(own, (ph.stack, _labels_for_disk(ph.labels), case.stack,
+                                _labels_for_disk(case.labels))):
+        io.write_stack(path, data, overwrite=args.overwrite)
+    io.write_fields(own[-1], case.true_fields, spacing_xy=case.spacing_xy,
+                    origin_xy=(0.0, 0.0), overwrite=args.overwrite)
+    print(f"methods: {', '.join(names) or 'none'}")
+    comparison = compare.compare_methods(case, names, threads=args.threads,
+                                         progress=not args.no_progress)
+    written = compare.write_comparison(comparison, out, overwrite=args.overwrite,
+                                       save_aligned=True)
+    print(format_comparison(comparison))
+    print("epe: endpoint error against the known deformation (px); total_seconds: the whole "
+          "alignment; seconds: registration per section")
+    print(f"done in {time.perf_counter() - t0:.0f} s; outputs in {out.resolve()}")
+    print(f"report: {Path(written['report']).resolve()}")
     return 0
 
 
@@ -195,17 +289,46 @@ def _method(args):
     options = {}
     if args.threads:
         options["threads"] = args.threads
+    features = getattr(args, "features", None)
+    if features and args.method != "hybrid":
+        raise CLIError(f"--features is for --method hybrid, not {args.method}")
     if args.method == "elastix":
         if args.params:
             options["params"] = args.params
         if args.model:
-            raise CLIError("--model is for the learned and ssemnet methods, not elastix")
+            raise CLIError("--model is for the learned, ssemnet and hybrid methods, not "
+                           "elastix")
+    elif args.method == "hybrid":
+        if args.params:
+            if len(args.params) != 1:
+                raise CLIError("--method hybrid takes one B-spline parameter file in --params "
+                               "(it refines the learned field)")
+            options["params"] = args.params[0]
+        if args.model:
+            options["model"] = args.model
+        if features:
+            options["features"] = features
     else:
         if args.params:
-            raise CLIError(f"--params is for --method elastix, not {args.method}")
+            raise CLIError(f"--params is for --method elastix or hybrid, not {args.method}")
         if args.model:
             options["model"] = args.model
     return get_method(args.method, **options)
+
+
+def _tiled(args, method):
+    """Wrap ``method`` in a TiledMethod for --tile PX [--tile-overlap PX] [--no-coarse]."""
+    if not args.tile:
+        if args.tile_overlap is not None or args.no_coarse:
+            raise CLIError("--tile-overlap and --no-coarse need --tile PX")
+        return method
+    from .tiling import TiledMethod
+
+    try:
+        return TiledMethod(method, tile_px=args.tile, overlap_px=args.tile_overlap,
+                           coarse=not args.no_coarse)
+    except ValueError as exc:
+        raise CLIError(f"--tile {args.tile} --tile-overlap {args.tile_overlap}: {exc}") from None
 
 
 def _read_section(path):
@@ -226,7 +349,7 @@ def cmd_register(args) -> int:
         raise CLIError(f"fixed {args.fixed} {fixed.data.shape[1:]} and moving {args.moving} "
                        f"{moving.data.shape[1:]} must have the same size")
     spacing_xy = _spacing_xy(fixed)
-    method = _method(args)
+    method = _tiled(args, _method(args))
     res = method.register(fixed.data[0].astype("float32"), moving.data[0].astype("float32"),
                           spacing_xy=spacing_xy)
     inputs = [args.fixed, args.moving]
@@ -242,7 +365,14 @@ def cmd_register(args) -> int:
 
             last = export_transformix_chain(er, out / "transformix")
             write_itk_transform(out / "section_0000.h5", er.transform)
-            print(f"transformix chain: transformix -in MOVING -out DIR -tp {last}")
+        else:  # any other field: one DeformationFieldTransform file
+            from .elastix import export_field_chain
+
+            last = export_field_chain(res.field, out / "transformix", spacing_xy=spacing_xy,
+                                      field_file=io.field_path(out, 0))
+        print(f"transformix chain: transformix -in MOVING -out DIR -tp {last}")
+    for warning in res.warnings:
+        print(f"warning: {warning}")
     metric = "" if res.metric is None else f", final metric {res.metric:.4g}"
     print(f"registered {args.moving} to {args.fixed} with {method.name} in "
           f"{res.seconds:.1f} s{metric} -> {args.out}")
@@ -255,19 +385,24 @@ def cmd_align(args) -> int:
     from . import io
     from .stack import align_stack, save_alignment
 
-    stack = io.read_stack(args.stack)
+    # lazily: sections are read when a pair needs them (a bare .zarr output is written
+    # section by section), so stacks larger than memory can be aligned
+    stack = io.read_stack(args.stack, lazy=True)
     fields_out = Path(args.fields_out)
     work = fields_out / "work"
     if work.exists() and not args.resume:
         raise CLIError(f"{work} holds an interrupted run; pass --resume to continue it, or "
                        f"remove it to start over")
-    for target in (Path(args.out), fields_out / "section_0000.mha"):
-        if target.exists() and not args.overwrite:
-            raise CLIError(f"{target} exists; pass --overwrite to replace the outputs")
+    # outputs found next to an interrupted run's work folder are that run's: finish them
+    resuming = bool(args.resume and work.exists())
+    if not resuming:
+        for target in (Path(args.out), fields_out / "section_0000.mha"):
+            if target.exists() and not args.overwrite:
+                raise CLIError(f"{target} exists; pass --overwrite to replace the outputs")
     if (args.workers or args.scheduler) and args.mode != "joint":
         raise CLIError("--workers and --scheduler need --mode joint (sequential alignment "
                        "cannot run in parallel)")
-    method = _method(args)
+    method = _tiled(args, _method(args))
     t0 = time.perf_counter()
     with _dask_client(args) as client:
         result = align_stack(stack.data, method, spacing_xy=_spacing_xy(stack),
@@ -275,7 +410,9 @@ def cmd_align(args) -> int:
                              window=args.window, work_dir=work,
                              progress=not args.no_progress, client=client)
     save_alignment(result, out=args.out, fields_out=fields_out, overwrite=args.overwrite,
-                   inputs=[args.stack], dtype=stack.data.dtype)
+                   resume=resuming, inputs=[args.stack], dtype=stack.data.dtype,
+                   spacing_xyz=stack.spacing_xyz, unit=stack.unit,
+                   progress=not args.no_progress)
     shutil.rmtree(work, ignore_errors=True)
     flagged = [r["section"] for r in result.table if r.get("flagged")]
     print(f"aligned {stack.data.shape[0]} sections with {method.name} ({args.mode}) in "
@@ -315,22 +452,30 @@ class _dask_client:
 
 def cmd_apply(args) -> int:
     from . import io
-    from .stack import apply_fields
+    from .stack import AlignedSections, apply_fields
 
-    stack = io.read_stack(args.stack)
+    stack = io.read_stack(args.stack, lazy=io.is_ome_zarr_target(args.out))
     fields, spacing_xy, _ = io.read_fields(args.fields)
     if fields.shape[0] != stack.data.shape[0] or fields.shape[2:] != stack.data.shape[1:]:
         raise CLIError(f"{args.fields} holds {fields.shape[0]} fields of "
                        f"{fields.shape[2]}x{fields.shape[3]}, the stack {args.stack} "
                        f"{stack.data.shape[0]} sections of "
                        f"{stack.data.shape[1]}x{stack.data.shape[2]}")
-    if args.nearest:
-        out = apply_fields(stack.data, fields, spacing_xy=spacing_xy, order=0)
+    order = 0 if args.nearest else 1
+    if io.is_ome_zarr_target(args.out):  # section by section: never the whole volume
+        warped = AlignedSections(stack.data, fields, spacing_xy=spacing_xy, order=order)
+        with io.open_section_writer(args.out, shape_zyx=stack.data.shape,
+                                    dtype=stack.data.dtype, spacing_xyz=stack.spacing_xyz,
+                                    unit=stack.unit, overwrite=args.overwrite,
+                                    inputs=[args.stack]) as writer:
+            for k in range(stack.data.shape[0]):
+                writer.write(k, warped[k])
     else:
-        out = io.cast_to_dtype(apply_fields(stack.data, fields, spacing_xy=spacing_xy, order=1),
-                         stack.data.dtype)
-    io.write_stack(args.out, out, spacing_xyz=stack.spacing_xyz, overwrite=args.overwrite,
-                   inputs=[args.stack])
+        out = apply_fields(stack.data, fields, spacing_xy=spacing_xy, order=order)
+        if not args.nearest:
+            out = io.cast_to_dtype(out, stack.data.dtype)
+        io.write_stack(args.out, out, spacing_xyz=stack.spacing_xyz, unit=stack.unit,
+                       overwrite=args.overwrite, inputs=[args.stack])
     kind = "nearest neighbour" if args.nearest else "linear"
     print(f"applied {fields.shape[0]} fields ({kind}) -> {args.out}")
     return 0
@@ -388,6 +533,7 @@ def cmd_finetune(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .compare import ALL_METHODS
 
     parser = argparse.ArgumentParser(
         prog="hybridreg",
@@ -455,18 +601,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_metrics)
 
     def method_options(p):
-        p.add_argument("--method", default="elastix", choices=["elastix", "learned", "ssemnet"],
+        p.add_argument("--method", default="elastix",
+                       choices=["elastix", "learned", "ssemnet", "hybrid"],
                        help="registration method (default elastix)")
-        p.add_argument("--model", help="learned: the registration network (.safetensors); "
-                                       "ssemnet: the feature autoencoder; default: the "
-                                       "shipped weights")
+        p.add_argument("--model", help="learned, hybrid: the registration network "
+                                       "(.safetensors); ssemnet: the feature autoencoder; "
+                                       "default: the shipped weights")
+        p.add_argument("--features", help="hybrid: the feature autoencoder of the extra "
+                                          "similarity channels (default: the shipped one)")
         p.add_argument("--params", nargs="+", metavar="FILE",
                        help="elastix parameter files, applied in order (a chain); also the "
                             "shipped names em_rigid, em_affine, em_bspline or itk's defaults "
                             "translation, rigid, affine, bspline (default: em_affine "
-                            "em_bspline)")
+                            "em_bspline); hybrid: one B-spline map to adapt for the "
+                            "refinement")
         p.add_argument("--threads", type=int, help="CPU threads of the method")
         p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+    def tile_options(p):
+        p.add_argument("--tile", type=int, metavar="PX",
+                       help="register large sections coarse-then-fine over tiles of PX "
+                            "pixels, blending the tiles' fields (hybridreg.tiling)")
+        p.add_argument("--tile-overlap", type=int, metavar="PX",
+                       help="least overlap of neighbouring tiles (default: PX / 4)")
+        p.add_argument("--no-coarse", action="store_true",
+                       help="tiles only, without the coarse whole-section pass first")
 
     p = sub.add_parser("register", help="register one section to another",
                        description="Register MOVING onto FIXED (single-section images).")
@@ -476,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fields-out", help="folder for the field (section_0000.mha), the ITK "
                                         "transform (.h5) and elastix's transformix chain")
     method_options(p)
+    tile_options(p)
     p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("align", help="align a whole stack",
@@ -486,7 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "to the aligned one before it (drifts on long stacks). "
                                    "Interrupted runs continue with --resume.")
     p.add_argument("stack")
-    p.add_argument("--out", required=True, help="the aligned stack")
+    p.add_argument("--out", required=True,
+                   help="the aligned stack (a bare .zarr: an OME-Zarr image written section "
+                        "by section; --resume fills in the sections an interruption left out)")
     p.add_argument("--fields-out", required=True,
                    help="folder for the per-section fields (.mha), ITK transforms (.h5), "
                         "transformix chains and sections.csv")
@@ -505,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="joint: register the pairs on an existing Dask scheduler")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     method_options(p)
+    tile_options(p)
     p.set_defaults(func=cmd_align)
 
     p = sub.add_parser("apply", help="apply saved fields to a stack",
@@ -556,17 +719,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="the network to start from (default: the shipped weights)")
     p.set_defaults(func=cmd_finetune)
 
+    p = sub.add_parser("compare", help="run several methods on one stack and report",
+                       description="Align STACK with every method (the same stack mode and "
+                                   "settings for all) and compare them: per-section and "
+                                   "overall metrics (endpoint error where the ground truth is "
+                                   "known, NCC and SSIM between neighbouring aligned "
+                                   "sections, label overlap, folding, time) in "
+                                   "REPORT/metrics.csv and metrics.json, and a self-contained "
+                                   "HTML report, REPORT/report.html. With --deform-seed the "
+                                   "methods align a synthetically deformed copy of STACK "
+                                   "whose ground truth is known (as `hybridreg deform`). A "
+                                   "method that fails or is unavailable (e.g. missing "
+                                   "weights) is reported with the reason; the others run.")
+    p.add_argument("stack", help="the stack to align")
+    p.add_argument("--methods", default=",".join(ALL_METHODS), metavar="M[,M...]",
+                   help=f"methods, comma-separated (default {','.join(ALL_METHODS)})")
+    p.add_argument("--report", required=True, metavar="DIR",
+                   help="output folder: metrics.csv, metrics.json, report.html")
+    p.add_argument("--labels", help="instance labels of STACK (ids consistent across "
+                                    "sections): label overlap after warping")
+    p.add_argument("--deform-seed", type=int, metavar="S",
+                   help="align a copy of STACK deformed with this seed (ground truth known)")
+    p.add_argument("--params", nargs="+", metavar="FILE",
+                   help="elastix: parameter files or shipped names, applied in order")
+    p.add_argument("--model", action="append", metavar="METHOD=PATH",
+                   help="weights of a learned method, e.g. learned=net.safetensors or "
+                        "ssemnet=ae.safetensors (repeatable; default: the shipped weights)")
+    p.add_argument("--option", action="append", metavar="METHOD.KEY=VALUE",
+                   help="any method option, VALUE as JSON or text, e.g. "
+                        "ssemnet.iterations=50 (repeatable)")
+    p.add_argument("--threads", type=int, help="CPU threads of every method that takes them")
+    p.add_argument("--mode", choices=["joint", "sequential"], default="joint",
+                   help="stack mode for every method (default joint, see align)")
+    p.add_argument("--neighbours", type=int, default=1, help="joint: pairs per section")
+    p.add_argument("--prior", type=float, default=0.3, help="joint: prior weight")
+    p.add_argument("--window", type=int, default=1, help="sequential: aligned sections seen")
+    p.add_argument("--margin", type=int,
+                   help="pixels left out at each edge in the metrics (default size/16)")
+    p.add_argument("--save-aligned", action="store_true",
+                   help="also write each method's aligned stack and fields into DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("demo", help="run the built-in demo on the phantom",
-                       description="Generate the phantom, deform it with a known deformation, "
-                                   "align it with each method and report the metrics against "
-                                   "the ground truth.")
+                       description="Generate the phantom, deform it with a known deformation "
+                                   "and compare every method on it (as `hybridreg compare`): "
+                                   "prints the summary table and writes the HTML report, "
+                                   "metrics, aligned stacks and fields into OUT.")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
-    p.add_argument("--sections", type=int, default=12)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", nargs="*", default=["elastix"],
-                   help="methods to run (default: elastix); none: only the metrics of doing "
-                        "nothing")
+    p.add_argument("--sections", type=int, default=12, help="default 12")
+    p.add_argument("--size", type=int, default=256, help="section size in px (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="phantom seed; the deformation uses "
+                                                       "seed + 1 (default 0)")
+    p.add_argument("--methods", nargs="*", default=list(ALL_METHODS), metavar="M",
+                   help=f"methods to run (default: {' '.join(ALL_METHODS)}); none given: "
+                        f"only the metrics of doing nothing")
+    p.add_argument("--threads", type=int, default=2,
+                   help="CPU threads of every method that takes them (default 2)")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an "
+                                                            "earlier demo in OUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
     return parser

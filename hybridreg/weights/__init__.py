@@ -3,10 +3,14 @@
 The weights are ``.safetensors`` checkpoints written by :func:`hybridreg.models.save_model`
 and stored next to this module (:data:`WEIGHTS_DIR`):
 
-- ``faemreg_compact.safetensors``: a :class:`~hybridreg.models.FAEMRegNet` of the
-  ``"compact"`` preset, the default model of :class:`hybridreg.methods.learned.LearnedMethod`;
+- ``faemreg_compact.safetensors``: the ``"compact"`` preset (a
+  :class:`~hybridreg.models.FAEMRegPyramidNet`), the default network of the ``learned`` and
+  ``hybrid`` methods;
 - ``feature_ae.safetensors``: a :class:`~hybridreg.models.FeatureAutoencoder`, the default
-  features of :class:`hybridreg.methods.ssemnet.SSEMnetMethod`.
+  features of the ``ssemnet`` method and the feature channels of ``hybrid``.
+
+Each has a model card beside it (``<name>.md``: data, recipe, exact command, training time,
+figures). Both were made with ``benchmarks/train_default_weights.py``.
 
 Importing this module imports neither torch nor safetensors.
 """
@@ -23,15 +27,15 @@ WEIGHTS_DIR = Path(__file__).resolve().parent
 WEIGHTS: dict[str, tuple[str, str, str]] = {
     "faemreg_compact": (
         "faemreg_compact.safetensors",
-        "the FAEMRegNet ('compact' preset) of the 'learned' method",
-        "train a FAEMRegNet.from_preset('compact') with hybridreg.training (it needs a frozen "
-        "feature autoencoder, see 'feature_ae') and save it with hybridreg.models.save_model",
+        "the 'compact' registration network of the 'learned' and 'hybrid' methods",
+        "run `python benchmarks/train_default_weights.py registration --out DIR` (or "
+        "`hybridreg train` on your own aligned stacks)",
     ),
     "feature_ae": (
         "feature_ae.safetensors",
-        "the FeatureAutoencoder of the 'ssemnet' method (and of FAEMReg's training loss)",
-        "train a hybridreg.models.FeatureAutoencoder on EM sections with hybridreg.training "
-        "and save it with hybridreg.models.save_model",
+        "the FeatureAutoencoder of the 'ssemnet' method and of the hybrid's feature channels",
+        "run `python benchmarks/train_default_weights.py features --out DIR` (or "
+        "`hybridreg train-features` on your own sections)",
     ),
 }
 
