@@ -1,0 +1,153 @@
+"""Benchmark: learned, ssEMnet, hybrid and elastix methods on stacks with a known deformation.
+
+Every method runs in the same process on the same deformed stacks, on this machine:
+
+- ``isbi2012_train_raw.tif`` deformed with seed 2026 (the classical benchmark of
+  bench_elastix.py, with neurite labels); the learned weights saw this volume in training
+  (undeformed, with other deformations);
+- ``isbi2012_test_raw.tif`` deformed with seed 4242: held out, never seen in training.
+
+Runs are ``method:mode`` (``mode`` sequential or joint, see hybridreg.stack); elastix runs
+name their map, e.g. ``elastix/em_rigid:joint``. Sequential learned and hybrid runs see
+the 3 previously aligned sections (FAEMReg's window); joint runs register raw neighbours. Figures: mean and 95th-percentile endpoint
+error against the ground truth on the interior (``--margin`` px), folding fraction, label
+agreement and Dice (where labels exist), seconds per registered pair (wall time of the whole
+alignment, solve included, divided by the pairs; the first pair pays for loading the
+network or elastix, which happens before the clock starts).
+
+Usage (from the repository root)::
+
+    .venv/bin/python benchmarks/bench_methods.py --out benchmarks/results/methods.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hybridreg import io, metrics, synthetic  # noqa: E402
+from hybridreg.methods import get_method  # noqa: E402
+from hybridreg.stack import align_stack  # noqa: E402
+
+DATA = Path(os.environ.get("HYBRIDREG_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+CASES = {
+    "isbi-train": (DATA / "isbi2012_train_raw.tif", DATA / "isbi2012_train_neurite_ids.tif",
+                   2026),
+    "isbi-test": (DATA / "isbi2012_test_raw.tif", None, 4242),
+}
+DEFAULT_RUNS = ["elastix/em_rigid:joint", "elastix/em_affine:joint",
+                "elastix/em_rigid:sequential", "learned:sequential", "learned:joint",
+                "ssemnet:joint", "hybrid:joint", "hybrid:sequential"]
+
+
+def summarize(fields, truth, labels_def, labels_ref, margin, seconds):
+    rows = metrics.evaluate_stack(fields=fields, true_fields=truth, labels=labels_def,
+                                  labels_ref=labels_ref, margin_px=margin)
+    s = metrics.summarize(rows)  # section 0 (undeformed) left out
+    keep = ("epe_mean_px", "epe_p95_px", "folding_fraction", "pixel_agreement", "dice_mean")
+    out = {k: s.get(k) for k in keep}
+    out["seconds_per_pair"] = seconds
+    out["epe_per_section"] = [round(r["epe_mean_px"], 2) for r in rows]
+    return out
+
+
+def build(run: str, threads: int):
+    spec, _, mode = run.partition(":")
+    name, _, params = spec.partition("/")
+    options = {"threads": threads}
+    if name == "elastix":
+        options["params"] = params.split("+") if params else ["em_affine", "em_bspline"]
+    if name == "ssemnet":
+        # without the full-resolution stage: 48.6 s -> 10.9 s for one 512 x 512 pair (one
+        # thread), 0.18 -> 0.59 px on a section registered to its own deformed copy
+        options["pyramid"] = (8, 4, 2)
+    method = get_method(name, **options)
+    # load the network / elastix before the clock starts
+    warm = np.random.default_rng(0).uniform(0, 255, (64, 64)).astype(np.float32)
+    try:
+        method.register(warm, warm)
+    except Exception:  # noqa: BLE001 - warming only
+        pass
+    return method, mode or "joint"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--runs", nargs="+", default=DEFAULT_RUNS)
+    ap.add_argument("--sections", type=int, default=None, help="first N sections only")
+    ap.add_argument("--margin", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="write the results as JSON")
+    args = ap.parse_args(argv)
+
+    results = {}
+    for case in args.cases:
+        path, labels_path, seed = CASES[case]
+        raw = io.read_stack(path).data
+        labels = io.read_stack(labels_path).data if labels_path else None
+        if args.sections:
+            raw = raw[:args.sections]
+            labels = None if labels is None else labels[:args.sections]
+        d = synthetic.deform_stack(raw, labels=labels, seed=seed)
+        moving = d.stack
+        z = raw.shape[0]
+        results[f"{case} | none"] = summarize(np.zeros_like(d.fields), d.fields, d.labels,
+                                             labels, args.margin, 0.0)
+        print(f"{case}: {raw.shape}, seed {seed}; none "
+              f"{results[f'{case} | none']['epe_mean_px']:.2f} px", flush=True)
+        for run in args.runs:
+            method, mode = build(run, args.threads)
+            t = time.perf_counter()
+            # sequential: the learned window holds 3 aligned sections, as FAEMReg's
+            window = 3 if mode == "sequential" and run.split(":")[0] in (
+                "learned", "hybrid") else 1
+            r = align_stack(moving, method, mode=mode, window=window)
+            n_pairs = max(1, len(r.pairs) if mode == "joint" else z - 1)
+            sec = (time.perf_counter() - t) / n_pairs
+            key = f"{case} | {run}"
+            results[key] = summarize(r.fields, d.fields, d.labels, labels, args.margin, sec)
+            results[key]["flagged"] = int(sum(bool(row.get("flagged")) for row in r.table))
+            fallbacks = sum("kept the learned field" in (row.get("warnings") or "")
+                            for row in (r.pairs or r.table))
+            results[key]["fallbacks"] = int(fallbacks)
+            print(f"{key}: {results[key]['epe_mean_px']:.2f} px (p95 "
+                  f"{results[key]['epe_p95_px']:.2f}), folding "
+                  f"{results[key]['folding_fraction']:.5f}, {sec:.3f} s/pair, "
+                  f"fallbacks {fallbacks}", flush=True)
+
+    meta = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+            "margin_px": args.margin, "threads": args.threads,
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "date": time.strftime("%Y-%m-%d")}
+
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    print()
+    print("| stack | method | EPE mean (px) | EPE p95 (px) | folding | label agreement | "
+          "Dice | s/pair |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key, r in results.items():
+        case, _, run = key.partition(" | ")
+        print(f"| {case} | {run} | {fmt(r['epe_mean_px'], '.2f')} | "
+              f"{fmt(r['epe_p95_px'], '.2f')} | {fmt(r['folding_fraction'], '.5f')} | "
+              f"{fmt(r['pixel_agreement'], '.3f')} | {fmt(r['dice_mean'], '.3f')} | "
+              f"{fmt(r['seconds_per_pair'], '.3f')} |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        metrics.write_json({"meta": meta, "results": results}, args.out)
+        print(f"results -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
