@@ -713,7 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the endpoint error against the known synthetic field.")
     training_options(p, steps=5000, crop=256, batch=4, lr=1e-4)
     p.add_argument("--features", help="a trained feature autoencoder (.safetensors)")
-    p.add_argument("--preset", default="compact", choices=["compact", "paper", "tiny"])
+    p.add_argument("--preset", default="compact",
+                   choices=["compact", "compact-flownet", "paper", "tiny", "tiny-pyramid"])
     p.add_argument("--references", type=int, default=3, help="aligned sections in the window")
     p.set_defaults(func=cmd_train)
 
