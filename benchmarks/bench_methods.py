@@ -9,7 +9,8 @@ Every method runs in the same process on the same deformed stacks, on this machi
 
 Runs are ``method:mode`` (``mode`` sequential or joint, see hybridreg.stack); elastix runs
 name their map, e.g. ``elastix/em_rigid:joint``. Sequential learned and hybrid runs see
-the 3 previously aligned sections (FAEMReg's window); joint runs register raw neighbours. Figures: mean and 95th-percentile endpoint
+the 3 previously aligned sections (FAEMReg's window); joint runs register raw neighbours.
+``sequential+drift5`` is the sequential chain with ``drift_window=5``. Figures: mean and 95th-percentile endpoint
 error against the ground truth on the interior (``--margin`` px), folding fraction, label
 agreement and Dice (where labels exist), seconds per registered pair (wall time of the whole
 alignment, solve included, divided by the pairs; the first pair pays for loading the
@@ -80,6 +81,20 @@ def build(run: str, threads: int):
     return method, mode or "joint"
 
 
+def stack_options(run: str) -> dict:
+    """``mode`` and its options from a run spec: ``joint``, ``sequential``,
+    ``sequential+drift5`` (drift_window 5)."""
+    spec, _, mode = run.partition(":")
+    mode, _, extra = (mode or "joint").partition("+")
+    opts = {"mode": mode}
+    if mode == "sequential":
+        # the learned window holds 3 aligned sections, as FAEMReg's
+        opts["window"] = 3 if spec.split("/")[0] in ("learned", "hybrid") else 1
+    if extra.startswith("drift"):
+        opts["drift_window"] = int(extra[len("drift"):])
+    return opts
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
@@ -106,12 +121,11 @@ def main(argv=None):
         print(f"{case}: {raw.shape}, seed {seed}; none "
               f"{results[f'{case} | none']['epe_mean_px']:.2f} px", flush=True)
         for run in args.runs:
-            method, mode = build(run, args.threads)
+            method, _ = build(run, args.threads)
+            opts = stack_options(run)
+            mode = opts["mode"]
             t = time.perf_counter()
-            # sequential: the learned window holds 3 aligned sections, as FAEMReg's
-            window = 3 if mode == "sequential" and run.split(":")[0] in (
-                "learned", "hybrid") else 1
-            r = align_stack(moving, method, mode=mode, window=window)
+            r = align_stack(moving, method, **opts)
             n_pairs = max(1, len(r.pairs) if mode == "joint" else z - 1)
             sec = (time.perf_counter() - t) / n_pairs
             key = f"{case} | {run}"

@@ -412,7 +412,8 @@ def cmd_align(args) -> int:
     with _dask_client(args) as client:
         result = align_stack(stack.data, method, spacing_xy=_spacing_xy(stack),
                              mode=args.mode, neighbours=args.neighbours, prior=args.prior,
-                             window=args.window, work_dir=work,
+                             window=args.window, drift_window=args.drift_window,
+                             work_dir=work,
                              progress=not args.no_progress, client=client)
     save_alignment(result, out=args.out, fields_out=fields_out, overwrite=args.overwrite,
                    resume=resuming, inputs=[args.stack], dtype=stack.data.dtype,
@@ -664,6 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="joint: weight of the small-distortion prior (default 0.3)")
     p.add_argument("--window", type=int, default=1,
                    help="sequential: aligned sections the method sees (default 1)")
+    p.add_argument("--drift-window", type=int, default=0, metavar="N",
+                   help="sequential: subtract from each field the mean of the fields of the N "
+                        "sections centred on it, against accumulated drift (default 0: off)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from FIELDS_OUT/work")
     p.add_argument("--workers", type=int, help="joint: register the pairs on a local Dask "

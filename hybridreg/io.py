@@ -907,7 +907,22 @@ class _FolderSource(_Source):
         return img
 
 
-class LazySections:
+class SectionSequence:
+    """Iteration and ``numpy.asarray`` for stacks that produce a section when indexed.
+
+    Subclasses define ``shape``, ``section(k)`` and ``__getitem__`` (with slices).
+    """
+
+    def __iter__(self):
+        for k in range(self.shape[0]):
+            yield self.section(k)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
+class LazySections(SectionSequence):
     """A stack on disk, read one section at a time (``read_stack(path, lazy=True)``).
 
     Behaves like a read-only array of shape ``(Z, H, W)``: ``shape``, ``dtype`` (uint8,
@@ -975,14 +990,6 @@ class LazySections:
         if not out:
             return np.empty((0,) + self.shape[1:], self.dtype)[(slice(None),) + rest]
         return np.stack(out)
-
-    def __iter__(self):
-        for k in range(self.shape[0]):
-            yield self.section(k)
-
-    def __array__(self, dtype=None, copy=None):
-        out = self[:]
-        return out if dtype is None else out.astype(dtype)
 
     def __repr__(self) -> str:
         return (f"LazySections({self.where}, shape_zyx={self.shape}, dtype={self.dtype}, "

@@ -224,10 +224,6 @@ class FAEMRegPyramidNet(FAEMRegNet):
                 "output_level": self.output_level, "flow_scale": self.flow_scale,
                 "negative_slope": self.negative_slope, "in_channels": self.in_channels}
 
-    @classmethod
-    def from_config(cls, config: dict) -> "FAEMRegPyramidNet":
-        return cls(**config)
-
     @property
     def stride(self) -> int:
         """Input sizes are padded to a multiple of this (``2**levels``)."""
