@@ -92,6 +92,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--init", type=Path,
+                    help="registration: continue from this network (a second, lower-rate "
+                         "phase); its recipe is recorded in the new file's metadata")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from hybridreg import training
@@ -116,7 +119,8 @@ def main(argv=None) -> int:
     else:
         out = args.out / "faemreg_compact.safetensors"
         log_ = training.train_registration(
-            [VNC, ISBI_TRAIN], out=out, preset="compact", references=3,
+            [VNC, ISBI_TRAIN], out=out, preset=None if args.init else "compact",
+            init=args.init, references=3,
             crop=args.crop or 192, batch=args.batch or 8, steps=args.steps or 5000,
             lr=args.lr or 1e-3, lr_schedule="cosine", seed=0, device=args.device,
             weights=training.LossWeights(feature=0.0, smooth=0.1, epe=1.0),
