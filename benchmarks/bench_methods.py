@@ -33,10 +33,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from hybridreg import io, metrics, synthetic  # noqa: E402
 from hybridreg.methods import get_method  # noqa: E402
 from hybridreg.stack import align_stack  # noqa: E402
+
+from bench_elastix import summarize  # noqa: E402  (the same figures as the elastix benchmark)
 
 DATA = Path(os.environ.get("HYBRIDREG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
@@ -48,17 +51,6 @@ CASES = {
 DEFAULT_RUNS = ["elastix/em_rigid:joint", "elastix/em_affine:joint",
                 "elastix/em_rigid:sequential", "learned:sequential", "learned:joint",
                 "ssemnet:joint", "hybrid:joint", "hybrid:sequential"]
-
-
-def summarize(fields, truth, labels_def, labels_ref, margin, seconds):
-    rows = metrics.evaluate_stack(fields=fields, true_fields=truth, labels=labels_def,
-                                  labels_ref=labels_ref, margin_px=margin)
-    s = metrics.summarize(rows)  # section 0 (undeformed) left out
-    keep = ("epe_mean_px", "epe_p95_px", "folding_fraction", "pixel_agreement", "dice_mean")
-    out = {k: s.get(k) for k in keep}
-    out["seconds_per_pair"] = seconds
-    out["epe_per_section"] = [round(r["epe_mean_px"], 2) for r in rows]
-    return out
 
 
 def build(run: str, threads: int):

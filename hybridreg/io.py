@@ -609,6 +609,33 @@ def _spacing_from_attrs(attrs, where: str) -> tuple[float, float, float]:
     return (1.0, 1.0, 1.0)
 
 
+def _hdf5_dataset(f, file: Path, inner: str | None):
+    """``(dataset, its path)`` in the open HDF5 file ``f``: ``inner``, or the only dataset.
+
+    Raises StackError naming the file's datasets when there is no such dataset or, without
+    ``inner``, not exactly one.
+    """
+    import h5py
+
+    datasets: list[str] = []
+    f.visititems(lambda name, obj: datasets.append(name)
+                 if isinstance(obj, h5py.Dataset) else None)
+    listing = ", ".join(f"'/{d}'" for d in datasets) or "none"
+    if inner is None:
+        if len(datasets) != 1:
+            raise StackError(f"'{file}': holds {len(datasets)} datasets ({listing}); name "
+                             f"one as '{file}:/dataset'")
+        inner = datasets[0]
+    try:
+        obj = f.get(inner)
+    except Exception:
+        obj = None
+    if not isinstance(obj, h5py.Dataset):
+        raise StackError(f"'{file}': no dataset '/{inner}' (datasets in the file: "
+                         f"{listing})")
+    return obj, inner
+
+
 def _read_hdf5(file: Path, inner: str | None):
     import h5py
 
@@ -618,22 +645,7 @@ def _read_hdf5(file: Path, inner: str | None):
         raise StackError(f"cannot read '{file}': not a readable HDF5 file (corrupt or "
                          f"truncated?): {exc}") from exc
     with f:
-        datasets: list[str] = []
-        f.visititems(lambda name, obj: datasets.append(name)
-                     if isinstance(obj, h5py.Dataset) else None)
-        listing = ", ".join(f"'/{d}'" for d in datasets) or "none"
-        if inner is None:
-            if len(datasets) != 1:
-                raise StackError(f"'{file}': holds {len(datasets)} datasets ({listing}); name "
-                                 f"one as '{file}:/dataset'")
-            inner = datasets[0]
-        try:
-            obj = f.get(inner)
-        except Exception:
-            obj = None
-        if not isinstance(obj, h5py.Dataset):
-            raise StackError(f"'{file}': no dataset '/{inner}' (datasets in the file: "
-                             f"{listing})")
+        obj, inner = _hdf5_dataset(f, file, inner)
         where = f"'{file}:/{inner}'"
         try:
             data = obj[()]
@@ -820,19 +832,7 @@ class _H5Source(_Source):
 
         try:
             with h5py.File(file, "r") as f:
-                datasets: list[str] = []
-                f.visititems(lambda name, obj: datasets.append(name)
-                             if isinstance(obj, h5py.Dataset) else None)
-                listing = ", ".join(f"'/{d}'" for d in datasets) or "none"
-                if inner is None:
-                    if len(datasets) != 1:
-                        raise StackError(f"'{file}': holds {len(datasets)} datasets "
-                                         f"({listing}); name one as '{file}:/dataset'")
-                    inner = datasets[0]
-                obj = f.get(inner)
-                if not isinstance(obj, h5py.Dataset):
-                    raise StackError(f"'{file}': no dataset '/{inner}' (datasets in the file: "
-                                     f"{listing})")
+                obj, inner = _hdf5_dataset(f, file, inner)
                 where = f"'{file}:/{inner}'"
                 shape, dtype = tuple(obj.shape), obj.dtype
                 spacing = _spacing_from_attrs(obj.attrs, where)

@@ -1,6 +1,7 @@
 """Joint alignment on Dask workers: same output with 1 or 2 workers, a killed worker survived."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -24,10 +25,12 @@ def stack():
                      for dx, dy in shifts]).astype(np.float32)
 
 
+@contextlib.contextmanager
 def cluster(n):
-    c = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                 dashboard_address=None)
-    return c, distributed.Client(c)
+    """A client of a local cluster of ``n`` single-threaded worker processes."""
+    with distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as c, distributed.Client(c) as client:
+        yield client
 
 
 class DiesOnce(PhaseCorrelation):
@@ -47,12 +50,8 @@ class DiesOnce(PhaseCorrelation):
 def test_one_and_two_workers_give_the_serial_result(stack):
     serial = align_stack(stack, PhaseCorrelation(), neighbours=2)
     for n in (1, 2):
-        c, client = cluster(n)
-        try:
+        with cluster(n) as client:
             r = align_stack(stack, PhaseCorrelation(), neighbours=2, client=client)
-        finally:
-            client.close()
-            c.close()
         assert np.array_equal(r.fields, serial.fields)
         assert np.array_equal(r.aligned, serial.aligned)
         assert [p["weight"] for p in r.pairs] == [p["weight"] for p in serial.pairs]
@@ -62,12 +61,8 @@ def test_a_killed_worker_is_survived(stack, tmp_path):
     serial = align_stack(stack, PhaseCorrelation(), neighbours=2)
     method = DiesOnce(tmp_path / "died")
     method.target = float(stack[1].mean())
-    c, client = cluster(2)
-    try:
+    with cluster(2) as client:
         r = align_stack(stack, method, neighbours=2, client=client)
-    finally:
-        client.close()
-        c.close()
     assert (tmp_path / "died").exists()  # a worker really died mid-run
     assert np.array_equal(r.fields, serial.fields)
 
@@ -143,16 +138,14 @@ def test_a_worker_killed_from_outside_mid_run_is_survived(stack, tmp_path):
     trace.mkdir()
     killed: list = []
     stop = threading.Event()
-    c, client = cluster(2)
-    watcher = threading.Thread(target=kill_a_busy_worker, args=(trace, stop, killed))
-    watcher.start()
-    try:
-        r = align_stack(stack, SlowOnWorkers(trace), neighbours=2, client=client)
-    finally:
-        stop.set()
-        watcher.join()
-        client.close()
-        c.close()
+    with cluster(2) as client:
+        watcher = threading.Thread(target=kill_a_busy_worker, args=(trace, stop, killed))
+        watcher.start()
+        try:
+            r = align_stack(stack, SlowOnWorkers(trace), neighbours=2, client=client)
+        finally:
+            stop.set()
+            watcher.join()
     assert killed, "no worker was killed during the run"
     assert not (trace / f"done-{killed[0]}").exists()  # it died in the middle of a pair
     # every pair finished; the killed one again (and any result held by the dead worker)
@@ -178,12 +171,8 @@ class FailsOnPair(PhaseCorrelation):
 def test_a_registration_failing_on_a_worker_is_flagged_and_the_stack_continues(stack):
     method = FailsOnPair(float(stack[1].mean()), float(stack[2].mean()))
     serial = align_stack(stack, method, neighbours=2)
-    c, client = cluster(2)
-    try:
+    with cluster(2) as client:
         r = align_stack(stack, method, neighbours=2, client=client)
-    finally:
-        client.close()
-        c.close()
     [failed] = [p for p in r.pairs if (p["fixed"], p["moving"]) == (1, 2)]
     assert "registration failed: RuntimeError: elastix failed here" in failed["warnings"]
     assert failed["weight"] == 0.0
@@ -199,12 +188,8 @@ def test_workers_read_a_lazy_stack_themselves(stack, tmp_path):
     io.write_stack(tmp_path / "stack.zarr", stack)
     lazy = io.read_stack(tmp_path / "stack.zarr", lazy=True).data
     serial = align_stack(stack, PhaseCorrelation(), neighbours=2)
-    c, client = cluster(2)
-    try:
+    with cluster(2) as client:
         r = align_stack(lazy, PhaseCorrelation(), neighbours=2, client=client)
-    finally:
-        client.close()
-        c.close()
     # here: each section once, for the NaN check of a float stack; the pairs' sections were
     # read by the workers (here, they would add 2 reads per pair)
     assert lazy.reads == stack.shape[0]
@@ -235,12 +220,8 @@ def test_elastix_failing_on_a_worker_is_flagged_and_the_stack_continues(tmp_path
     d = synthetic.deform_stack(ph.stack, seed=4, max_shift_px=4, elastic_px=1)
     raw = d.stack.astype(np.float32)
     method = FailsOnSection2(float(raw[2].mean()), params=["em_rigid"], threads=1)
-    c, client = cluster(2)
-    try:
+    with cluster(2) as client:
         r = align_stack(raw, method, neighbours=2, client=client)
-    finally:
-        client.close()
-        c.close()
     failed = [p for p in r.pairs if p["moving"] == 2]
     assert failed and all(p["warnings"].startswith("registration failed") and
                           p["weight"] == 0.0 for p in failed), failed

@@ -255,19 +255,26 @@ def test_lazy_alignment_into_zarr_equals_the_in_memory_one(shifted, tmp_path, mo
     assert back.spacing_xyz == (2.0, 2.0, 40.0) and back.unit == "nanometer"
 
 
-def test_interrupted_zarr_output_is_resumed_identically(shifted, tmp_path, monkeypatch):
-    r = align_stack(shifted, PhaseCorrelation(), neighbours=2)
-    save_alignment(r, out=tmp_path / "straight.zarr")
+def interrupt_writes(monkeypatch, *, after: int):
+    """Make SectionWriter.write raise KeyboardInterrupt after ``after`` sections; returns the
+    original method (to put back)."""
     write = io.SectionWriter.write
     calls = []
 
-    def dies_on_third(self, k, section):
-        if len(calls) == 2:
+    def dies(self, k, section):
+        if len(calls) == after:
             raise KeyboardInterrupt
         calls.append(k)
         write(self, k, section)
 
-    monkeypatch.setattr(io.SectionWriter, "write", dies_on_third)
+    monkeypatch.setattr(io.SectionWriter, "write", dies)
+    return write
+
+
+def test_interrupted_zarr_output_is_resumed_identically(shifted, tmp_path, monkeypatch):
+    r = align_stack(shifted, PhaseCorrelation(), neighbours=2)
+    save_alignment(r, out=tmp_path / "straight.zarr")
+    write = interrupt_writes(monkeypatch, after=2)
     with pytest.raises(KeyboardInterrupt):
         save_alignment(r, out=tmp_path / "resumed.zarr")
     monkeypatch.undo()
@@ -303,16 +310,7 @@ def test_cli_align_zarr_to_zarr_and_resume(shifted, tmp_path, monkeypatch, capsy
     assert straight.data.dtype == np.uint8 and straight.spacing_xyz == (1.0, 1.0, 30.0)
     assert straight.unit == "nanometer"
     # killed while writing the aligned stack (after all pairs were registered)
-    write = io.SectionWriter.write
-    calls = []
-
-    def dies_on_third(self, k, section):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(k)
-        write(self, k, section)
-
-    monkeypatch.setattr(io.SectionWriter, "write", dies_on_third)
+    write = interrupt_writes(monkeypatch, after=2)
     assert align("resumed") == 130
     monkeypatch.setattr(io.SectionWriter, "write", write)
     assert (tmp_path / "resumed" / "work").is_dir()

@@ -389,13 +389,20 @@ class FAEMRegNet(nn.Module):
         flow = head(feat)
         return flow.squeeze(2) if flow.ndim == 5 else flow
 
-    def _pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        """The checked window, padded at the bottom and right (edge replicated) to a
+        multiple of :attr:`stride`."""
         self._check(x)
         s = self.stride
         h, w = x.shape[-2:]
         ph, pw = (-h) % s, (-w) % s
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph, 0, 0), mode="replicate")
+        return x
+
+    def _pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h, w = x.shape[-2:]
+        x = self._padded(x)
         skips = {0: x if self.n_3d > 0 else self._fold(x)}
         level = 0
         feat = skips[0]

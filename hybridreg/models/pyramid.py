@@ -239,12 +239,8 @@ class FAEMRegPyramidNet(FAEMRegNet):
         return feats
 
     def _pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self._check(x)
-        s = self.stride
         h, w = x.shape[-2:]
-        ph, pw = (-h) % s, (-w) % s
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph, 0, 0), mode="replicate")
+        x = self._padded(x)
         b = x.shape[0]
         k = self.refs
         hp, wp = x.shape[-2:]
