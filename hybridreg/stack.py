@@ -250,25 +250,37 @@ def _one_line(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _register(method: Method, fixed, moving, refs, *, shape_yx, spacing_xy, origin_xy, what):
-    """Run one registration; never raises: a failure comes back as (None, row)."""
+def _register(method: Method, fixed, moving, refs, *, shape_yx, spacing_xy, origin_xy, what,
+              pair_ncc: bool = True, keep_warped: bool = False):
+    """Run one registration; never raises: a failure comes back as (None, row).
+
+    ``pair_ncc``: measure the registered pair's NCC (the joint solve's similarity weights
+    use it; the sequential chain does not, and skips its warp). ``keep_warped``: put the
+    method's own warped section in ``row["warped"]``; a method with ``warped_order = n``
+    promises it is ``warp(moving, field, order=n)``.
+    """
     t0 = time.perf_counter()
     warnings: list[str] = []
     metric = None
     u = None
+    warped = None
     try:
         res = method.register(fixed, moving, references=refs, spacing_xy=spacing_xy,
                               origin_xy=origin_xy)
         u = validate_field(res.field, name=f"field of {what}", shape_yx=shape_yx)
         metric = res.metric
+        warped = res.warped
         warnings += list(res.warnings)
     except Exception as exc:  # one bad section must not end a long run
         log.warning("%s: %s failed (%s: %s)", what, method.name, type(exc).__name__, exc)
         warnings.append(f"registration failed: {type(exc).__name__}: {_one_line(exc)}")
     seconds = round(time.perf_counter() - t0, 4)
     row = {"metric": None if metric is None else float(metric), "seconds": seconds,
-           "ncc": None if u is None else _pair_ncc(fixed, moving, u, spacing_xy),
+           "ncc": None if u is None or not pair_ncc else _pair_ncc(fixed, moving, u,
+                                                                    spacing_xy),
            "failed": u is None, "warnings": "; ".join(warnings)}
+    if keep_warped:
+        row["warped"] = warped if u is not None else None
     return u, row
 
 
@@ -484,21 +496,28 @@ def _align_sequential(raw, method, *, shape, spacing_xy, origin_xy, work, order,
     for k in _bar(range(1, z), desc=f"align ({method.name}, sequential)", progress=progress):
         name = f"section_{k:04d}"
         loaded = work.load(name) if work is not None else None
+        warped = None
         if loaded is not None:
             fields[k], row = loaded
         else:
             refs = [aligned[j] for j in range(max(0, k - window), k - 1)]
             u, row = _register(method, aligned[k - 1], raw[k], refs, shape_yx=(h, w),
                                spacing_xy=spacing_xy, origin_xy=origin_xy,
-                               what=f"section {k}")
+                               what=f"section {k}", pair_ncc=False, keep_warped=True)
             # a failed section keeps the transform of the one before it
             fields[k] = fields[k - 1] if u is None else u
+            warped = row["warped"]
             row = {"section": k, "metric": row["metric"], "seconds": row["seconds"],
                    "flagged": bool(row["warnings"]), "warnings": row["warnings"]}
             if work is not None:
                 work.save(name, fields[k], row)
         table.append(row)
-        aligned[k] = warp(raw[k], fields[k], spacing_xy=spacing_xy, order=order)[0]
+        if (warped is not None and getattr(method, "warped_order", None) == order
+                and np.shape(warped) == (h, w)):
+            # the method resampled the section as this chain would: reuse it
+            aligned[k] = warped
+        else:
+            aligned[k] = warp(raw[k], fields[k], spacing_xy=spacing_xy, order=order)[0]
         if not keep_all:
             aligned.pop(k - window, None)
     if drift_window:

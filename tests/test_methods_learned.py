@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from helpers import smooth_texture
 from hybridreg import weights
@@ -187,6 +188,33 @@ def test_learned_window_is_mirrored_with_references_oldest_first(tiny_net_path):
     seen1 = _spy_window(pairwise)
     pairwise.register(fixed, moving, references=[r0, r1, r2])
     assert depth(seen1[-1]) == val([40, 40, 40, 50, 40, 40, 40])
+
+
+def test_learned_pyramid_net_encodes_each_section_once_with_the_same_result(tmp_path):
+    """A sequential chain shows every aligned section to up to `references` pairs: the
+    pyramid network's per-section features are reused, and the fields do not change."""
+    net = FAEMRegNet.from_preset("tiny-pyramid")
+    with torch.no_grad():
+        for head in net.flow_heads:
+            head.weight.mul_(300.0)
+    path = save_model(net, tmp_path / "pyr.safetensors")
+    rng = np.random.default_rng(3)
+    s = [ndimage.gaussian_filter(rng.uniform(0, 255, (40, 48)), 2).astype(np.float32)
+         for _ in range(5)]
+    cached = LearnedMethod(path)
+    encoded = []
+    real = cached.network().encode_sections
+    cached.network().encode_sections = lambda x: encoded.append(len(x)) or real(x)
+
+    calls = [(s[1], s[2], [s[0]]), (s[2], s[3], [s[0], s[1]]), (s[3], s[4], [s[1], s[2]]),
+             (s[3], s[4], [s[1], s[2]])]
+    for fixed, moving, refs in calls:
+        r = cached.register(fixed, moving, references=refs)
+        fresh = LearnedMethod(path).register(fixed, moving, references=refs)
+        assert np.abs(fresh.field).max() > 0.5
+        np.testing.assert_allclose(r.field, fresh.field, atol=1e-4)
+    # 3 sections, then one new each (the moving one), then nothing: a repeated window
+    assert encoded == [3, 1, 1]
 
 
 def test_learned_uint8_and_float_grey_values_agree(tiny_net_path):

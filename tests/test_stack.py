@@ -84,6 +84,38 @@ def test_a_failing_registration_is_flagged_not_fatal(shifted_stack, mode):
     assert r.aligned.shape == stack.shape and np.isfinite(r.fields).all()
 
 
+class LinearPhaseCorrelation(PhaseCorrelation):
+    """Its ``warped`` is the moving section resampled linearly with its field, as promised."""
+
+    warped_order = 1
+
+    def register(self, fixed, moving, **kwargs):
+        import dataclasses
+
+        from hybridreg.warp import warp
+
+        r = super().register(fixed, moving, **kwargs)
+        warped = warp(np.asarray(moving, np.float32), r.field, order=1)[0]
+        return dataclasses.replace(r, warped=warped)
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_sequential_chain_reuses_only_a_promised_resampling(shifted_stack, monkeypatch, order):
+    import hybridreg.stack as stack_module
+
+    stack, _ = shifted_stack
+    calls = []
+    real_warp = stack_module.warp
+    monkeypatch.setattr(stack_module, "warp", lambda *a, **k: calls.append(1) or real_warp(*a, **k))
+    # PhaseCorrelation's `warped` is the moving section itself (it promises nothing): the
+    # chain resamples; LinearPhaseCorrelation's is reused where the chain's order is its own
+    for method, reused in ((PhaseCorrelation(), False), (LinearPhaseCorrelation(), order == 1)):
+        calls.clear()
+        r = align_stack(stack, method, mode="sequential", order=order)
+        assert len(calls) == (0 if reused else len(stack) - 1)
+        np.testing.assert_array_equal(apply_fields(stack, r.fields, order=order), r.aligned)
+
+
 def test_apply_and_save(shifted_stack, tmp_path):
     stack, _ = shifted_stack
     r = align_stack(stack, PhaseCorrelation())

@@ -169,6 +169,8 @@ class HybridMethod:
     """
 
     name = "hybrid"
+    #: ``RegistrationResult.warped`` is ``warp(moving, field, order=warped_order)``
+    warped_order = 1
 
     def __init__(self, model=None, features=None, *, params=None, feature_channels: int = 2,
                  channel_weights: Sequence[float] | None = None, feature_stride: int = 4,

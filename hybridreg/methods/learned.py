@@ -203,6 +203,53 @@ def _ncc_metric(fixed: np.ndarray, warped: np.ndarray, valid: np.ndarray) -> flo
 
 # --- the method ------------------------------------------------------------------------------
 
+class _FeatureCache:
+    """Encoder features of the last few sections a network saw, keyed by their content.
+
+    For networks that encode each section of the window alone
+    (:meth:`~hybridreg.models.FAEMRegPyramidNet.encode_sections`). Keys are digests of the
+    normalised section, so a hit is the same input, bit for bit, and gives the same output.
+    """
+
+    def __init__(self, size: int = 8):
+        import threading
+
+        self.size = int(size)
+        self._entries: dict = {}
+        self._lock = threading.Lock()
+
+    def window(self, net, sections: np.ndarray, device) -> list:
+        """Per-level features of the window ``sections`` (references oldest first, moving
+        last), in :func:`~hybridreg.models.make_window`'s order of the first k + 1 slices."""
+        import torch
+
+        from ..models import make_window
+
+        n = len(sections)
+        # which section fills each of the window's first k + 1 slices (the oldest reference
+        # is repeated when there are fewer than k): make_window applied to the indices
+        idx = torch.arange(n, dtype=torch.float32).reshape(1, n, 1, 1)
+        order = make_window(idx[:, :-1], idx[:, -1:], window=net.window)[0, 0, :net.refs + 1]
+        order = [int(v) for v in order[:, 0, 0]]
+        keys = [(hashlib.blake2b(np.ascontiguousarray(s).tobytes(), digest_size=16).digest(),
+                 s.shape, id(net), str(device)) for s in sections]
+        with self._lock:
+            cached = {i: self._entries.get(keys[i]) for i in set(order)}
+        todo = sorted(i for i, f in cached.items() if f is None)
+        if todo:
+            batch = torch.from_numpy(np.ascontiguousarray(sections[todo])).to(device)
+            levels = net.encode_sections(batch[:, None])
+            for j, i in enumerate(todo):
+                cached[i] = [f[j:j + 1] for f in levels]
+            with self._lock:
+                for i in todo:
+                    self._entries.pop(keys[i], None)
+                    self._entries[keys[i]] = cached[i]
+                while len(self._entries) > self.size:
+                    self._entries.pop(next(iter(self._entries)))
+        return [torch.cat([cached[i][lvl] for i in order]) for lvl in range(net.levels)]
+
+
 class LearnedMethod:
     """FAEMReg-style registration: a 3D-convolution network predicts the field in one pass.
 
@@ -236,6 +283,8 @@ class LearnedMethod:
     """
 
     name = "learned"
+    #: ``RegistrationResult.warped`` is ``warp(moving, field, order=warped_order)``
+    warped_order = 1
 
     def __init__(self, model=None, *, references: int = 3, intensity_scale: float = 1.0,
                  intensity_offset: float = 0.0, device: str = "auto",
@@ -253,6 +302,7 @@ class LearnedMethod:
         self.threads = threads
         self._net = None
         self._device = None
+        self._features = _FeatureCache()
         if self._source.module is not None:
             self._check_window(self._source.module)
 
@@ -295,6 +345,7 @@ class LearnedMethod:
 
     def __getstate__(self):
         state = dict(self.__dict__)
+        state["_features"] = _FeatureCache()
         if self._source.path is not None:
             state["_net"] = None
             state["_device"] = None
@@ -339,9 +390,15 @@ class LearnedMethod:
         window_np = _normalized(used + [moving], self.intensity_scale, self.intensity_offset,
                                 self.name)
         with torch.inference_mode():
-            sections = torch.from_numpy(window_np).to(self._device)
-            x = make_window(sections[None, :-1], sections[None, -1:], window=net.window)
-            u_px = net(x)[0].float().cpu().numpy()
+            if hasattr(net, "encode_sections"):
+                # each section encoded once while it stays in the window (a sequential
+                # stack shows every aligned section to up to `references` pairs)
+                feats = self._features.window(net, window_np, self._device)
+                u_px = net.forward_features(feats, (h, w))[0].float().cpu().numpy()
+            else:
+                sections = torch.from_numpy(window_np).to(self._device)
+                x = make_window(sections[None, :-1], sections[None, -1:], window=net.window)
+                u_px = net(x)[0].float().cpu().numpy()
         field = to_physical(u_px, spacing_xy)
         warped, valid = warp(moving.astype(np.float32, copy=False), field,
                              spacing_xy=spacing_xy, order=1)

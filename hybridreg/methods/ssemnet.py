@@ -224,6 +224,8 @@ class SSEMnetMethod:
     """
 
     name = "ssemnet"
+    #: ``RegistrationResult.warped`` is ``warp(moving, field, order=warped_order)``
+    warped_order = 1
 
     def __init__(self, model=None, *, feature_stride: int | None = 4, grid_px: float = 32.0,
                  pyramid: Sequence[int] = (4, 2, 1),

@@ -455,7 +455,10 @@ class FAEMRegNet(nn.Module):
             Pixels, channel 0 = x; ``warped(p) = moving(p + u(p))``.
         """
         h, w = x.shape[-2:]
-        flow = self._pyramid(x)[-1]
+        return self._upsampled(self._pyramid(x)[-1], h, w)
+
+    def _upsampled(self, flow: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """The output level's flow brought to the full (unpadded) ``h x w`` grid."""
         if self.output_level > 0:
             f = 2 ** self.output_level
             size = (flow.shape[-2] * f, flow.shape[-1] * f)

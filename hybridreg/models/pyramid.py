@@ -238,6 +238,47 @@ class FAEMRegPyramidNet(FAEMRegNet):
             feats.append(x)
         return feats
 
+    def encode_sections(self, sections: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's features of single sections, one tensor per level.
+
+        Every section of the window is encoded alone (the references meet only in the
+        fusion), so features can be computed once per section and reused in every window
+        that holds it (:meth:`forward_features`), as a sequential stack alignment does.
+
+        Parameters
+        ----------
+        sections : Tensor, shape (N, in_channels, H, W)
+
+        Returns
+        -------
+        list of Tensor, shapes (N, C_l, ceil(H / 2**l), ceil(W / 2**l)), l = 1 .. levels
+        (of the grid padded to a multiple of :attr:`stride`).
+        """
+        if sections.ndim != 4 or sections.shape[1] != self.in_channels:
+            raise ValueError(f"sections must have shape (N, {self.in_channels}, H, W), got "
+                             f"{tuple(sections.shape)}")
+        s = self.stride
+        h, w = sections.shape[-2:]
+        ph, pw = (-h) % s, (-w) % s
+        if ph or pw:  # as _padded: bottom and right, edge replicated
+            sections = F.pad(sections, (0, pw, 0, ph), mode="replicate")
+        return self._encode(sections)
+
+    def forward_features(self, feats: list[torch.Tensor], shape_yx) -> torch.Tensor:
+        """:meth:`forward` from :meth:`encode_sections` features.
+
+        Parameters
+        ----------
+        feats : list of Tensor
+            Per level, shape (B * (k + 1), C_l, h_l, w_l): for each batch item the window's
+            references ``r1 .. rk`` (oldest first, as :func:`make_window` orders them) and
+            then the moving section.
+        shape_yx : (int, int)
+            The sections' grid before padding.
+        """
+        h, w = (int(v) for v in shape_yx)
+        return self._upsampled(self._decode(feats, h, w)[-1], h, w)
+
     def _pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
         h, w = x.shape[-2:]
         x = self._padded(x)
@@ -247,7 +288,14 @@ class FAEMRegPyramidNet(FAEMRegNet):
         # the window's distinct sections: references r1..rk (slices 0..k-1) and m (slice k)
         sections = x[:, :, :k + 1].transpose(1, 2).reshape(b * (k + 1), self.in_channels,
                                                            hp, wp)
-        feats = self._encode(sections)
+        return self._decode(self._encode(sections), h, w)
+
+    def _decode(self, feats: list[torch.Tensor], h: int, w: int) -> list[torch.Tensor]:
+        k = self.refs
+        if len(feats) != self.levels or feats[0].shape[0] % (k + 1):
+            raise ValueError(f"expected {self.levels} feature levels of B * {k + 1} sections, "
+                             f"got {len(feats)} levels of {feats[0].shape[0]}")
+        b = feats[0].shape[0] // (k + 1)
         flow = None  # full-resolution pixels
         flows = []
         for j, lvl in enumerate(range(self.levels, self.output_level - 1, -1)):

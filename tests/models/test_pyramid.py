@@ -107,3 +107,27 @@ def test_a_few_steps_learn_a_shift():
         loss.backward()
         opt.step()
     assert err() < 0.5 * before
+
+
+@pytest.mark.parametrize("shape", [(40, 52), (33, 29)])
+def test_forward_from_per_section_features_matches_forward(shape):
+    torch.manual_seed(1)
+    net = FAEMRegNet.from_preset("tiny-pyramid").eval()
+    with torch.no_grad():
+        for head in net.flow_heads:
+            head.weight.mul_(300.0)  # a field of some pixels, not about zero
+    k = net.refs
+    sections = torch.randn(k + 1, 1, *shape)
+    x = make_window(sections[None, :k, 0], sections[None, k:, 0], window=net.window)
+    with torch.no_grad():
+        u = net(x)
+        # each section encoded alone, in any order, then assembled in the window's order
+        feats = {i: net.encode_sections(sections[i:i + 1]) for i in reversed(range(k + 1))}
+        levels = [torch.cat([feats[i][lvl] for i in range(k + 1)]) for lvl in range(net.levels)]
+        v = net.forward_features(levels, shape)
+    assert u.abs().max() > 0.5
+    torch.testing.assert_close(v, u, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="sections must have shape"):
+        net.encode_sections(sections[:, 0])
+    with pytest.raises(ValueError, match="feature levels"):
+        net.forward_features(levels[:-1], shape)
