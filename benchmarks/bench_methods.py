@@ -53,10 +53,12 @@ DEFAULT_RUNS = ["elastix/em_rigid:joint", "elastix/em_affine:joint",
                 "ssemnet:joint", "hybrid:joint", "hybrid:sequential"]
 
 
-def build(run: str, threads: int):
+def build(run: str, threads: int, model: str | None = None):
     spec, _, mode = run.partition(":")
     name, _, params = spec.partition("/")
     options = {"threads": threads}
+    if model and name in ("learned", "hybrid"):
+        options["model"] = model
     if name == "elastix":
         options["params"] = params.split("+") if params else ["em_affine", "em_bspline"]
     if name == "ssemnet":
@@ -94,6 +96,9 @@ def main(argv=None):
     ap.add_argument("--sections", type=int, default=None, help="first N sections only")
     ap.add_argument("--margin", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default=None,
+                    help="registration network of the learned and hybrid runs (default: the "
+                         "shipped weights), e.g. one from `hybridreg finetune`")
     ap.add_argument("--out", default=None, help="write the results as JSON")
     args = ap.parse_args(argv)
 
@@ -113,7 +118,7 @@ def main(argv=None):
         print(f"{case}: {raw.shape}, seed {seed}; none "
               f"{results[f'{case} | none']['epe_mean_px']:.2f} px", flush=True)
         for run in args.runs:
-            method, _ = build(run, args.threads)
+            method, _ = build(run, args.threads, args.model)
             opts = stack_options(run)
             mode = opts["mode"]
             t = time.perf_counter()
@@ -132,7 +137,7 @@ def main(argv=None):
                   f"fallbacks {fallbacks}", flush=True)
 
     meta = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-            "margin_px": args.margin, "threads": args.threads,
+            "margin_px": args.margin, "threads": args.threads, "model": args.model,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "date": time.strftime("%Y-%m-%d")}
 

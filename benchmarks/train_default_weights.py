@@ -44,6 +44,10 @@ ISBI_JUMPS = (10, 17, 18, 19, 24, 25)
 #: displacements a whole section has far from its centre.
 TRAIN_DEFORMATION = {"max_rotation_deg": 3.0, "max_shift_px": 20.0, "max_scale": 0.03,
                      "elastic_px": 6.0, "elastic_spacing_px": 64.0}
+#: ``--deformation``: ``wide`` (the above, phases 1 and 2) or ``default``
+#: (:data:`hybridreg.synthetic.MAGNITUDES`, what ``hybridreg deform``, ``compare`` and
+#: ``finetune`` draw by default)
+DEFORMATIONS = {"wide": TRAIN_DEFORMATION, "default": None}
 
 
 def _card(path: Path, *, title: str, command: str, log_, extra: str) -> None:
@@ -95,6 +99,9 @@ def main(argv=None) -> int:
     ap.add_argument("--init", type=Path,
                     help="registration: continue from this network (a second, lower-rate "
                          "phase); its recipe is recorded in the new file's metadata")
+    ap.add_argument("--deformation", choices=sorted(DEFORMATIONS), default="wide",
+                    help="registration: the synthetic deformations of the training windows "
+                         "(default: wide, as phases 1 and 2 of the shipped network)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from hybridreg import training
@@ -124,7 +131,7 @@ def main(argv=None) -> int:
             crop=args.crop or 192, batch=args.batch or 8, steps=args.steps or 5000,
             lr=args.lr or 1e-3, lr_schedule="cosine", seed=0, device=args.device,
             weights=training.LossWeights(feature=0.0, smooth=0.1, epe=1.0),
-            deformation=TRAIN_DEFORMATION, reference_jitter_px=1.5,
+            deformation=DEFORMATIONS[args.deformation], reference_jitter_px=1.5,
             exclude={1: list(ISBI_JUMPS)}, validation=[ISBI_TEST], validation_every=500,
             checkpoint_every=250, log_every=50, resume=args.resume, progress=True)
         ev = training.evaluate_registration(out, [ISBI_TEST], n=32, crop=512, references=3,
