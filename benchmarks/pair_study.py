@@ -21,10 +21,12 @@ their older references. Variants:
   (``SetExternalInitialTransform``); ``learned affine -> X``: from its affine part;
 - ``bspline128``: the hybrid's one-channel B-spline refinement map with a 128 px grid.
 
-EPE in pixels on the interior (margin 32 px), s/pair the wall time (learned included where
+EPE in pixels on the interior (margin 32 px); "size" is the mean field magnitude over the
+true one's (above 1: the method overestimates the deformation); s/pair the wall time (learned included where
 it starts a variant), this machine, 2 threads.
 
     .venv/bin/python benchmarks/pair_study.py --out benchmarks/results/pair_study.json
+    .venv/bin/python benchmarks/pair_study.py --variants learned --model ft.safetensors
 """
 from __future__ import annotations
 
@@ -106,14 +108,19 @@ def main(argv=None):
     ap.add_argument("--step", type=int, default=2, help="every STEP-th section from 3")
     ap.add_argument("--margin", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default=None,
+                    help="registration network of learned and hybrid (default: shipped)")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="only these variants (names as in the table), e.g. learned")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
     raw = io.read_stack(args.stack).data
     d = synthetic.deform_stack(raw, seed=args.seed)
     mask = metrics.interior_mask(raw.shape[1:], margin_px=args.margin)
-    learned = get_method("learned", threads=args.threads)
-    hybrid = get_method("hybrid", threads=args.threads)
+    net = {"model": args.model} if args.model else {}
+    learned = get_method("learned", threads=args.threads, **net)
+    hybrid = get_method("hybrid", threads=args.threads, **net)
     em_affine = elastix.parameter_maps("em_affine")
     light = light_affine()
     bspline128 = elastix.refinement_map(1, grid_spacing_px=128)
@@ -122,12 +129,18 @@ def main(argv=None):
     def epe(u, k):
         return metrics.endpoint_error(u, d.fields[k], mask=mask).mean_px
 
+    def size_ratio(u, k):
+        return float(np.hypot(*u)[mask].mean() / np.hypot(*d.fields[k])[mask].mean())
+
+    def wanted(name):
+        return args.variants is None or name in args.variants
+
     results = {}
     for off in args.offsets:
         rows: dict[str, list] = {}
 
         def record(name, k, u, seconds):
-            rows.setdefault(name, []).append((epe(u, k), seconds))
+            rows.setdefault(name, []).append((epe(u, k), seconds, size_ratio(u, k)))
 
         for k in range(3, raw.shape[0], args.step):
             fixed = raw[k - off].astype(np.float32)
@@ -144,9 +157,10 @@ def main(argv=None):
             u_la = affine_part(u_l, mask)
             t_la = t_l + time.perf_counter() - t
             record("learned, affine part", k, u_la, t_la)
-            t = time.perf_counter()
-            record("hybrid", k, hybrid.register(fixed, moving, references=refs).field,
-                   time.perf_counter() - t)
+            if wanted("hybrid"):
+                t = time.perf_counter()
+                record("hybrid", k, hybrid.register(fixed, moving, references=refs).field,
+                       time.perf_counter() - t)
             for name, maps, init, t0 in (
                     ("em_affine", em_affine, None, 0.0),
                     ("affine-light", [light], None, 0.0),
@@ -154,19 +168,23 @@ def main(argv=None):
                     ("learned -> affine-light", [light], u_l, t_l),
                     ("learned -> bspline128", [bspline128], u_l, t_l),
                     ("learned affine -> affine-light", [light], u_la, t_la)):
+                if not wanted(name):
+                    continue
                 t = time.perf_counter()
                 r = elastix.register_pair(fixed, moving, params=maps, initial_field=init,
                                           threads=args.threads, **kw)
                 record(name, k, r.field, t0 + time.perf_counter() - t)
             print(f"offset {off}, section {k}: "
                   + ", ".join(f"{n} {v[-1][0]:.2f}" for n, v in rows.items()), flush=True)
+        rows = {n: v for n, v in rows.items() if wanted(n)}
         none = [epe(np.zeros_like(d.fields[k]), k) for k in range(3, raw.shape[0], args.step)]
         results[f"offset {off}"] = {
             "none": {"epe_mean_px": float(np.mean(none))},
-            **{n: {"epe_mean_px": float(np.mean([e for e, _ in v])),
-                   "epe_median_px": float(np.median([e for e, _ in v])),
-                   "seconds_per_pair": float(np.mean([s for _, s in v])),
-                   "epe_per_pair": [round(e, 2) for e, _ in v]} for n, v in rows.items()}}
+            **{n: {"epe_mean_px": float(np.mean([e for e, _, _ in v])),
+                   "epe_median_px": float(np.median([e for e, _, _ in v])),
+                   "seconds_per_pair": float(np.mean([s for _, s, _ in v])),
+                   "size_ratio": float(np.mean([r for _, _, r in v])),
+                   "epe_per_pair": [round(e, 2) for e, _, _ in v]} for n, v in rows.items()}}
 
     print()
     print("| variant | " + " | ".join(f"{o} EPE mean (median) px" for o in results)
@@ -177,8 +195,9 @@ def main(argv=None):
         cells = []
         for res in results.values():
             r = res[n]
-            cells.append(f"{r['epe_mean_px']:.2f}" + (f" ({r['epe_median_px']:.2f})"
-                                                     if "epe_median_px" in r else ""))
+            cells.append(f"{r['epe_mean_px']:.2f}" + (
+                f" ({r['epe_median_px']:.2f}; size x{r['size_ratio']:.2f})"
+                if "epe_median_px" in r else ""))
         sec = next(iter(results.values()))[n].get("seconds_per_pair")
         print(f"| {n} | " + " | ".join(cells) + f" | {'-' if sec is None else f'{sec:.3f}'} |")
     if 1 in args.offsets:
