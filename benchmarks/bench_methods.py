@@ -5,7 +5,9 @@ Every method runs in the same process on the same deformed stacks, on this machi
 - ``isbi2012_train_raw.tif`` deformed with seed 2026 (the classical benchmark of
   bench_elastix.py, with neurite labels); the learned weights saw this volume in training
   (undeformed, with other deformations);
-- ``isbi2012_test_raw.tif`` deformed with seed 4242: held out, never seen in training.
+- ``isbi2012_test_raw.tif`` deformed with seed 4242: held out, never seen in training;
+- ``vnc2013_stack2_raw.tif`` (``--cases vnc``), central 512 x 512, seed 2026, as in the
+  elastix benchmark.
 
 Runs are ``method:mode`` (``mode`` sequential or joint, see hybridreg.stack); elastix runs
 name their map, e.g. ``elastix/em_rigid:joint``. Sequential learned and hybrid runs see
@@ -47,7 +49,12 @@ CASES = {
     "isbi-train": (DATA / "isbi2012_train_raw.tif", DATA / "isbi2012_train_neurite_ids.tif",
                    2026),
     "isbi-test": (DATA / "isbi2012_test_raw.tif", None, 4242),
+    # the elastix benchmark's vnc2013 case: central 512 x 512, 20 sections, no labels (a
+    # stack whose neighbours change less; its undeformed sections were in the training data)
+    "vnc": (DATA / "vnc2013_stack2_raw.tif", None, 2026),
 }
+#: central crop of a case's sections (side in pixels)
+CROPS = {"vnc": 512}
 DEFAULT_RUNS = ["elastix/em_rigid:joint", "elastix/em_affine:joint",
                 "elastix/em_rigid:sequential", "learned:sequential", "learned:joint",
                 "ssemnet:joint", "hybrid:joint", "hybrid:sequential"]
@@ -107,6 +114,11 @@ def main(argv=None):
         path, labels_path, seed = CASES[case]
         raw = io.read_stack(path).data
         labels = io.read_stack(labels_path).data if labels_path else None
+        if case in CROPS:
+            c = CROPS[case]
+            y0, x0 = (raw.shape[1] - c) // 2, (raw.shape[2] - c) // 2
+            raw = raw[:, y0:y0 + c, x0:x0 + c]
+            labels = None if labels is None else labels[:, y0:y0 + c, x0:x0 + c]
         if args.sections:
             raw = raw[:args.sections]
             labels = None if labels is None else labels[:args.sections]
