@@ -280,7 +280,7 @@ def _register(method: Method, fixed, moving, refs, *, shape_yx, spacing_xy, orig
                                                                     spacing_xy),
            "failed": u is None, "warnings": "; ".join(warnings)}
     if keep_warped:
-        row["warped"] = warped if u is not None else None
+        row["warped"] = warped  # None whenever u is: it is set after the field is valid
     return u, row
 
 

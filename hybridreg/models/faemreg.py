@@ -390,14 +390,18 @@ class FAEMRegNet(nn.Module):
         return flow.squeeze(2) if flow.ndim == 5 else flow
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
-        """The checked window, padded at the bottom and right (edge replicated) to a
-        multiple of :attr:`stride`."""
+        """The checked window, padded as :meth:`_pad_to_stride` does."""
         self._check(x)
+        return self._pad_to_stride(x)
+
+    def _pad_to_stride(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (4D sections or a 5D window) padded at the bottom and right (edge
+        replicated) to a multiple of :attr:`stride`."""
         s = self.stride
         h, w = x.shape[-2:]
         ph, pw = (-h) % s, (-w) % s
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph, 0, 0), mode="replicate")
+        if ph or pw:  # replicate pads the last ndim - 2 dimensions: none more in depth
+            x = F.pad(x, (0, pw, 0, ph) + (0, 0) * (x.ndim - 4), mode="replicate")
         return x
 
     def _pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -257,12 +257,7 @@ class FAEMRegPyramidNet(FAEMRegNet):
         if sections.ndim != 4 or sections.shape[1] != self.in_channels:
             raise ValueError(f"sections must have shape (N, {self.in_channels}, H, W), got "
                              f"{tuple(sections.shape)}")
-        s = self.stride
-        h, w = sections.shape[-2:]
-        ph, pw = (-h) % s, (-w) % s
-        if ph or pw:  # as _padded: bottom and right, edge replicated
-            sections = F.pad(sections, (0, pw, 0, ph), mode="replicate")
-        return self._encode(sections)
+        return self._encode(self._pad_to_stride(sections))
 
     def forward_features(self, feats: list[torch.Tensor], shape_yx) -> torch.Tensor:
         """:meth:`forward` from :meth:`encode_sections` features.
