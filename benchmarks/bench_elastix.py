@@ -65,6 +65,31 @@ def summarize(fields, truth, labels_def, labels_ref, margin, seconds):
     return out
 
 
+def central_crop(raw, labels, size: int):
+    """The central ``size x size`` pixels of every section of ``raw`` (and ``labels``)."""
+    h, w = raw.shape[1:]
+    y0, x0 = (h - size) // 2, (w - size) // 2
+    return (raw[:, y0:y0 + size, x0:x0 + size],
+            None if labels is None else labels[:, y0:y0 + size, x0:x0 + size])
+
+
+def metric_cells(r: dict, *, folding: str, seconds: str) -> str:
+    """The table cells of a :func:`summarize` row, EPE mean to s/pair ("-" where absent)."""
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    return (f"{fmt(r['epe_mean_px'], '.2f')} | {fmt(r['epe_p95_px'], '.2f')} | "
+            f"{fmt(r['folding_fraction'], folding)} | {fmt(r['pixel_agreement'], '.3f')} | "
+            f"{fmt(r['dice_mean'], '.3f')} | {fmt(r['seconds_per_pair'], seconds)}")
+
+
+def write_results(path, meta: dict, results: dict) -> None:
+    """The benchmark's JSON: ``{"meta": ..., "results": ...}``."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    metrics.write_json({"meta": meta, "results": results}, path)
+    print(f"results -> {path}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stack", default=str(DATA / "isbi2012_train_raw.tif"))
@@ -87,10 +112,7 @@ def main(argv=None):
     raw = io.read_stack(args.stack).data
     labels = io.read_stack(args.labels).data if args.labels else None
     if args.crop:
-        h, w = raw.shape[1:]
-        y0, x0 = (h - args.crop) // 2, (w - args.crop) // 2
-        raw = raw[:, y0:y0 + args.crop, x0:x0 + args.crop]
-        labels = None if labels is None else labels[:, y0:y0 + args.crop, x0:x0 + args.crop]
+        raw, labels = central_crop(raw, labels, args.crop)
     if args.sections:
         raw = raw[:args.sections]
         labels = None if labels is None else labels[:args.sections]
@@ -139,19 +161,12 @@ def main(argv=None):
     print("| method | protocol | EPE mean (px) | EPE p95 (px) | folding | label agreement | "
           "Dice | s/pair |")
     print("|---|---|---|---|---|---|---|---|")
-    def fmt(v, spec):
-        return "-" if v is None else format(v, spec)
-
     for key, r in results.items():
         method, _, protocol = key.partition(" | ")
-        print(f"| {method} | {protocol or '-'} | {fmt(r['epe_mean_px'], '.2f')} | "
-              f"{fmt(r['epe_p95_px'], '.2f')} | {fmt(r['folding_fraction'], '.4f')} | "
-              f"{fmt(r['pixel_agreement'], '.3f')} | {fmt(r['dice_mean'], '.3f')} | "
-              f"{fmt(r['seconds_per_pair'], '.2f')} |")
+        print(f"| {method} | {protocol or '-'} | "
+              f"{metric_cells(r, folding='.4f', seconds='.2f')} |")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        metrics.write_json({"meta": meta, "results": results}, args.out)
-        print(f"results -> {args.out}")
+        write_results(args.out, meta, results)
 
 
 if __name__ == "__main__":

@@ -37,11 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from hybridreg import io, metrics, synthetic  # noqa: E402
+from hybridreg import io, synthetic  # noqa: E402
 from hybridreg.methods import get_method  # noqa: E402
 from hybridreg.stack import align_stack  # noqa: E402
 
-from bench_elastix import summarize  # noqa: E402  (the same figures as the elastix benchmark)
+# the same figures, crops and tables as the elastix benchmark
+from bench_elastix import central_crop, metric_cells, summarize, write_results  # noqa: E402
 
 DATA = Path(os.environ.get("HYBRIDREG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
@@ -115,10 +116,7 @@ def main(argv=None):
         raw = io.read_stack(path).data
         labels = io.read_stack(labels_path).data if labels_path else None
         if case in CROPS:
-            c = CROPS[case]
-            y0, x0 = (raw.shape[1] - c) // 2, (raw.shape[2] - c) // 2
-            raw = raw[:, y0:y0 + c, x0:x0 + c]
-            labels = None if labels is None else labels[:, y0:y0 + c, x0:x0 + c]
+            raw, labels = central_crop(raw, labels, CROPS[case])
         if args.sections:
             raw = raw[:args.sections]
             labels = None if labels is None else labels[:args.sections]
@@ -153,23 +151,15 @@ def main(argv=None):
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "date": time.strftime("%Y-%m-%d")}
 
-    def fmt(v, spec):
-        return "-" if v is None else format(v, spec)
-
     print()
     print("| stack | method | EPE mean (px) | EPE p95 (px) | folding | label agreement | "
           "Dice | s/pair |")
     print("|---|---|---|---|---|---|---|---|")
     for key, r in results.items():
         case, _, run = key.partition(" | ")
-        print(f"| {case} | {run} | {fmt(r['epe_mean_px'], '.2f')} | "
-              f"{fmt(r['epe_p95_px'], '.2f')} | {fmt(r['folding_fraction'], '.5f')} | "
-              f"{fmt(r['pixel_agreement'], '.3f')} | {fmt(r['dice_mean'], '.3f')} | "
-              f"{fmt(r['seconds_per_pair'], '.3f')} |")
+        print(f"| {case} | {run} | {metric_cells(r, folding='.5f', seconds='.3f')} |")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        metrics.write_json({"meta": meta, "results": results}, args.out)
-        print(f"results -> {args.out}")
+        write_results(args.out, meta, results)
 
 
 if __name__ == "__main__":
