@@ -68,6 +68,36 @@ class JointSolution:
     pair_weight: dict
 
 
+def _resample_pairs(v_px: dict, u: np.ndarray, *, batch: int = 8) -> dict:
+    """``v_ij`` sampled at ``p + u_i(p)`` for every pair (bilinear, constant past the edges).
+
+    torch's ``grid_sample`` on batches of pairs: 0.05 s for 29 pairs of 512 x 512 against
+    1.2 s with ``scipy.ndimage.map_coordinates`` (measured, 2 threads); the same values
+    up to float32 rounding.
+    """
+    h, w = u.shape[-2:]
+    pairs = list(v_px)
+    if h < 2 or w < 2:
+        grid = _index_grid((h, w))
+        return {(i, j): sample_field(v_px[(i, j)], grid + u[i]) for (i, j) in pairs}
+    import torch
+    import torch.nn.functional as F
+
+    from .fields import sampling_grid
+
+    out = {}
+    with torch.inference_mode():
+        for start in range(0, len(pairs), batch):
+            chunk = pairs[start:start + batch]
+            v = torch.from_numpy(np.stack([v_px[p] for p in chunk]))
+            ui = torch.from_numpy(np.stack([u[i] for i, _ in chunk]))
+            g = sampling_grid(ui, align_corners=True)
+            res = F.grid_sample(v, g, mode="bilinear", padding_mode="border",
+                                align_corners=True).numpy()
+            out.update(zip(chunk, res))
+    return out
+
+
 def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
                 prior: float = 0.3, spacing_xy=(1.0, 1.0), mask=None,
                 robust_scale_px: float | None = None, iterations: int = 4,
@@ -118,11 +148,10 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
             raise ValueError(f"pair {(i, j)} is not a pair of distinct sections of 0..{z - 1}")
         v = validate_field(pair_fields[(i, j)], name=f"field of pair {(i, j)}", shape_yx=shape)
         shape = v.shape[1:]
-        v_px[(i, j)] = to_pixels(v, spacing_xy).astype(np.float64)
+        v_px[(i, j)] = to_pixels(v, spacing_xy).astype(np.float32)
     h, w = shape
     m = np.ones((h, w), bool) if mask is None else np.asarray(mask, bool)
-    grid = _index_grid((h, w))
-    u = np.zeros((z, 2, h, w))
+    u = np.zeros((z, 2, h, w), np.float32)
     prior_w = {p: 1.0 for p in pairs}
     if pair_weights is not None:
         for p, wt in pair_weights.items():
@@ -134,23 +163,23 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
     resid = {p: 0.0 for p in pairs}
     for it in range(max(1, iterations)):
         # targets: v_ij sampled where section i's current field sends p
-        target = {(i, j): (v_px[(i, j)] if it == 0 else
-                           sample_field(v_px[(i, j)], grid + u[i]).astype(np.float64))
-                  for (i, j) in pairs}
+        target = (dict(v_px) if it == 0 else _resample_pairs(v_px, u))
         a = prior * np.eye(z)
         if anchor is not None:
             a[anchor, anchor] += 1e6
-        rhs = np.zeros((z, 2 * h * w))
+        rhs = np.zeros((z, 2 * h * w))  # float64: a small prior makes `a` ill-conditioned
         for (i, j), t in target.items():
             wt = weight[(i, j)]
             a[i, i] += wt
             a[j, j] += wt
             a[i, j] -= wt
             a[j, i] -= wt
-            t = t.reshape(-1)
-            rhs[j] += wt * t
-            rhs[i] -= wt * t
-        u = np.linalg.solve(a, rhs).reshape(z, 2, h, w)
+            t = wt * t.reshape(-1).astype(np.float64)
+            rhs[j] += t
+            rhs[i] -= t
+        # the same small matrix for every pixel: one inverse and a matrix product (BLAS 3),
+        # 16x faster than np.linalg.solve with 2*H*W right-hand sides (measured, 30 x 512^2)
+        u = (np.linalg.inv(a) @ rhs).astype(np.float32).reshape(z, 2, h, w)
         # robust pair weights from the residuals at this solution
         for (i, j), t in target.items():
             r = u[j] - u[i] - t
