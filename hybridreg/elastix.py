@@ -70,6 +70,7 @@ __all__ = [
     "refinement_map",
     "parse_final_metric",
     "register_pair",
+    "bspline_map_field",
     "export_transformix_chain",
     "write_itk_transform",
 ]
@@ -647,8 +648,10 @@ class ElastixResult:
         ``itk.ParameterObject`` (:func:`parameter_object`) itk-elastix chains maps by
         position, and ``itk.transformix_filter`` with all of them reproduces ``warped``. After
         an initial field the first is an ``ExternalTransform`` map that stands for the
-        initial field (its in-memory ``TransformAddress`` is removed: it would dangle). See
-        :func:`export_transformix_chain` for files that reproduce the result on disk.
+        initial field (its in-memory ``TransformAddress`` is removed: it would dangle);
+        with ``initial_mode="resample"`` the maps are only what elastix found on the
+        resampled section, and the initial field acts *after* them (see ``initial_mode``).
+        See :func:`export_transformix_chain` for files that reproduce the result on disk.
     final_metric : float or None
         The final metric value of the last map, from elastix's log.
     seconds : float
@@ -657,6 +660,10 @@ class ElastixResult:
         The initial field that was given (physical units).
     spacing_xy, origin_xy : (float, float)
         The fixed grid.
+    initial_mode : str
+        ``"external"``: elastix's maps act after the initial field (``field`` is
+        ``compose(initial_field, found)``); ``"resample"``: before it
+        (``compose(found, initial_field)``). See :func:`register_pair`.
     """
 
     field: np.ndarray
@@ -669,16 +676,103 @@ class ElastixResult:
     initial_field: np.ndarray | None = None
     spacing_xy: tuple = (1.0, 1.0)
     origin_xy: tuple = (0.0, 0.0)
+    initial_mode: str = "external"
 
     @property
     def shape_yx(self) -> tuple[int, int]:
         return tuple(self.field.shape[1:])
 
 
+def _cubic_bspline(t: np.ndarray) -> np.ndarray:
+    """The centred cubic B-spline kernel."""
+    a = np.abs(t)
+    return np.where(a < 1, (4 - 6 * a ** 2 + 3 * a ** 3) / 6,
+                    np.where(a < 2, (2 - a) ** 3 / 6, 0.0))
+
+
+def bspline_map_field(tmap: Mapping[str, Sequence[str]], shape_yx, *, spacing_xy=(1.0, 1.0),
+                      origin_xy=(0.0, 0.0)) -> np.ndarray | None:
+    """The pull field of one elastix ``BSplineTransform`` parameter map on a grid, in numpy.
+
+    What transformix computes for a map without initial transform, at a fraction of its cost
+    (0.003 s against 0.05 s on 512 x 512): the cubic B-spline is separable, so each
+    component is ``By @ C @ Bx.T`` with the kernel's weights of the pixels against the
+    control points (tested against transformix). Returns None for anything else (another
+    transform or spline order, a chained or cyclic map, a rotated grid), which the caller
+    leaves to transformix.
+    """
+    def get(key, default=None):
+        v = tmap.get(key)
+        return default if v is None else list(v)
+
+    if get("Transform", [""])[0] != "BSplineTransform" \
+            or get("BSplineTransformSplineOrder", ["3"])[0] != "3" \
+            or get("UseCyclicTransform", ["false"])[0].lower() != "false" \
+            or get("InitialTransformParameterFileName", ["NoInitialTransform"])[0] \
+            != "NoInitialTransform" \
+            or get("InitialTransformParametersFileName", ["NoInitialTransform"])[0] \
+            != "NoInitialTransform":
+        return None
+    try:
+        size = [int(v) for v in get("GridSize")]
+        index = [int(float(v)) for v in get("GridIndex", ["0", "0"])]
+        gsp = [float(v) for v in get("GridSpacing")]
+        gor = [float(v) for v in get("GridOrigin")]
+        gdir = [float(v) for v in get("GridDirection", ["1", "0", "0", "1"])]
+        coef = np.asarray([float(v) for v in get("TransformParameters")], np.float64)
+    except (TypeError, ValueError):
+        return None
+    if len(size) != 2 or index != [0, 0] or gdir != [1.0, 0.0, 0.0, 1.0] \
+            or coef.size != 2 * size[0] * size[1]:
+        return None
+    h, w = shape_yx
+    basis = []
+    for n, sp, org, g_org, g_sp, g_n in ((w, spacing_xy[0], origin_xy[0], gor[0], gsp[0],
+                                          size[0]),
+                                         (h, spacing_xy[1], origin_xy[1], gor[1], gsp[1],
+                                          size[1])):
+        t = (org + sp * np.arange(n) - g_org) / g_sp
+        basis.append(_cubic_bspline(t[:, None] - np.arange(g_n)[None, :]))
+    bx, by = basis
+    c = coef.reshape(2, size[1], size[0])  # x then y components, x fastest
+    return np.stack([by @ c[k] @ bx.T for k in range(2)]).astype(np.float32)
+
+
+def _transformix_field(itk, image_type, moving_img, tpo, out_dir: Path, shape, spacing_xy,
+                       origin_xy) -> np.ndarray:
+    """The total pull field of elastix's transform parameters, computed by transformix."""
+    # An ExternalTransform map refers to the initial transform by address: the caller keeps
+    # it alive. (itk.transformix_deformation_field would write deformationField.* into the
+    # current directory: give transformix the output folder instead.)
+    transformix = itk.TransformixFilter[image_type].New(moving_img)
+    transformix.SetTransformParameterObject(tpo)
+    transformix.SetComputeDeformationField(True)
+    transformix.SetOutputDirectory(str(out_dir))
+    transformix.SetLogToConsole(False)
+    transformix.SetLogToFile(True)
+    transformix.SetLogFileName("transformix.log")
+    try:
+        transformix.UpdateLargestPossibleRegion()
+    except RuntimeError as exc:
+        raise ElastixError(
+            f"transformix could not compute the deformation field: {exc}\n"
+            f"--- tail of the transformix log ---\n"
+            f"{_log_tail(out_dir / 'transformix.log')}") from exc
+    df = transformix.GetOutputDeformationField()
+    field, df_spacing, df_origin = _fields.from_itk(df)
+    if field.shape[1:] != shape or not np.allclose(df_spacing, spacing_xy) \
+            or not np.allclose(df_origin, origin_xy):
+        raise ElastixError(f"transformix gave a field on grid {field.shape[1:]}, spacing "
+                           f"{df_spacing}, origin {df_origin}; expected {shape}, "
+                           f"{spacing_xy}, {origin_xy}")
+    return field
+
+
 def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.0, 0.0),
                   fixed_channels: Sequence = (), moving_channels: Sequence = (),
                   initial_field: np.ndarray | None = None, fixed_mask: np.ndarray | None = None,
-                  moving_mask: np.ndarray | None = None, threads: int | None = None, log_dir=None) -> ElastixResult:
+                  moving_mask: np.ndarray | None = None, threads: int | None = None, log_dir=None,
+                  initial_mode: str = "external", result_image: bool = True) -> ElastixResult:
     """Register a moving section to a fixed section with elastix.
 
     Parameters
@@ -697,8 +791,8 @@ def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.
         ``AddMovingImage``. Every map must then have one image metric, pyramid pair and
         interpolator per channel (section included), as :func:`refinement_map` writes.
     initial_field : ndarray, shape (2, H, W), optional
-        A pull field in physical units to start from, applied with
-        ``SetExternalInitialTransform``. The maps must not carry transform penalties.
+        A pull field in physical units to start from (see ``initial_mode``). The maps must
+        not carry transform penalties.
     fixed_mask : ndarray of bool, shape (H, W), optional
         Where the similarity is measured (every channel).
     moving_mask : ndarray of bool, shape (H, W), optional
@@ -711,6 +805,22 @@ def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.
         Keep elastix's output folder here (``elastix.log``, ``transformix.log``, the
         transform parameter files, result images, the deformation field); by default a
         temporary folder is used and removed. Nothing is written anywhere else.
+    initial_mode : {"external", "resample"}
+        How ``initial_field`` is applied. ``"external"`` (default): elastix's
+        ``SetExternalInitialTransform`` with an ITK ``DisplacementFieldTransform``.
+        ``"resample"``: the moving section, its channels and ``moving_mask`` are resampled
+        with the initial field first (linear interpolation; nearest for the mask), elastix
+        registers the fixed section to them without an initial transform, and the total
+        field is ``fields.compose(found, initial_field)``, which is how elastix combines an
+        initial transform (``HowToCombineTransforms "Compose"``). Fixed pixels that the
+        initial field sends outside the moving section are left out of the similarity, as
+        elastix leaves out samples that map outside. The result has the same form either
+        way (total ``field``, ``initial_field``, the maps found), exports to the same
+        transformix chain, and differs only by the second interpolation; on 512 x 512
+        sections it saves about 0.12 s per call (elastix's cost of an external transform).
+    result_image : bool
+        Compute ``warped`` (default). False leaves it None, for callers that resample the
+        moving section themselves.
 
     Returns
     -------
@@ -771,6 +881,8 @@ def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.
 
     maps = parameter_maps(params)
     _check_channels(maps, n_channels)
+    if initial_mode not in ("external", "resample"):
+        raise ValueError(f"initial_mode must be 'external' or 'resample', got {initial_mode!r}")
     if initial_field is not None:
         initial_field = _fields.validate_field(initial_field, name="initial_field",
                                                shape_yx=shape).copy()
@@ -783,9 +895,26 @@ def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.
             if not mask.any():
                 raise ValueError(f"{name} is empty")
 
+    resample_first = initial_field is not None and initial_mode == "resample"
+    moving_reg = moving_arr
+    if resample_first:
+        from .warp import warp
+
+        stacked, inside = warp(np.stack([moving_arr] + moving_extra).astype(np.float32),
+                               initial_field, spacing_xy=spacing_xy, order=1)
+        moving_reg, moving_extra = stacked[0], list(stacked[1:])
+        if moving_mask is not None:
+            moving_mask = warp(np.asarray(moving_mask).astype(np.float32), initial_field,
+                               spacing_xy=spacing_xy, order=0)[0] > 0.5
+        if not inside.all():
+            fixed_mask = inside if fixed_mask is None else (np.asarray(fixed_mask, bool) & inside)
+            if not fixed_mask.any():
+                raise ValueError("the initial field sends every fixed pixel (of the fixed "
+                                 "mask) outside the moving section")
+
     image_type = itk.Image[itk.F, 2]
     fixed_img = _itk_image(itk, fixed_arr, spacing_xy, origin_xy)
-    moving_img = _itk_image(itk, moving_arr, spacing_xy, origin_xy)
+    moving_img = _itk_image(itk, moving_reg, spacing_xy, origin_xy)
     method = itk.ElastixRegistrationMethod[image_type, image_type].New()
     method.SetFixedImage(fixed_img)
     method.SetMovingImage(moving_img)
@@ -807,7 +936,7 @@ def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.
         po.AddParameterMap(m)
     method.SetParameterObject(po)
     initial_transform = None
-    if initial_field is not None:
+    if initial_field is not None and not resample_first:
         initial_transform = _fields.to_itk_transform(initial_field, spacing_xy=spacing_xy,
                                                      origin_xy=origin_xy)
         method.SetExternalInitialTransform(initial_transform)
@@ -843,38 +972,24 @@ def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.
                 f"{_log_tail(log_path)}") from exc
         log_text = log_path.read_text(errors="replace") if log_path.is_file() else ""
         # (WriteResultImage "false": elastix skips the final resampling; see below)
-        wrote_result = maps[-1].get("WriteResultImage", ["true"])[0].lower() != "false"
+        wrote_result = (maps[-1].get("WriteResultImage", ["true"])[0].lower() != "false"
+                        and not resample_first)
         warped = (np.array(itk.array_from_image(method.GetOutput()), dtype=np.float32)
-                  if wrote_result else None)
+                  if wrote_result and result_image else None)
         tpo = method.GetTransformParameterObject()
         raw_tmaps = [_plain_map(tpo.GetParameterMap(i))
                      for i in range(tpo.GetNumberOfParameterMaps())]
-        # The ExternalTransform map refers to `initial_transform` by address: still alive here.
-        # (itk.transformix_deformation_field would write deformationField.* into the
-        # current directory: give transformix the output folder instead.)
-        transformix = itk.TransformixFilter[image_type].New(moving_img)
-        transformix.SetTransformParameterObject(tpo)
-        transformix.SetComputeDeformationField(True)
-        transformix.SetOutputDirectory(str(out_dir))
-        transformix.SetLogToConsole(False)
-        transformix.SetLogToFile(True)
-        transformix.SetLogFileName("transformix.log")
-        try:
-            transformix.UpdateLargestPossibleRegion()
-        except RuntimeError as exc:
-            raise ElastixError(
-                f"transformix could not compute the deformation field: {exc}\n"
-                f"--- tail of the transformix log ---\n"
-                f"{_log_tail(out_dir / 'transformix.log')}") from exc
-        df = transformix.GetOutputDeformationField()
-        field, df_spacing, df_origin = _fields.from_itk(df)
-        if field.shape[1:] != shape or not np.allclose(df_spacing, spacing_xy) \
-                or not np.allclose(df_origin, origin_xy):
-            raise ElastixError(f"transformix gave a field on grid {field.shape[1:]}, spacing "
-                               f"{df_spacing}, origin {df_origin}; expected {shape}, "
-                               f"{spacing_xy}, {origin_xy}")
+        field = (bspline_map_field(raw_tmaps[0], shape, spacing_xy=spacing_xy,
+                                   origin_xy=origin_xy) if len(raw_tmaps) == 1 else None)
+        if field is None:
+            field = _transformix_field(itk, image_type, moving_img, tpo, out_dir, shape,
+                                       spacing_xy, origin_xy)
         has_external = any(m.get("Transform", [""])[0] == "ExternalTransform" for m in raw_tmaps)
-        if initial_field is not None and not has_external:
+        if resample_first:
+            # elastix found b on the resampled section: the fixed point p goes to p + b(p)
+            # there, which the initial field pulls from p + b(p) + u0(p + b(p)).
+            field = _fields.compose(field, initial_field, spacing_xy=spacing_xy)
+        elif initial_field is not None and not has_external:
             # Older itk-elastix: the transform parameters hold only the refinement b; elastix
             # applies the initial transform first, so the total map is compose(initial, b).
             log.debug("transform parameters omit the external initial transform: composing")
@@ -895,7 +1010,7 @@ def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.
                 m[key] = ["NoInitialTransform"]
         tmaps.append(m)
     field = np.ascontiguousarray(field, dtype=np.float32)
-    if warped is None:
+    if warped is None and result_image:
         from .warp import warp
 
         order = int(maps[-1].get("FinalBSplineInterpolationOrder", ["3"])[0])
@@ -912,6 +1027,7 @@ def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.
         initial_field=initial_field,
         spacing_xy=spacing_xy,
         origin_xy=origin_xy,
+        initial_mode="resample" if resample_first else "external",
     )
     log.info("elastix: %d map(s), %d channel(s), %dx%d px, final metric %s, %.2f s",
              len(maps), n_channels, shape[1], shape[0], result.final_metric, result.seconds)
@@ -1050,7 +1166,9 @@ def export_transformix_chain(result: ElastixResult, directory, *, absolute_paths
     initial field, the chain starts with a ``DeformationFieldTransform`` file pointing at
     the initial field, written as ``field_name`` (a 2-component float32 ``.mha`` in physical
     units, linearly interpolated: ``DeformationFieldInterpolationOrder 1``), followed by the
-    maps elastix found.
+    maps elastix found; after ``initial_mode="resample"`` the maps elastix found come first
+    and the initial field's file last (transformix applies the file a chain starts with
+    first to the fixed points, and the initial field acted after those maps).
 
     The files ask for a ``float`` result image in ``.mha`` format.
 
@@ -1094,7 +1212,9 @@ def export_transformix_chain(result: ElastixResult, directory, *, absolute_paths
         else:
             chain.append(dict(m))
     if result.initial_field is not None:
-        if not any(m.get("Transform", [""])[0] == "DeformationFieldTransform" for m in chain):
+        if result.initial_mode == "resample":
+            chain.append(_deformation_field_map(grid, link(field_name)))
+        elif not any(m.get("Transform", [""])[0] == "DeformationFieldTransform" for m in chain):
             # itk-elastix that does not report the external transform: put it in front.
             chain.insert(0, _deformation_field_map(grid, link(field_name)))
         _write_field_mha(directory / field_name, result.initial_field,

@@ -149,6 +149,15 @@ def initial_result(itk, fixed, smooth_case):
                              initial_field=smooth_case["initial"], threads=2)
 
 
+@pytest.fixture(scope="module")
+def resampled_result(itk, fixed, smooth_case):
+    """The same refinement with the moving section resampled by the initial field first."""
+    return elx.register_pair(fixed, smooth_case["moving"], params="refine_bspline_1ch",
+                             spacing_xy=SPACING_XY, origin_xy=ORIGIN_XY,
+                             initial_field=smooth_case["initial"], threads=2,
+                             initial_mode="resample")
+
+
 # --- loading ---------------------------------------------------------------------------------
 
 def test_import_does_not_load_itk():
@@ -342,6 +351,64 @@ def test_initial_field_gives_the_total_field(initial_result, smooth_case):
     assert after.mean_px < 0.15, after  # the refinement finds the missing bump (0.02 measured)
 
 
+def test_resampled_initial_field_gives_the_total_field(resampled_result, initial_result,
+                                                       smooth_case):
+    r = resampled_result
+    assert r.initial_mode == "resample" and initial_result.initial_mode == "external"
+    assert [m["Transform"][0] for m in r.transform_parameter_maps] == ["BSplineTransform"]
+    np.testing.assert_array_equal(r.initial_field, smooth_case["initial"])
+    mask = interior()
+    # warped is the moving section resampled with the total field (elastix wrote none)
+    warped, valid = reproduce(smooth_case["moving"], r.field)
+    np.testing.assert_allclose(warped[mask & valid], r.warped[mask & valid], atol=1e-4)
+    before = endpoint_error(r.initial_field, smooth_case["u_true"], spacing_xy=SPACING_XY,
+                            mask=mask)
+    after = endpoint_error(r.field, smooth_case["u_true"], spacing_xy=SPACING_XY, mask=mask)
+    assert before.mean_px > 0.8
+    assert after.mean_px < 0.15, after
+    # the same total as the external initial transform, up to the second interpolation
+    between = endpoint_error(r.field, initial_result.field, spacing_xy=SPACING_XY, mask=mask)
+    assert between.mean_px < 0.1, between
+
+
+def test_bspline_map_field_equals_transformix(itk, fixed, smooth_case, tmp_path, monkeypatch):
+    """The numpy B-spline evaluation against transformix, on a non-unit grid with an origin."""
+    r = elx.register_pair(fixed, smooth_case["moving"],
+                          params=fewer_iterations(["em_bspline"], 60),
+                          spacing_xy=SPACING_XY, origin_xy=ORIGIN_XY, threads=2)
+    (tmap,) = r.transform_parameter_maps
+    mine = elx.bspline_map_field(tmap, SHAPE_YX, spacing_xy=SPACING_XY, origin_xy=ORIGIN_XY)
+    assert np.abs(mine).max() > 0.5  # a real deformation, not the identity
+    moving = itk.image_from_array(smooth_case["moving"].astype(np.float32))
+    moving.SetSpacing(SPACING_XY)
+    moving.SetOrigin(ORIGIN_XY)
+    monkeypatch.chdir(tmp_path)  # transformix writes its files into the working directory
+    df = itk.transformix_deformation_field(moving, elx.parameter_object([tmap]))
+    theirs = fields.from_itk(df)[0]
+    np.testing.assert_allclose(mine, theirs, atol=1e-4)
+    np.testing.assert_allclose(r.field, theirs, atol=1e-4)
+    # what it does not evaluate is left to transformix
+    assert elx.bspline_map_field({**tmap, "Transform": ["AffineTransform"]}, SHAPE_YX) is None
+    assert elx.bspline_map_field({**tmap, "BSplineTransformSplineOrder": ["2"]},
+                                 SHAPE_YX) is None
+
+
+def test_resample_mode_options(itk, fixed, smooth_case):
+    with pytest.raises(ValueError, match="initial_mode"):
+        elx.register_pair(fixed, smooth_case["moving"], params="refine_bspline_1ch",
+                          initial_field=smooth_case["initial"], initial_mode="prewarp")
+    # an initial field that sends everything outside the moving section
+    far = np.full((2,) + SHAPE_YX, 1e4, np.float32)
+    with pytest.raises(ValueError, match="outside the moving section"):
+        elx.register_pair(fixed, smooth_case["moving"], params="refine_bspline_1ch",
+                          initial_field=far, initial_mode="resample")
+    r = elx.register_pair(fixed, smooth_case["moving"], params=fewer_iterations(
+        ["refine_bspline_1ch"], 5), initial_field=smooth_case["initial"],
+        spacing_xy=SPACING_XY, origin_xy=ORIGIN_XY, initial_mode="resample",
+        result_image=False, threads=2)
+    assert r.warped is None and r.field.shape == (2,) + SHAPE_YX
+
+
 def test_refinement_with_two_channels(itk, fixed, smooth_case):
     moving = smooth_case["moving"]
     feat_f, feat_m = (ndimage.gaussian_gradient_magnitude(x, 2.0) for x in (fixed, moving))
@@ -458,6 +525,22 @@ def test_transformix_reproduces_initial_field_chain(initial_result, smooth_case,
     result = run_transformix(tmp_path, chain_dir, last, smooth_case["moving"])
     assert ncc(result, initial_result.warped, mask=interior()) > 0.999
     np.testing.assert_allclose(result, initial_result.warped, atol=1e-3)
+
+
+@needs_transformix
+def test_transformix_reproduces_resampled_initial_field_chain(resampled_result, smooth_case,
+                                                              tmp_path):
+    chain_dir = tmp_path / "chain"
+    last = elx.export_transformix_chain(resampled_result, chain_dir)
+    # the B-spline acts first on the fixed points, the initial field after it
+    assert '(Transform "BSplineTransform")' in \
+        (chain_dir / "TransformParameters.0.txt").read_text()
+    assert last == chain_dir / "TransformParameters.1.txt"
+    assert '(Transform "DeformationFieldTransform")' in last.read_text()
+    result = run_transformix(tmp_path, chain_dir, last, smooth_case["moving"])
+    assert ncc(result, resampled_result.warped, mask=interior()) > 0.999
+    np.testing.assert_allclose(result[interior()], resampled_result.warped[interior()],
+                               atol=1e-2)
 
 
 def test_write_itk_transform_round_trip(itk, initial_result, tmp_path):
