@@ -10,7 +10,8 @@ Every method runs in the same process on the same deformed stacks, on this machi
   elastix benchmark.
 
 Runs are ``method:mode`` (``mode`` sequential or joint, see hybridreg.stack); elastix runs
-name their map, e.g. ``elastix/em_rigid:joint``. Sequential learned and hybrid runs see
+name their map, e.g. ``elastix/em_rigid:joint``; ``hybrid/external`` runs the hybrid with
+``initial="external"``. Sequential learned and hybrid runs see
 the 3 previously aligned sections (FAEMReg's window); joint runs register raw neighbours.
 ``sequential+drift5`` is the sequential chain with ``drift_window=5``. Figures: mean and 95th-percentile endpoint
 error against the ground truth on the interior (``--margin`` px), folding fraction, label
@@ -69,6 +70,9 @@ def build(run: str, threads: int, model: str | None = None):
         options["model"] = model
     if name == "elastix":
         options["params"] = params.split("+") if params else ["em_affine", "em_bspline"]
+    if name == "hybrid" and params:
+        # hybrid/external, hybrid/resample: how elastix starts from the learned field
+        options["initial"] = params
     if name == "ssemnet":
         # without the full-resolution stage: 48.6 s -> 10.9 s for one 512 x 512 pair (one
         # thread), 0.18 -> 0.59 px on a section registered to its own deformed copy

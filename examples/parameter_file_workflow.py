@@ -5,9 +5,10 @@
 hybridreg's hybrid method predicts the field with its network and refines it with *your*
 B-spline parameter file (adapted: one metric per channel for the autoencoder's feature
 channels, transform penalties removed with a warning). The maps it actually ran are
-written next to the chain. The chain (the learned field as a DeformationFieldTransform,
-then your B-spline) is then applied with elastix's own `transformix` program, and the
-result compared with hybridreg's.
+written next to the chain. The chain (your B-spline, found on the section resampled with
+the learned field, then the learned field as a DeformationFieldTransform; with
+`initial="external"`, the learned field first) is then applied with elastix's own
+`transformix` program, and the result compared with hybridreg's.
 
 Default parameter file: params/em_bspline.txt (it has a bending-energy penalty, so you
 will see the adaptation warning).

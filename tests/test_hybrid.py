@@ -15,6 +15,7 @@ from hybridreg.methods.hybrid import HybridMethod, feature_maps
 from hybridreg.metrics import endpoint_error
 from hybridreg.models import FAEMRegNet, FeatureAutoencoder
 from hybridreg.phantom import make_phantom
+from hybridreg.warp import warp
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.elastix
@@ -81,6 +82,32 @@ def test_hybrid_refines_the_learned_field(pair):
         pytest.fail(f"the refinement fell back: {res.info['fallback']}")
 
 
+@pytest.mark.parametrize("initial", ["resample", "external"])
+def test_both_ways_of_starting_from_the_learned_field(pair, initial):
+    """Resampling first and elastix's external initial transform give the same refinement;
+    the result's warped section is its field applied to the moving one."""
+    fixed, moving, truth = pair
+    net, ae = _nets()
+    method = HybridMethod(net, ae, threads=1, initial=initial)
+    assert method.config["initial"] == initial
+    res = method.register(fixed, moving)
+    assert res.info["fallback"] is None, res.info["fallback"]
+    er = res.info["elastix"]
+    assert er.initial_mode == initial
+    np.testing.assert_array_equal(er.initial_field, res.info["learned_field"])
+    kinds = [m["Transform"][0] for m in er.transform_parameter_maps]
+    assert kinds == (["BSplineTransform"] if initial == "resample"
+                     else ["ExternalTransform", "BSplineTransform"])
+    rewarped, valid = warp(moving, res.field, order=1)
+    np.testing.assert_allclose(res.warped[valid], rewarped[valid], atol=1e-3)
+    inner = (slice(None), slice(12, -12), slice(12, -12))
+    e_learned = endpoint_error(res.info["learned_field"][inner], truth[inner]).mean_px
+    e_hybrid = endpoint_error(res.field[inner], truth[inner]).mean_px
+    assert e_hybrid < 0.6 * e_learned
+    with pytest.raises(ValueError, match="initial"):
+        HybridMethod(net, ae, initial="prewarp")
+
+
 def test_failed_refinement_falls_back_and_flags(pair, monkeypatch):
     fixed, moving, _ = pair
     net, ae = _nets()
@@ -108,7 +135,9 @@ def test_worse_refinement_is_rejected(pair, monkeypatch):
     def worse(*a, **k):
         r = real(*a, **k)
         bad = r.field + np.array([7.0, -5.0], np.float32)[:, None, None]
-        return elastix.ElastixResult(**{**r.__dict__, "field": bad})
+        # a consistent result: its warped section is the moving one resampled with `bad`
+        warped = warp(np.asarray(a[1], np.float32), bad, order=1)[0]
+        return elastix.ElastixResult(**{**r.__dict__, "field": bad, "warped": warped})
 
     monkeypatch.setattr(elastix, "register_pair", worse)
     res = method.register(fixed, moving)
