@@ -81,9 +81,8 @@ def _resample_pairs(v_px: dict, u: np.ndarray, *, batch: int = 8) -> dict:
         grid = _index_grid((h, w))
         return {(i, j): sample_field(v_px[(i, j)], grid + u[i]) for (i, j) in pairs}
     import torch
-    import torch.nn.functional as F
 
-    from .fields import sampling_grid
+    from .warp import warp_torch
 
     out = {}
     with torch.inference_mode():
@@ -91,9 +90,7 @@ def _resample_pairs(v_px: dict, u: np.ndarray, *, batch: int = 8) -> dict:
             chunk = pairs[start:start + batch]
             v = torch.from_numpy(np.stack([v_px[p] for p in chunk]))
             ui = torch.from_numpy(np.stack([u[i] for i, _ in chunk]))
-            g = sampling_grid(ui, align_corners=True)
-            res = F.grid_sample(v, g, mode="bilinear", padding_mode="border",
-                                align_corners=True).numpy()
+            res = warp_torch(v, ui, align_corners=True, padding_mode="border")[0].numpy()
             out.update(zip(chunk, res))
     return out
 
