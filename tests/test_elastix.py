@@ -402,11 +402,6 @@ def test_resample_mode_options(itk, fixed, smooth_case):
     with pytest.raises(ValueError, match="outside the moving section"):
         elx.register_pair(fixed, smooth_case["moving"], params="refine_bspline_1ch",
                           initial_field=far, initial_mode="resample")
-    r = elx.register_pair(fixed, smooth_case["moving"], params=fewer_iterations(
-        ["refine_bspline_1ch"], 5), initial_field=smooth_case["initial"],
-        spacing_xy=SPACING_XY, origin_xy=ORIGIN_XY, initial_mode="resample",
-        result_image=False, threads=2)
-    assert r.warped is None and r.field.shape == (2,) + SHAPE_YX
 
 
 def test_refinement_with_two_channels(itk, fixed, smooth_case):
