@@ -83,6 +83,14 @@ def metric_cells(r: dict, *, folding: str, seconds: str) -> str:
             f"{fmt(r['dice_mean'], '.3f')} | {fmt(r['seconds_per_pair'], seconds)}")
 
 
+def run_meta(**extra) -> dict:
+    """The JSON's ``meta``: the command line, ``extra``, the machine and the date."""
+    return {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+            **extra,
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "date": time.strftime("%Y-%m-%d")}
+
+
 def write_results(path, meta: dict, results: dict) -> None:
     """The benchmark's JSON: ``{"meta": ..., "results": ...}``."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -151,12 +159,9 @@ def main(argv=None):
             results[key] = summarize(r.fields, d.fields, d.labels, labels, args.margin, sec)
             print(f"{key}: {results[key]['epe_mean_px']:.2f} px, {sec:.2f} s/pair", flush=True)
 
-    meta = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-            "stack": Path(args.stack).name, "shape": list(raw.shape), "seed": args.seed,
-            "crop": args.crop, "neighbours": args.neighbours, "prior": args.prior,
-            "margin_px": args.margin, "threads": args.threads,
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "date": time.strftime("%Y-%m-%d")}
+    meta = run_meta(stack=Path(args.stack).name, shape=list(raw.shape), seed=args.seed,
+                    crop=args.crop, neighbours=args.neighbours, prior=args.prior,
+                    margin_px=args.margin, threads=args.threads)
     print()
     print("| method | protocol | EPE mean (px) | EPE p95 (px) | folding | label agreement | "
           "Dice | s/pair |")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,8 @@ from hybridreg.methods import get_method  # noqa: E402
 from hybridreg.stack import align_stack  # noqa: E402
 
 # the same figures, crops and tables as the elastix benchmark
-from bench_elastix import central_crop, metric_cells, summarize, write_results  # noqa: E402
+from bench_elastix import (central_crop, metric_cells, run_meta, summarize,  # noqa: E402
+                           write_results)
 
 DATA = Path(os.environ.get("HYBRIDREG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
@@ -150,10 +150,7 @@ def main(argv=None):
                   f"{results[key]['folding_fraction']:.5f}, {sec:.3f} s/pair, "
                   f"fallbacks {fallbacks}", flush=True)
 
-    meta = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-            "margin_px": args.margin, "threads": args.threads, "model": args.model,
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "date": time.strftime("%Y-%m-%d")}
+    meta = run_meta(margin_px=args.margin, threads=args.threads, model=args.model)
 
     print()
     print("| stack | method | EPE mean (px) | EPE p95 (px) | folding | label agreement | "

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,8 @@ sys.path.insert(0, str(ROOT))
 from hybridreg import elastix, io, metrics, synthetic  # noqa: E402
 from hybridreg.methods import get_method  # noqa: E402
 from hybridreg.methods.base import content_mask  # noqa: E402
+
+from bench_elastix import run_meta, write_results  # noqa: E402
 
 DATA = Path(os.environ.get("HYBRIDREG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
@@ -210,12 +211,8 @@ def main(argv=None):
             f, j = chain_model(pair_px, none_px, raw.shape[0])
             print(f"  {label}: {pair_px:.2f} -> {f:.2f} / {j:.2f} px")
     if args.out:
-        meta = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
-                "machine": f"{platform.processor() or platform.machine()}, "
-                           f"{os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
-                "sections": list(range(3, raw.shape[0], args.step))}
-        metrics.write_json({"meta": meta, "results": results}, args.out)
-        print(f"results -> {args.out}")
+        write_results(args.out, run_meta(sections=list(range(3, raw.shape[0], args.step))),
+                      results)
 
 
 if __name__ == "__main__":
