@@ -216,8 +216,8 @@ def align_stack(stack, *, method="hybrid", spacing_xyz=None, origin_xyz=None,
         A progress bar on stderr.
     **options
         Options of :func:`hybridreg.stack.align_stack` (``mode``, ``neighbours``,
-        ``prior``, ``window``, ``work_dir``, ``order``, ``client``); the others go to the
-        method.
+        ``prior``, ``anchor``, ``window``, ``drift_window``, ``work_dir``, ``order``,
+        ``client``); the others go to the method.
 
     Returns
     -------
@@ -230,8 +230,9 @@ def align_stack(stack, *, method="hybrid", spacing_xyz=None, origin_xyz=None,
     from .stack import align_stack as _align
 
     arr, sp, org = _stack(stack, spacing_xyz, origin_xyz)
-    stack_opts = {k: options.pop(k) for k in ("mode", "neighbours", "prior", "window",
-                                              "work_dir", "order", "client")
+    stack_opts = {k: options.pop(k) for k in ("mode", "neighbours", "prior", "anchor",
+                                              "window", "drift_window", "work_dir", "order",
+                                              "client")
                   if k in options}
     impl = _method(method, options)
     res = _align(arr, impl, spacing_xy=sp[:2], origin_xy=org[:2], progress=progress,

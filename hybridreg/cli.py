@@ -412,7 +412,8 @@ def cmd_align(args) -> int:
     with _dask_client(args) as client:
         result = align_stack(stack.data, method, spacing_xy=_spacing_xy(stack),
                              mode=args.mode, neighbours=args.neighbours, prior=args.prior,
-                             window=args.window, drift_window=args.drift_window,
+                             anchor=args.anchor, window=args.window,
+                             drift_window=args.drift_window,
                              work_dir=work,
                              progress=not args.no_progress, client=client)
     save_alignment(result, out=args.out, fields_out=fields_out, overwrite=args.overwrite,
@@ -663,6 +664,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="joint: pairs per section (default 1)")
     p.add_argument("--prior", type=float, default=0.3,
                    help="joint: weight of the small-distortion prior (default 0.3)")
+    p.add_argument("--anchor", type=int, metavar="K",
+                   help="joint: keep section K (0-based) where it is, e.g. a section known to "
+                        "be undistorted (default: none; the stack stays on average where the "
+                        "raw sections were)")
     p.add_argument("--window", type=int, default=1,
                    help="sequential: aligned sections the method sees (default 1)")
     p.add_argument("--drift-window", type=int, default=0, metavar="N",

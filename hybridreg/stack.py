@@ -7,7 +7,8 @@ Two modes:
     independent of each other. All section fields are then found at once by
     :func:`hybridreg.joint.solve_joint`, which spreads the pairs' errors instead of chaining
     them, with a prior (weight ``prior``) that each section's own distortion is small. The
-    aligned stack is on average where the raw sections were.
+    aligned stack is on average where the raw sections were, or, with ``anchor=k``, where
+    section k is.
 ``mode="sequential"``
     Section 0 stays; section k (raw) is registered to the already-aligned section k-1 (and,
     with ``window > 1``, the ``window - 1`` aligned sections before it, as references). The
@@ -343,8 +344,8 @@ def _similarity_weights(rows: dict) -> dict:
 def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
                 origin_xy=(0.0, 0.0), mode: str = "joint", neighbours: int = 1,
                 prior: float = 0.3, window: int = 1, drift_window: int = 0,
-                work_dir=None, order: int = 1, progress: bool = False,
-                client=None) -> StackAlignment:
+                anchor: int | None = None, work_dir=None, order: int = 1,
+                progress: bool = False, client=None) -> StackAlignment:
     """Align a stack section by section with ``method``.
 
     Parameters
@@ -371,6 +372,11 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
         Sequential mode: 0 (default) for the classic chain; ``n > 1`` subtracts from every
         section's field the mean of the fields of the ``n`` sections centred on it (fewer at
         the ends) once the chain is done, a high-pass along z (see the module docstring).
+    anchor : int, optional
+        Joint mode: keep section ``anchor`` where it is (its field is the identity), e.g. a
+        section known to be undistorted; the others are solved relative to it. Default: no
+        anchor, the prior keeps the stack on average where the raw sections were. (The
+        sequential mode always keeps section 0: ``None`` or ``0`` only.)
     work_dir : path, optional
         Checkpoint folder for resuming.
     order : int
@@ -417,6 +423,18 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
     if drift_window and mode != "sequential":
         raise ValueError("drift_window is for mode='sequential' (the joint solve corrects "
                          "drift by itself)")
+    if anchor is not None:
+        if isinstance(anchor, bool) or not isinstance(anchor, (int, np.integer)):
+            raise ValueError(f"anchor must be a section index, got {anchor!r}")
+        anchor = int(anchor) + (shape[0] if anchor < 0 else 0)
+        if not 0 <= anchor < shape[0]:
+            raise ValueError(f"anchor {anchor} is not a section of the {shape[0]}-section "
+                             f"stack")
+        if mode == "sequential" and anchor != 0:
+            raise ValueError("the sequential mode keeps section 0; anchor another section "
+                             "with mode='joint'")
+    if mode == "joint" and (prior < 0 or (prior == 0 and anchor is None)):
+        raise ValueError(f"prior must be > 0 (or 0 with an anchor section), got {prior}")
     spacing_xy = tuple(float(s) for s in spacing_xy)
     origin_xy = tuple(float(o) for o in origin_xy)
     settings = {"mode": mode, "spacing_xy": spacing_xy, "origin_xy": origin_xy}
@@ -429,7 +447,8 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
     else:
         raw = stack.astype(np.float32, copy=False)
     run = _align_joint if mode == "joint" else _align_sequential
-    kw = ({"neighbours": neighbours, "prior": prior, "client": client} if mode == "joint"
+    kw = ({"neighbours": neighbours, "prior": prior, "anchor": anchor, "client": client}
+          if mode == "joint"
           else {"window": window, "drift_window": drift_window})
     result = run(raw, method, shape=shape, spacing_xy=spacing_xy, origin_xy=origin_xy,
                  work=work, order=order, progress=progress, **kw)
@@ -532,7 +551,7 @@ def _align_sequential(raw, method, *, shape, spacing_xy, origin_xy, work, order,
 
 
 def _align_joint(raw, method, *, shape, spacing_xy, origin_xy, work, order, progress,
-                 neighbours, prior, client=None):
+                 neighbours, prior, anchor=None, client=None):
     z, h, w = shape
     pair_fields: dict = {}
     pair_rows: dict = {}
@@ -575,7 +594,8 @@ def _align_joint(raw, method, *, shape, spacing_xy, origin_xy, work, order, prog
         margin = max(1, min(h, w) // 16)
         similarity = _similarity_weights({p: r for p, r in pair_rows.items()
                                           if p in pair_fields})
-        solution = solve_joint(pair_fields, z, prior=prior, spacing_xy=spacing_xy,
+        solution = solve_joint(pair_fields, z, prior=prior, anchor=anchor,
+                               spacing_xy=spacing_xy,
                                mask=interior_mask((h, w), margin_px=margin),
                                pair_weights=similarity)
         fields = solution.fields

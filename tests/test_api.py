@@ -89,3 +89,22 @@ def test_align_stack_keeps_the_grid(case):
     assert tuple(image.GetOrigin()) == (*ORIGIN, 7.0)
     assert len(transforms) == 3 and out.fields.shape == (3, 2, 96, 96)
     assert len(out.table) == 3
+
+
+def test_align_stack_passes_the_stack_options_through():
+    # anchor and drift_window are options of the stack alignment, not of the method
+    from helpers import PhaseCorrelation
+
+    section = make_phantom(sections=1, shape_yx=(64, 64), seed=4).stack[0]
+    shifts = [(0, 0), (3, -2), (-4, 1), (2, 3), (-1, -3), (4, 2)]
+    stack = np.stack([np.roll(section, (-dy, -dx), axis=(0, 1)) for dx, dy in shifts])
+    stack = stack.astype(np.float32)
+    out = hybridreg.align_stack(stack, method=PhaseCorrelation(), anchor=3, prior=1e-6)
+    np.testing.assert_allclose(out.fields[:, :, 32, 32],
+                               -(np.array(shifts, float) - shifts[3]), atol=1.0)
+    chained = hybridreg.align_stack(stack, method=PhaseCorrelation(), mode="sequential")
+    corrected = hybridreg.align_stack(stack, method=PhaseCorrelation(), mode="sequential",
+                                      drift_window=3)
+    from hybridreg.stack import drift_corrected
+
+    np.testing.assert_allclose(corrected.fields, drift_corrected(chained.fields, 3), atol=1e-5)

@@ -189,3 +189,18 @@ def test_align_resume_gives_the_uninterrupted_output(deformed):
     np.testing.assert_array_equal(io.read_stack(d / "resumed.tif").data,
                                   io.read_stack(d / "straight.tif").data)
     assert not (d / "resumed" / "work").exists()
+
+
+def test_align_anchor_keeps_that_section(deformed, capsys):
+    d = deformed
+    subprocess.run([sys.executable, "-m", "hybridreg.cli", "align", str(d / "def.tif"),
+                    "--params", "em_rigid", "--threads", "1", "--anchor", "2", "--out",
+                    str(d / "anchored.tif"), "--fields-out", str(d / "anchored"),
+                    "--no-progress"], check=True)
+    fields = io.read_fields(d / "anchored")[0]
+    assert fields.shape[0] == 4
+    assert np.abs(fields[2]).max() < 1e-3 and np.abs(fields[[1, 3]]).max() > 0.5
+    # refused before any registration, with the reason
+    assert run(["align", d / "def.tif", "--params", "em_rigid", "--anchor", 4, "--out",
+                d / "bad.tif", "--fields-out", d / "bad", "--no-progress"]) != 0
+    assert "anchor 4 is not a section" in capsys.readouterr().err

@@ -191,3 +191,34 @@ def test_drift_window_removes_a_linear_drift():
         align_stack(stack, _BiasedShift(), mode="joint", drift_window=5)
     with pytest.raises(ValueError, match="drift_window"):
         align_stack(stack, _BiasedShift(), mode="sequential", drift_window=1)
+
+
+def test_anchor_keeps_its_section_and_the_others_follow(shifted_stack):
+    stack, shifts = shifted_stack
+    for prior in (1e-6, 0.0):  # with an anchor the prior may be 0
+        r = align_stack(stack, PhaseCorrelation(), anchor=2, prior=prior)
+        assert np.abs(r.fields[2]).max() < 1e-3
+        np.testing.assert_allclose(r.fields[:, :, 48, 48], -(shifts - shifts[2]), atol=1.0)
+    # negative indices count from the end, as in Python
+    last = align_stack(stack, PhaseCorrelation(), anchor=-1, prior=1e-6)
+    np.testing.assert_allclose(last.fields[:, :, 48, 48], -(shifts - shifts[-1]), atol=1.0)
+    # the sequential mode keeps section 0: anchor 0 is what it does anyway
+    seq = align_stack(stack, PhaseCorrelation(), mode="sequential", anchor=0)
+    np.testing.assert_allclose(seq.fields[:, :, 48, 48], -shifts, atol=1.0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"anchor": 6}, "not a section"),
+    ({"anchor": -7}, "not a section"),
+    ({"anchor": 1.0}, "section index"),
+    ({"anchor": True}, "section index"),
+    ({"anchor": 2, "mode": "sequential"}, "keeps section 0"),
+    ({"prior": 0.0}, "prior must be > 0"),
+    ({"prior": -1.0, "anchor": 0}, "prior must be > 0"),
+])
+def test_bad_anchor_or_prior_is_refused_before_registering(shifted_stack, kwargs, match):
+    stack, _ = shifted_stack
+    method = PhaseCorrelation()
+    with pytest.raises(ValueError, match=match):
+        align_stack(stack, method, **kwargs)
+    assert method.calls == 0
