@@ -11,13 +11,14 @@ Every method runs in the same process on the same deformed stacks, on this machi
 
 Runs are ``method:mode`` (``mode`` sequential or joint, see hybridreg.stack); elastix runs
 name their map, e.g. ``elastix/em_rigid:joint``; ``hybrid/external`` runs the hybrid with
-``initial="external"``. Sequential learned and hybrid runs see
-the 3 previously aligned sections (FAEMReg's window); joint runs register raw neighbours.
-``sequential+drift5`` is the sequential chain with ``drift_window=5``. Figures: mean and 95th-percentile endpoint
-error against the ground truth on the interior (``--margin`` px), folding fraction, label
-agreement and Dice (where labels exist), seconds per registered pair (wall time of the whole
-alignment, solve included, divided by the pairs; the first pair pays for loading the
-network or elastix, which happens before the clock starts).
+``initial="external"``; ``ssemnet/grid128`` runs ssEMnet with ``grid_px=128``. Sequential
+learned and hybrid runs see the 3 previously aligned sections (FAEMReg's window); joint runs
+register raw neighbours. ``sequential+drift5`` is the sequential chain with
+``drift_window=5``. Figures: mean and 95th-percentile endpoint error against the ground
+truth on the interior (``--margin`` px), folding fraction, label agreement and Dice (where
+labels exist), seconds per registered pair (wall time of the whole alignment, solve
+included, divided by the pairs; the first pair pays for loading the network or elastix,
+which happens before the clock starts).
 
 Usage (from the repository root)::
 
@@ -77,6 +78,8 @@ def build(run: str, threads: int, model: str | None = None):
         # without the full-resolution stage: 48.6 s -> 10.9 s for one 512 x 512 pair (one
         # thread), 0.18 -> 0.59 px on a section registered to its own deformed copy
         options["pyramid"] = (8, 4, 2)
+        if params.startswith("grid"):  # ssemnet/grid128: control points 128 px apart
+            options["grid_px"] = float(params[len("grid"):])
     method = get_method(name, **options)
     # load the network / elastix before the clock starts
     warm = np.random.default_rng(0).uniform(0, 255, (64, 64)).astype(np.float32)
