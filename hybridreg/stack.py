@@ -152,7 +152,6 @@ class AlignedSections(SectionSequence):
         return np.stack([self.section(k)[rest] for k in ks])
 
 
-
 def _is_lazy(stack) -> bool:
     """A stack read on demand: an array-like that is not an ndarray (LazySections, zarr...)."""
     return (not isinstance(stack, np.ndarray) and hasattr(stack, "shape")

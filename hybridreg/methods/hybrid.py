@@ -32,8 +32,9 @@ Feature channels
     fourth layer; its final one-channel 1/16 features are too coarse to refine anything) of
     the sections block-averaged by ``feature_downsample`` (default 4) are reduced to their
     ``feature_channels`` principal components, computed over the fixed and moving features
-    together (one projection for both, so the channels are comparable), and interpolated bilinearly back to the section grid. Elastix's
-    ``AdvancedNormalizedCorrelation`` does not care about their scale.
+    together (one projection for both, so the channels are comparable), and interpolated
+    bilinearly back to the section grid. Elastix's ``AdvancedNormalizedCorrelation`` does
+    not care about their scale.
 
 Default weights: 1.0 for the section and ``0.5 / feature_channels`` for each feature
     channel. The section carries the fine detail the refinement is for; the features are

@@ -84,12 +84,13 @@ PRESETS: dict[str, dict] = {
         "in_channels": 1,
     },
     # The first CPU preset, a narrow FAEMRegNet, kept for comparison: it learned little in
-    # 3,000 CPU steps (see hybridreg.models.pyramid). About 0.4M parameters: one 3D layer (8 channels, kernel (3, 5, 5)) sees
-    # neighbouring sections at half resolution, then the depth is folded into the channels
-    # (56) so every 2D layer sees the whole window; 6 levels like the paper (1/64 at the
-    # coarsest, for a large capture range); the field is predicted at 1/4 resolution and
-    # upsampled bilinearly (registration fields are smooth). A second 3D layer cost 3x the
-    # time on a 2-core CPU for no extra mixing that the fold does not already give.
+    # 3,000 CPU steps (see hybridreg.models.pyramid). About 0.4M parameters: one 3D layer
+    # (8 channels, kernel (3, 5, 5)) sees neighbouring sections at half resolution, then the
+    # depth is folded into the channels (56) so every 2D layer sees the whole window; 6
+    # levels like the paper (1/64 at the coarsest, for a large capture range); the field is
+    # predicted at 1/4 resolution and upsampled bilinearly (registration fields are smooth).
+    # A second 3D layer cost 3x the time on a 2-core CPU for no extra mixing that the fold
+    # does not already give.
     "compact-flownet": {
         "window": 7,
         "encoder": [[8, [3, 5, 5], 2], [16, 3, 2], [32, 3, 2], [32, 3, 1], [48, 3, 2],
