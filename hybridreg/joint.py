@@ -39,7 +39,7 @@ from .fields import _index_grid, sample_field, to_pixels, to_physical, validate_
 
 log = logging.getLogger(__name__)
 
-__all__ = ["JointSolution", "solve_joint", "pair_list"]
+__all__ = ["JointSolution", "solve_joint", "pair_list", "check_prior", "check_anchor"]
 
 
 def pair_list(z: int, *, neighbours: int) -> list[tuple[int, int]]:
@@ -47,6 +47,24 @@ def pair_list(z: int, *, neighbours: int) -> list[tuple[int, int]]:
     if neighbours < 1:
         raise ValueError(f"neighbours must be >= 1, got {neighbours}")
     return [(i, j) for i in range(z) for j in range(i + 1, min(z, i + neighbours + 1))]
+
+
+def check_prior(prior: float, anchor: int | None) -> None:
+    """Raise ValueError unless ``prior > 0``, or ``>= 0`` with an ``anchor``.
+
+    :func:`solve_joint`'s check, which :func:`hybridreg.stack.align_stack` runs before it
+    registers any pair."""
+    if prior < 0 or (prior == 0 and anchor is None):
+        raise ValueError(f"prior must be > 0 (or 0 with an anchor section), got {prior}")
+
+
+def check_anchor(z: int, anchor: int | None) -> None:
+    """Raise ValueError unless ``anchor`` is None or a section ``0 <= anchor < z``.
+
+    :func:`solve_joint`'s check, which :func:`hybridreg.stack.align_stack` runs before it
+    registers any pair."""
+    if anchor is not None and not 0 <= anchor < z:
+        raise ValueError(f"anchor {anchor} is not a section of the {z}-section stack")
 
 
 @dataclass(frozen=True)
@@ -131,10 +149,8 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
     """
     if z < 1:
         raise ValueError(f"z must be >= 1, got {z}")
-    if prior < 0 or (prior == 0 and anchor is None):
-        raise ValueError("prior must be > 0 (or >= 0 with an anchor section)")
-    if anchor is not None and not 0 <= anchor < z:
-        raise ValueError(f"anchor {anchor} is not a section of a {z}-section stack")
+    check_prior(prior, anchor)
+    check_anchor(z, anchor)
     if not pair_fields:
         raise ValueError("no pairs to solve from")
     pairs = sorted(pair_fields)

@@ -57,7 +57,7 @@ import numpy as np
 
 from .fields import validate_field
 from .io import SectionSequence
-from .joint import pair_list, solve_joint
+from .joint import check_anchor, check_prior, pair_list, solve_joint
 from .methods.base import Method
 from .warp import warp
 
@@ -426,14 +426,12 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
         if isinstance(anchor, bool) or not isinstance(anchor, (int, np.integer)):
             raise ValueError(f"anchor must be a section index, got {anchor!r}")
         anchor = int(anchor) + (shape[0] if anchor < 0 else 0)
-        if not 0 <= anchor < shape[0]:
-            raise ValueError(f"anchor {anchor} is not a section of the {shape[0]}-section "
-                             f"stack")
+        check_anchor(shape[0], anchor)
         if mode == "sequential" and anchor != 0:
             raise ValueError("the sequential mode keeps section 0; anchor another section "
                              "with mode='joint'")
-    if mode == "joint" and (prior < 0 or (prior == 0 and anchor is None)):
-        raise ValueError(f"prior must be > 0 (or 0 with an anchor section), got {prior}")
+    if mode == "joint":
+        check_prior(prior, anchor)
     spacing_xy = tuple(float(s) for s in spacing_xy)
     origin_xy = tuple(float(o) for o in origin_xy)
     settings = {"mode": mode, "spacing_xy": spacing_xy, "origin_xy": origin_xy}
