@@ -42,11 +42,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from hybridreg import fields as F, io, metrics, synthetic  # noqa: E402
 from hybridreg.joint import solve_joint  # noqa: E402
-from hybridreg.methods import get_method  # noqa: E402
 from hybridreg.stack import drift_corrected  # noqa: E402
 
 from bench_elastix import central_crop, run_meta, summarize, write_results  # noqa: E402
-from bench_methods import CASES, CROPS  # noqa: E402
+from bench_methods import CASES, CROPS, build  # noqa: E402
 
 PRIORS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
@@ -54,11 +53,7 @@ PRIORS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 def neighbour_motion(raw: np.ndarray, spec: str, threads: int) -> list[np.ndarray]:
     """``M_{k-1,k}`` for every k: the pull field ``spec`` finds from published section k-1
     (fixed) to published section k (moving)."""
-    name, _, params = spec.partition("/")
-    opts = {"threads": threads}
-    if name == "elastix":
-        opts["params"] = params.split("+")
-    method = get_method(name, **opts)
+    method, _ = build(spec, threads)
     out = []
     for k in range(1, raw.shape[0]):
         out.append(method.register(raw[k - 1], raw[k]).field.astype(np.float32))
@@ -98,7 +93,8 @@ def main(argv=None):
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--motion", nargs="*", default=["elastix/em_affine", "hybrid"],
                     help="methods whose published-neighbour motion is added to the exact "
-                         "pairs: elastix/<map>[+<map>], learned, hybrid")
+                         "pairs, as bench_methods.py names them: elastix/<map>[+<map>], "
+                         "learned, hybrid, ...")
     ap.add_argument("--margin", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
