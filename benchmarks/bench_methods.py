@@ -64,7 +64,9 @@ DEFAULT_RUNS = ["elastix/em_rigid:joint", "elastix/em_affine:joint",
 
 
 def build(run: str, threads: int, model: str | None = None):
-    spec, _, mode = run.partition(":")
+    """The method of a run spec (``method[/params][:mode]``), loaded and warmed up; the
+    mode and its options are :func:`stack_options`'s."""
+    spec = run.partition(":")[0]
     name, _, params = spec.partition("/")
     options = {"threads": threads}
     if model and name in ("learned", "hybrid"):
@@ -87,7 +89,7 @@ def build(run: str, threads: int, model: str | None = None):
         method.register(warm, warm)
     except Exception:  # noqa: BLE001 - warming only
         pass
-    return method, mode or "joint"
+    return method
 
 
 def stack_options(run: str) -> dict:
@@ -135,7 +137,7 @@ def main(argv=None):
         print(f"{case}: {raw.shape}, seed {seed}; none "
               f"{results[f'{case} | none']['epe_mean_px']:.2f} px", flush=True)
         for run in args.runs:
-            method, _ = build(run, args.threads, args.model)
+            method = build(run, args.threads, args.model)
             opts = stack_options(run)
             mode = opts["mode"]
             t = time.perf_counter()

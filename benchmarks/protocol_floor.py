@@ -53,7 +53,7 @@ PRIORS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 def neighbour_motion(raw: np.ndarray, spec: str, threads: int) -> list[np.ndarray]:
     """``M_{k-1,k}`` for every k: the pull field ``spec`` finds from published section k-1
     (fixed) to published section k (moving)."""
-    method, _ = build(spec, threads)
+    method = build(spec, threads)
     out = []
     for k in range(1, raw.shape[0]):
         out.append(method.register(raw[k - 1], raw[k]).field.astype(np.float32))
