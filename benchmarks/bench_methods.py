@@ -11,7 +11,8 @@ Every method runs in the same process on the same deformed stacks, on this machi
 
 Runs are ``method:mode`` (``mode`` sequential or joint, see hybridreg.stack); elastix runs
 name their map, e.g. ``elastix/em_rigid:joint``; ``hybrid/external`` runs the hybrid with
-``initial="external"``; ``ssemnet/grid128`` runs ssEMnet with ``grid_px=128``. Sequential
+``initial="external"``; ``ssemnet/grid128`` runs ssEMnet with ``grid_px=128``,
+``ssemnet/nomatch`` with ``match_intensity=False``. Sequential
 learned and hybrid runs see the 3 previously aligned sections (FAEMReg's window); joint runs
 register raw neighbours. ``sequential+drift5`` is the sequential chain with
 ``drift_window=5``. Figures: mean and 95th-percentile endpoint error against the ground
@@ -82,6 +83,10 @@ def build(run: str, threads: int, model: str | None = None):
         options["pyramid"] = (8, 4, 2)
         if params.startswith("grid"):  # ssemnet/grid128: control points 128 px apart
             options["grid_px"] = float(params[len("grid"):])
+        elif params == "nomatch":  # ssemnet/nomatch: sections' grey values left as they are
+            options["match_intensity"] = False
+        elif params:
+            raise SystemExit(f"unknown ssemnet run option {params!r} in {spec!r}")
     method = get_method(name, **options)
     # load the network / elastix before the clock starts
     warm = np.random.default_rng(0).uniform(0, 255, (64, 64)).astype(np.float32)
