@@ -12,7 +12,8 @@ Every method runs in the same process on the same deformed stacks, on this machi
 Runs are ``method:mode`` (``mode`` sequential or joint, see hybridreg.stack); elastix runs
 name their map, e.g. ``elastix/em_rigid:joint``; ``hybrid/external`` runs the hybrid with
 ``initial="external"``; ``ssemnet/grid128`` runs ssEMnet with ``grid_px=128``,
-``ssemnet/nomatch`` with ``match_intensity=False``. Sequential
+``ssemnet/nomatch`` with ``match_intensity=False``, ``ssemnet/full`` with the method's own
+pyramid (4, 2, 1) instead of the benchmark's (8, 4, 2). Sequential
 learned and hybrid runs see the 3 previously aligned sections (FAEMReg's window); joint runs
 register raw neighbours. ``sequential+drift5`` is the sequential chain with
 ``drift_window=5``. Figures: mean and 95th-percentile endpoint error against the ground
@@ -81,7 +82,9 @@ def build(run: str, threads: int, model: str | None = None):
         # without the full-resolution stage: 48.6 s -> 10.9 s for one 512 x 512 pair (one
         # thread), 0.18 -> 0.59 px on a section registered to its own deformed copy
         options["pyramid"] = (8, 4, 2)
-        if params.startswith("grid"):  # ssemnet/grid128: control points 128 px apart
+        if params == "full":  # ssemnet/full: the method's own pyramid, full resolution last
+            del options["pyramid"]
+        elif params.startswith("grid"):  # ssemnet/grid128: control points 128 px apart
             options["grid_px"] = float(params[len("grid"):])
         elif params == "nomatch":  # ssemnet/nomatch: sections' grey values left as they are
             options["match_intensity"] = False
