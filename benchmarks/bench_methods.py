@@ -80,15 +80,15 @@ def build(run: str, threads: int, model: str | None = None):
         options["initial"] = params
     if name == "ssemnet":
         # without the full-resolution stage: 48.6 s -> 10.9 s for one 512 x 512 pair (one
-        # thread), 0.18 -> 0.59 px on a section registered to its own deformed copy
-        options["pyramid"] = (8, 4, 2)
-        if params == "full":  # ssemnet/full: the method's own pyramid, full resolution last
-            del options["pyramid"]
-        elif params.startswith("grid"):  # ssemnet/grid128: control points 128 px apart
+        # thread), 0.18 -> 0.59 px on a section registered to its own deformed copy;
+        # ssemnet/full keeps the method's own pyramid, full resolution last
+        if params != "full":
+            options["pyramid"] = (8, 4, 2)
+        if params.startswith("grid"):  # ssemnet/grid128: control points 128 px apart
             options["grid_px"] = float(params[len("grid"):])
         elif params == "nomatch":  # ssemnet/nomatch: sections' grey values left as they are
             options["match_intensity"] = False
-        elif params:
+        elif params not in ("", "full"):
             raise SystemExit(f"unknown ssemnet run option {params!r} in {spec!r}")
     method = get_method(name, **options)
     # load the network / elastix before the clock starts
