@@ -27,15 +27,11 @@ import numpy as np
 __all__ = ["register", "align_stack", "Registration", "StackRegistration"]
 
 
-def _is_itk_image(obj) -> bool:
-    return type(obj).__module__.startswith("itk") and hasattr(obj, "GetSpacing")
-
-
 def _section(obj, name: str, spacing_xy, origin_xy):
     """``(array, spacing_xy, origin_xy, from_itk)`` of a 2D itk.Image or array."""
-    from .io import section_from_itk
+    from .itkimage import is_itk_image, section_from_itk
 
-    if _is_itk_image(obj):
+    if is_itk_image(obj):
         try:
             arr, sp, org = section_from_itk(obj)
         except ValueError as exc:
@@ -52,20 +48,6 @@ def _section(obj, name: str, spacing_xy, origin_xy):
     sp = (1.0, 1.0) if spacing_xy is None else tuple(float(s) for s in spacing_xy)
     org = (0.0, 0.0) if origin_xy is None else tuple(float(o) for o in origin_xy)
     return arr, sp, org, False
-
-
-def _method(method, options):
-    from .methods import get_method
-
-    if isinstance(method, str):
-        return get_method(method, **options)
-    if options:
-        raise TypeError(f"options {sorted(options)} are for a method given by name; "
-                        f"{type(method).__name__} is already built")
-    if not hasattr(method, "register"):
-        raise TypeError(f"method must be a name or an object with register(), got "
-                        f"{type(method).__name__}")
-    return method
 
 
 @dataclass(frozen=True)
@@ -152,7 +134,8 @@ def register(fixed, moving, *, method="hybrid", references: Sequence = (),
         ``itk.elastix_registration_method``.
     """
     from .fields import to_itk_transform
-    from .io import section_to_itk
+    from .itkimage import section_to_itk
+    from .methods.registry import build_method
 
     f, sp, org, _ = _section(fixed, "fixed", spacing_xy, origin_xy)
     m, msp, morg, _ = _section(moving, "moving", spacing_xy, origin_xy)
@@ -160,7 +143,7 @@ def register(fixed, moving, *, method="hybrid", references: Sequence = (),
         raise ValueError(f"fixed (spacing {sp}, origin {org}) and moving (spacing {msp}, "
                          f"origin {morg}) must share one grid")
     refs = [_section(r, f"references[{i}]", sp, org)[0] for i, r in enumerate(references)]
-    impl = _method(method, options)
+    impl = build_method(method, options)
     res = impl.register(f, m, references=refs, spacing_xy=sp, origin_xy=org)
     image = section_to_itk(res.warped, spacing_xy=sp, origin_xy=org)
     transform = to_itk_transform(res.field, spacing_xy=sp, origin_xy=org)
@@ -169,20 +152,14 @@ def register(fixed, moving, *, method="hybrid", references: Sequence = (),
 
 
 def _stack(stack, spacing_xyz, origin_xyz):
-    if _is_itk_image(stack):
-        import itk
+    from .itkimage import from_itk, is_itk_image
 
+    if is_itk_image(stack):
         if stack.GetImageDimension() != 3:
             raise ValueError(f"stack: expected a 3D itk.Image (x, y, z), got dimension "
                              f"{stack.GetImageDimension()}")
-        if not np.allclose(np.asarray(stack.GetDirection()), np.eye(3)):
-            raise ValueError("stack: hybridreg supports axis-aligned grids only (identity "
-                             "direction)")
-        arr = np.array(itk.array_from_image(stack), copy=True)
-        sp = tuple(float(s) for s in stack.GetSpacing())
-        org = tuple(float(o) for o in stack.GetOrigin())
-        return arr, sp, org
-    if isinstance(stack, (list, tuple)) and stack and _is_itk_image(stack[0]):
+        return from_itk(stack, what="stack", dimension=3)
+    if isinstance(stack, (list, tuple)) and stack and is_itk_image(stack[0]):
         secs = [_section(s, f"stack[{i}]", None, None) for i, s in enumerate(stack)]
         sp2, org2 = secs[0][1], secs[0][2]
         for i, s in enumerate(secs):
@@ -224,9 +201,9 @@ def align_stack(stack, *, method="hybrid", spacing_xyz=None, origin_xyz=None,
     StackRegistration
         ``image, transforms = hybridreg.align_stack(...)``.
     """
-    import itk
-
     from .fields import to_itk_transform
+    from .itkimage import to_itk
+    from .methods.registry import build_method
     from .stack import align_stack as _align
 
     arr, sp, org = _stack(stack, spacing_xyz, origin_xyz)
@@ -234,13 +211,11 @@ def align_stack(stack, *, method="hybrid", spacing_xyz=None, origin_xyz=None,
                                               "window", "drift_window", "work_dir", "order",
                                               "client")
                   if k in options}
-    impl = _method(method, options)
+    impl = build_method(method, options)
     res = _align(arr, impl, spacing_xy=sp[:2], origin_xy=org[:2], progress=progress,
                  **stack_opts)
     aligned = np.ascontiguousarray(np.asarray(res.aligned), dtype=np.float32)
-    image = itk.image_from_array(aligned)
-    image.SetSpacing([float(s) for s in sp])
-    image.SetOrigin([float(o) for o in org])
+    image = to_itk(aligned, spacing=sp, origin=org)
     transforms = [to_itk_transform(u, spacing_xy=sp[:2], origin_xy=org[:2])
                   for u in res.fields]
     return StackRegistration(image=image, transforms=transforms, fields=res.fields,

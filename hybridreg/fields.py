@@ -57,6 +57,8 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 from scipy import ndimage
 
+from .checks import as_spacing_xy, as_xy
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -80,23 +82,6 @@ __all__ = [
     "from_itk_transform",
     "sampling_grid",
 ]
-
-
-def _pair(value, name: str) -> tuple[float, float]:
-    try:
-        pair = tuple(float(v) for v in value)
-    except TypeError:
-        raise TypeError(f"{name} must be a pair (x, y) of numbers, got {value!r}") from None
-    if len(pair) != 2:
-        raise ValueError(f"{name} must be a pair (x, y), got {len(pair)} values: {value!r}")
-    return pair
-
-
-def _spacing(spacing_xy) -> tuple[float, float]:
-    sx, sy = _pair(spacing_xy, "spacing_xy")
-    if not (sx > 0 and sy > 0 and np.isfinite(sx) and np.isfinite(sy)):
-        raise ValueError(f"spacing_xy must be positive and finite, got {spacing_xy!r}")
-    return sx, sy
 
 
 def identity(shape_yx: Sequence[int], *, dtype=np.float32) -> np.ndarray:
@@ -144,14 +129,14 @@ def validate_field(u, *, name: str = "u", shape_yx: Sequence[int] | None = None)
 
 def to_pixels(u: np.ndarray, spacing_xy=(1.0, 1.0)) -> np.ndarray:
     """Physical displacement ``(2, ...)`` to pixels: divide u_x by spacing_x, u_y by spacing_y."""
-    sx, sy = _spacing(spacing_xy)
+    sx, sy = as_spacing_xy(spacing_xy)
     scale = np.array([sx, sy], dtype=np.float64).reshape((2,) + (1,) * (np.ndim(u) - 1))
     return (np.asarray(u) / scale).astype(np.float32)
 
 
 def to_physical(u_px: np.ndarray, spacing_xy=(1.0, 1.0)) -> np.ndarray:
     """Pixel displacement ``(2, ...)`` to physical units: the inverse of :func:`to_pixels`."""
-    sx, sy = _spacing(spacing_xy)
+    sx, sy = as_spacing_xy(spacing_xy)
     scale = np.array([sx, sy], dtype=np.float64).reshape((2,) + (1,) * (np.ndim(u_px) - 1))
     return (np.asarray(u_px) * scale).astype(np.float32)
 
@@ -164,8 +149,8 @@ def physical_grid(shape_yx, *, spacing_xy=(1.0, 1.0), origin_xy=(0.0, 0.0)) -> n
     p : ndarray, shape (2, H, W), float64
         ``p[0]`` is x, ``p[1]`` is y.
     """
-    sx, sy = _spacing(spacing_xy)
-    ox, oy = _pair(origin_xy, "origin_xy")
+    sx, sy = as_spacing_xy(spacing_xy)
+    ox, oy = as_xy(origin_xy, "origin_xy")
     h, w = (int(s) for s in shape_yx)
     y, x = np.meshgrid(np.arange(h) * sy + oy, np.arange(w) * sx + ox, indexing="ij")
     return np.stack([x, y])
@@ -192,7 +177,8 @@ def sample_field(u: np.ndarray, points_px: np.ndarray, *, order: int = 1) -> np.
     ).astype(np.float32)
 
 
-def _index_grid(shape_yx) -> np.ndarray:
+def index_grid(shape_yx) -> np.ndarray:
+    """Pixel coordinates ``(2, H, W)`` float64: channel 0 the column x, channel 1 the row y."""
     h, w = shape_yx
     y, x = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64),
                        indexing="ij")
@@ -219,7 +205,7 @@ def compose(first: np.ndarray, second: np.ndarray, *, spacing_xy=(1.0, 1.0),
     """
     first = validate_field(first, name="first")
     second = validate_field(second, name="second", shape_yx=first.shape[1:])
-    pts = _index_grid(first.shape[1:]) + to_pixels(first, spacing_xy)
+    pts = index_grid(first.shape[1:]) + to_pixels(first, spacing_xy)
     return (first + sample_field(second, pts, order=order)).astype(np.float32)
 
 
@@ -246,7 +232,7 @@ def invert(u: np.ndarray, *, spacing_xy=(1.0, 1.0), iterations: int = 100,
     """
     u = validate_field(u)
     u_px = to_pixels(u, spacing_xy).astype(np.float64)
-    grid = _index_grid(u.shape[1:])
+    grid = index_grid(u.shape[1:])
     v_px = -u_px
     for it in range(iterations):
         new = -sample_field(u_px, grid + v_px).astype(np.float64)
@@ -273,8 +259,8 @@ def resample(u: np.ndarray, *, spacing_xy=(1.0, 1.0), origin_xy=(0.0, 0.0),
     ndarray, shape (2, *to_shape_yx), float32
     """
     u = validate_field(u)
-    sx, sy = _spacing(spacing_xy)
-    ox, oy = _pair(origin_xy, "origin_xy")
+    sx, sy = as_spacing_xy(spacing_xy)
+    ox, oy = as_xy(origin_xy, "origin_xy")
     p = physical_grid(to_shape_yx, spacing_xy=to_spacing_xy, origin_xy=to_origin_xy)
     pts = np.stack([(p[0] - ox) / sx, (p[1] - oy) / sy])
     return sample_field(u, pts, order=order)
@@ -291,7 +277,7 @@ def jacobian_determinant(u: np.ndarray, *, spacing_xy=(1.0, 1.0)) -> np.ndarray:
     det : ndarray, shape (H, W), float32
     """
     u = validate_field(u).astype(np.float64)
-    sx, sy = _spacing(spacing_xy)
+    sx, sy = as_spacing_xy(spacing_xy)
     dux_dy, dux_dx = np.gradient(u[0], sy, sx)
     duy_dy, duy_dx = np.gradient(u[1], sy, sx)
     return ((1.0 + dux_dx) * (1.0 + duy_dy) - dux_dy * duy_dx).astype(np.float32)
@@ -312,12 +298,6 @@ def folding_fraction(u: np.ndarray, *, spacing_xy=(1.0, 1.0), mask=None) -> floa
 
 # --- ITK -------------------------------------------------------------------------------------
 
-def _itk():
-    import itk  # lazy: importing hybridreg must not import itk
-
-    return itk
-
-
 def to_itk(u: np.ndarray, *, spacing_xy=(1.0, 1.0), origin_xy=(0.0, 0.0)):
     """Field to ``itk.Image[itk.Vector[itk.D, 2], 2]`` with spacing, origin and direction set.
 
@@ -326,23 +306,12 @@ def to_itk(u: np.ndarray, *, spacing_xy=(1.0, 1.0), origin_xy=(0.0, 0.0)):
     u : ndarray, shape (2, H, W)
         Physical units.
     """
-    itk = _itk()
+    from .itkimage import to_itk as image_to_itk
+
     u = validate_field(u)
-    img = itk.image_from_array(np.ascontiguousarray(np.moveaxis(u, 0, -1), dtype=np.float64),
-                               is_vector=True)
-    img.SetSpacing([float(s) for s in _spacing(spacing_xy)])
-    img.SetOrigin([float(o) for o in _pair(origin_xy, "origin_xy")])
-    direction = itk.Matrix[itk.D, 2, 2]()
-    direction.SetIdentity()
-    img.SetDirection(direction)
-    return img
-
-
-def _check_identity_direction(image, what: str) -> None:
-    d = np.asarray(image.GetDirection())
-    if not np.allclose(d, np.eye(2)):
-        raise ValueError(f"{what} has a non-identity direction {d.tolist()}; hybridreg "
-                         f"supports axis-aligned grids only")
+    return image_to_itk(np.moveaxis(u, 0, -1).astype(np.float64),
+                        spacing=as_spacing_xy(spacing_xy), origin=as_xy(origin_xy, "origin_xy"),
+                        is_vector=True)
 
 
 def from_itk(image) -> tuple[np.ndarray, tuple[float, float], tuple[float, float]]:
@@ -353,20 +322,20 @@ def from_itk(image) -> tuple[np.ndarray, tuple[float, float], tuple[float, float
     u : ndarray, shape (2, H, W), float32, physical units
     spacing_xy, origin_xy : (float, float)
     """
-    itk = _itk()
+    from .itkimage import from_itk as image_from_itk
+
     if image.GetImageDimension() != 2:
         raise ValueError(f"expected a 2D vector image, got dimension {image.GetImageDimension()}")
-    _check_identity_direction(image, "displacement-field image")
-    arr = itk.array_from_image(image)
+    arr, spacing, origin = image_from_itk(image, what="displacement-field image", dimension=2)
     if arr.ndim != 3 or arr.shape[-1] != 2:
         raise ValueError(f"expected a 2-component vector image, got array shape {arr.shape}")
-    u = np.moveaxis(arr, -1, 0).astype(np.float32)
-    return u, tuple(float(s) for s in image.GetSpacing()), tuple(float(o) for o in image.GetOrigin())
+    return np.moveaxis(arr, -1, 0).astype(np.float32), spacing, origin
 
 
 def to_itk_transform(u: np.ndarray, *, spacing_xy=(1.0, 1.0), origin_xy=(0.0, 0.0)):
     """Field to ``itk.DisplacementFieldTransform[itk.D, 2]`` (linear interpolation of the field)."""
-    itk = _itk()
+    import itk  # lazy: importing hybridreg must not import itk
+
     transform = itk.DisplacementFieldTransform[itk.D, 2].New()
     transform.SetDisplacementField(to_itk(u, spacing_xy=spacing_xy, origin_xy=origin_xy))
     return transform
@@ -383,7 +352,8 @@ def from_itk_transform(transform, *, shape_yx, spacing_xy=(1.0, 1.0),
     -------
     u : ndarray, shape (2, H, W), float32, physical units
     """
-    itk = _itk()
+    import itk  # lazy: importing hybridreg must not import itk
+
     h, w = (int(s) for s in shape_yx)
     # wrapped for float vector images only; T(p) - p is computed in double, then stored as
     # float32, the contract's in-memory type
@@ -392,8 +362,8 @@ def from_itk_transform(transform, *, shape_yx, spacing_xy=(1.0, 1.0),
     filt.SetTransform(transform)
     filt.UseReferenceImageOff()
     filt.SetSize([w, h])
-    filt.SetOutputSpacing([float(s) for s in _spacing(spacing_xy)])
-    filt.SetOutputOrigin([float(o) for o in _pair(origin_xy, "origin_xy")])
+    filt.SetOutputSpacing([float(s) for s in as_spacing_xy(spacing_xy)])
+    filt.SetOutputOrigin([float(o) for o in as_xy(origin_xy, "origin_xy")])
     filt.Update()
     return from_itk(filt.GetOutput())[0]
 

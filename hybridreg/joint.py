@@ -35,7 +35,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .fields import _index_grid, sample_field, to_pixels, to_physical, validate_field
+from .fields import index_grid, sample_field, to_pixels, to_physical, validate_field
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def _resample_pairs(v_px: dict, u: np.ndarray, *, batch: int = 8) -> dict:
     h, w = u.shape[-2:]
     pairs = list(v_px)
     if h < 2 or w < 2:
-        grid = _index_grid((h, w))
+        grid = index_grid((h, w))
         return {(i, j): sample_field(v_px[(i, j)], grid + u[i]) for (i, j) in pairs}
     import torch
 

@@ -35,7 +35,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .fields import _spacing, to_physical
+from .checks import as_spacing_xy
+from .fields import to_physical
 from .io import cast_to_dtype
 from .warp import warp
 
@@ -340,7 +341,7 @@ def random_deformation(shape_yx: Sequence[int], *, rng: np.random.Generator | No
     """
     h, w = _check_shape(shape_yx)
     mg = _check_magnitudes(magnitudes)
-    spacing = _spacing(spacing_xy)
+    spacing = as_spacing_xy(spacing_xy)
     if (rng is None) == (seed is None):
         raise TypeError("random_deformation needs exactly one of rng= (a numpy Generator) "
                         "or seed= (an int)")
@@ -443,7 +444,7 @@ def deform_stack(stack: np.ndarray, *, seed: int, labels: np.ndarray | None = No
         if not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
             raise ValueError(f"labels must be integers, got dtype {lab.dtype}")
     _check_magnitudes(magnitudes)
-    spacing = _spacing(spacing_xy)
+    spacing = as_spacing_xy(spacing_xy)
 
     rng = np.random.default_rng(seed)
     out = np.empty_like(arr)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage
 
-from .fields import _index_grid, sampling_grid, to_pixels, validate_field
+from .fields import index_grid, sampling_grid, to_pixels, validate_field
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -27,7 +27,7 @@ def valid_mask(u: np.ndarray, *, spacing_xy=(1.0, 1.0), margin_px: float = 0.0) 
     mask : ndarray of bool, shape (H, W)
     """
     u = validate_field(u)
-    return _inside(_index_grid(u.shape[1:]) + to_pixels(u, spacing_xy), u.shape[1:],
+    return _inside(index_grid(u.shape[1:]) + to_pixels(u, spacing_xy), u.shape[1:],
                    margin_px=margin_px)
 
 
@@ -69,7 +69,7 @@ def warp(moving: np.ndarray, u: np.ndarray, *, spacing_xy=(1.0, 1.0), order: int
     if moving.shape[-2:] != u.shape[1:]:
         raise ValueError(f"moving has grid {moving.shape[-2:]} but the field u has grid "
                          f"{u.shape[1:]}; they must match")
-    pts = _index_grid(u.shape[1:]) + to_pixels(u, spacing_xy)
+    pts = index_grid(u.shape[1:]) + to_pixels(u, spacing_xy)
     coords = np.stack([pts[1], pts[0]])
     chans = moving[None] if moving.ndim == 2 else moving
     out_dtype = moving.dtype if order == 0 else np.float32
