@@ -540,7 +540,7 @@ def cmd_finetune(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .compare import ALL_METHODS
+    from .methods import ALL_METHODS
 
     parser = argparse.ArgumentParser(
         prog="hybridreg",

@@ -42,6 +42,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .methods.registry import ALL_METHODS
+
 __all__ = [
     "ALL_METHODS",
     "CompareCase",
@@ -55,9 +57,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: The methods ``hybridreg compare`` and the demo run by default.
-ALL_METHODS = ("elastix", "learned", "ssemnet", "hybrid")
 
 #: Name of the baseline run (no registration).
 BASELINE = "none"
@@ -243,14 +242,14 @@ def make_case(stack: np.ndarray, *, spacing_xy=(1.0, 1.0), labels: np.ndarray | 
     -------
     CompareCase
     """
-    from .fields import _spacing
+    from .checks import as_spacing_xy
 
     arr = np.asarray(stack)
     if arr.ndim != 3:
         raise ValueError(f"stack must have shape (Z, H, W), got {arr.shape}")
     if arr.shape[0] < 2:
         raise ValueError(f"comparing alignments needs at least 2 sections, got {arr.shape[0]}")
-    spacing = _spacing(spacing_xy)
+    spacing = as_spacing_xy(spacing_xy)
     lab = None
     if labels is not None:
         lab = np.asarray(labels)
@@ -275,27 +274,6 @@ def make_case(stack: np.ndarray, *, spacing_xy=(1.0, 1.0), labels: np.ndarray | 
 
 # --- methods ----------------------------------------------------------------------------------
 
-def _method_class(name: str):
-    import importlib
-
-    from .methods import METHODS
-
-    module, cls = METHODS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-def _accepts(name: str, key: str) -> bool:
-    """Whether method ``name``'s constructor takes option ``key`` (False if it cannot tell)."""
-    import inspect
-
-    try:
-        params = inspect.signature(_method_class(name)).parameters
-    except Exception:  # unknown or broken method: building it reports why
-        return False
-    return key in params or any(p.kind is inspect.Parameter.VAR_KEYWORD
-                                for p in params.values())
-
-
 def _reason(exc: BaseException) -> str:
     """``Type: message`` on one line (elastix errors are whole logs: their description)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
@@ -306,7 +284,7 @@ def _reason(exc: BaseException) -> str:
 
 def _build_methods(methods, options, threads):
     """[(name, method or None, options, reason)] in order; never raises for one method."""
-    from .methods import get_method
+    from .methods.registry import accepts, get_method
 
     built = []
     names = []
@@ -340,7 +318,7 @@ def _build_methods(methods, options, threads):
                                  f"build it with them")
             out.append((name, m, opts, ""))
             continue
-        if threads is not None and "threads" not in opts and _accepts(name, "threads"):
+        if threads is not None and "threads" not in opts and accepts(name, "threads"):
             opts["threads"] = int(threads)
         try:
             out.append((name, get_method(name, **opts), opts, ""))

@@ -11,6 +11,7 @@ from helpers import PhaseCorrelation, smooth_texture
 from hybridreg import cli, compare, io, phantom
 from hybridreg.methods import METHODS
 from hybridreg.methods.base import RegistrationResult, check_pair
+from hybridreg.methods.registry import accepts
 
 #: a deformation of zero magnitude: the ground truth is the identity
 NO_MOTION = dict(max_rotation_deg=0.0, max_shift_px=0.0, max_scale=0.0, elastic_px=0.0)
@@ -189,8 +190,8 @@ def test_threads_go_to_methods_that_take_them(monkeypatch):
     case = compare.make_case(tiny_phantom(sections=3).stack)
     result = compare.compare_methods(case, ["stub"], threads=3)
     assert result.run("stub").options == {"threads": 3}
-    assert compare._accepts("elastix", "threads")
-    assert not compare._accepts("no-such-method", "threads")
+    assert accepts("elastix", "threads")
+    assert not accepts("no-such-method", "threads")
 
 
 def test_write_comparison_and_nothing_is_overwritten(tmp_path):

@@ -5,59 +5,25 @@ For each pair:
 1. the ``learned`` network (:class:`~hybridreg.methods.learned.LearnedMethod`) predicts
    the pull field ``u0`` in one pass;
 2. elastix refines it with a B-spline (:func:`hybridreg.elastix.register_pair` with
-   ``initial_field=u0``), on several similarity channels: the EM section itself and
-   ``feature_channels`` feature maps of the frozen autoencoder
-   (:class:`~hybridreg.models.FeatureAutoencoder`), each channel with its own metric and
-   ``Metric<i>Weight``;
-3. the refined field is kept only if it is better than ``u0`` by the method's own measure
-   (NCC of the warped and the fixed section on the fixed section's content) and does not
-   fold; otherwise, or when elastix fails, the section keeps ``u0`` and is flagged (a
-   warning in the result, so a stack run goes on and its table says which sections).
+   ``initial_field=u0``) on several similarity channels: the section itself and
+   ``feature_channels`` principal components of the frozen autoencoder's features
+   (:func:`feature_maps`), each with its own metric and ``Metric<i>Weight`` (default 1.0 for
+   the section, ``0.5 / feature_channels`` for each feature channel);
+3. the refined field is kept only if it does not lower the NCC of the warped and fixed
+   section on the fixed section's content (``tolerance``) and does not fold; otherwise, or
+   when elastix fails, the section keeps ``u0`` and a warning flags it.
 
-How elastix starts from the learned field (``initial``)
-    ``"resample"`` (default): the moving section and its feature channels are resampled
-    with ``u0`` (linear interpolation), elastix refines from there without an initial
-    transform, and the field is composed, ``compose(b, u0)``; the exported transformix
-    chain is then the B-spline file followed by the learned field's file.
-    ``"external"``: ``u0`` becomes an ITK ``DisplacementFieldTransform`` given to
-    ``SetExternalInitialTransform``; the chain is the learned field's file, then the
-    B-spline. The two give the same accuracy (14 held-out ISBI pairs: 1.00 against 1.02 px
-    on a section's own copy, 7.55 against 7.53 px on its neighbour), but elastix evaluates
-    an external displacement-field transform through ITK's generic transform interface at
-    every sample and every output pixel, which cost about 0.12 s of a 0.37 s refinement on
-    512 x 512 (measured, 2 threads); resampling once costs 0.01 s.
+``initial="resample"`` (default): the moving section and its channels are resampled with
+``u0``, elastix refines without an initial transform, and the total field is
+``compose(b, u0)``; the exported transformix chain is the B-spline file, then the learned
+field's file. ``"external"``: ``u0`` is given to ``SetExternalInitialTransform`` (the chain is
+the learned field's file, then the B-spline); same accuracy, slower.
 
-Feature channels
-    The encoder's features at ``feature_stride`` (default 4: 16 channels after FAEMReg's
-    fourth layer; its final one-channel 1/16 features are too coarse to refine anything) of
-    the sections block-averaged by ``feature_downsample`` (default 4) are reduced to their
-    ``feature_channels`` principal components, computed over the fixed and moving features
-    together (one projection for both, so the channels are comparable), and interpolated
-    bilinearly back to the section grid. Elastix's ``AdvancedNormalizedCorrelation`` does
-    not care about their scale.
-
-Default weights: 1.0 for the section and ``0.5 / feature_channels`` for each feature
-    channel. The section carries the fine detail the refinement is for; the features are
-    smoother (a wider capture basin and less sensitivity to the noise and small content
-    changes between sections), which is what keeps a free B-spline from chasing
-    section-to-section differences. Weighting the features at half the section, in all,
-    lets them steady the optimisation without overruling the section's detail. Set
-    ``channel_weights`` to change this.
-
-The refinement map
-    Default :func:`hybridreg.elastix.refinement_map` for ``1 + feature_channels`` channels
-    with a 64 px grid, one level, 50 iterations and 1024 samples per channel, and no result
-    image written by elastix: the learned field is already close, so the refinement needs
-    few iterations and no pyramid, and a coarse grid leaves it little freedom to follow
-    content that changes between sections. The result is resampled linearly in numpy
-    (``FinalBSplineInterpolationOrder`` 1, the method's ``warped_order``), and the B-spline
-    field is evaluated in numpy (:func:`hybridreg.elastix.bspline_map_field`), not by
-    transformix. Measured on 512 x 512 ISBI pairs (2 threads): learned 0.07 s, features
-    0.05 s, refinement 0.21 s per pair, of which elastix itself 0.14 s (it was 0.37 s
-    with the external initial transform, transformix and elastix's own resampling).
-    A user's own B-spline map may be given (``params``): it is adapted with
-    :func:`hybridreg.elastix.adapt_refinement_map` (channels added, transform penalties
-    removed with a warning), and the maps actually run are in ``info["parameter_maps"]``.
+The refinement map is :func:`hybridreg.elastix.refinement_map` with
+:data:`DEFAULT_REFINEMENT`, or a user's B-spline map adapted with
+:func:`hybridreg.elastix.adapt_refinement_map` (``info["parameter_maps"]`` holds what ran).
+The result is resampled linearly in numpy (``warped_order``), so that the exported chain
+reproduces ``warped``. Measured settings and timings: benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -67,9 +33,12 @@ from typing import Sequence
 
 import numpy as np
 
-from ..fields import _spacing, folding_fraction
+from ..checks import as_spacing_xy
+from ..fields import folding_fraction
 from .base import RegistrationResult, check_pair, content_mask
-from .learned import LearnedMethod, _ModelSource, _ncc_metric, _normalized
+from .learned import LearnedMethod
+from .neural import (ModelSource, encoder_depth, encoder_features, ncc_metric,
+                     normalized_sections)
 
 log = logging.getLogger(__name__)
 
@@ -115,16 +84,14 @@ def feature_maps(ae, fixed: np.ndarray, moving: np.ndarray, *, n_channels: int =
     import torch
     import torch.nn.functional as F
 
-    from .ssemnet import _encoder_depth, _features
-
     n_channels = int(n_channels)
     if n_channels < 1:
         raise ValueError(f"n_channels must be >= 1, got {n_channels}")
     h, w = fixed.shape
-    depth, stride = _encoder_depth(ae, feature_stride)
+    depth, stride = encoder_depth(ae, feature_stride)
     if min(float(np.std(fixed)), float(np.std(moving))) * intensity_scale < 1e-3:
         return [], []  # a blank section: its features would only show the zero padding
-    x = _normalized([fixed, moving], intensity_scale, intensity_offset, "hybrid")
+    x = normalized_sections([fixed, moving], intensity_scale, intensity_offset, "hybrid")
     downsample = int(downsample)
     if downsample < 1:
         raise ValueError(f"downsample must be >= 1, got {downsample}")
@@ -132,7 +99,7 @@ def feature_maps(ae, fixed: np.ndarray, moving: np.ndarray, *, n_channels: int =
         xt = torch.from_numpy(x)[:, None].to(device)
         if downsample > 1:
             xt = F.avg_pool2d(xt, downsample, ceil_mode=True)
-        f = _features(ae, xt, depth, stride)
+        f = encoder_features(ae, xt, depth, stride)
         f = f.double().cpu()
     c = f.shape[1]
     flat = f.permute(1, 0, 2, 3).reshape(c, -1)            # (C, 2 * h * w)
@@ -172,9 +139,7 @@ class HybridMethod:
         Encoder stride of the features (default 4).
     feature_downsample : int
         Sections are block-averaged by this factor before the encoder (default 4: features
-        at an effective stride of 16 px, a quarter of the 64 px B-spline grid, at 1/16 of
-        the cost: FAEMReg's encoder has 128 channels at full resolution, 0.22 s for a
-        512 x 512 pair at a factor of 2 on one thread).
+        at an effective stride of 16 px, at 1/16 of the cost of full resolution).
     references : int
         Window of the learned step (see :class:`LearnedMethod`).
     tolerance : float
@@ -208,7 +173,7 @@ class HybridMethod:
             self._features = None
             feature_channels = 0
         else:
-            self._features = _ModelSource(features, default="feature_ae",
+            self._features = ModelSource(features, default="feature_ae",
                                           expected="FeatureAutoencoder", method=self.name)
         self.feature_channels = int(feature_channels)
         if self.feature_channels < 0:
@@ -294,7 +259,7 @@ class HybridMethod:
 
         t0 = time.perf_counter()
         fixed, moving, refs = check_pair(fixed, moving, references)
-        spacing_xy = _spacing(spacing_xy)
+        spacing_xy = as_spacing_xy(spacing_xy)
         origin_xy = tuple(float(o) for o in origin_xy)
         first = self.learned.register(fixed, moving, references=refs, spacing_xy=spacing_xy,
                                       origin_xy=origin_xy)
@@ -345,7 +310,7 @@ class HybridMethod:
             else:
                 warped, valid = warp(moving.astype(np.float32, copy=False), refined.field,
                                      spacing_xy=spacing_xy, order=self.warped_order)
-            ncc_refined = _ncc_metric(fixed.astype(np.float32, copy=False), warped, valid)
+            ncc_refined = ncc_metric(fixed.astype(np.float32, copy=False), warped, valid)
             info["ncc_refined"] = ncc_refined
             folds = folding_fraction(refined.field, spacing_xy=spacing_xy, mask=mask)
             if not np.all(np.isfinite(refined.field)):

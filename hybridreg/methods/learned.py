@@ -30,15 +30,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ..fields import _spacing, to_physical
-from .base import RegistrationResult, check_pair, content_mask
+from ..checks import as_spacing_xy
+from ..fields import to_physical
+from .base import RegistrationResult, check_pair
+from .neural import (ModelSource, finite_float, ncc_metric, normalized_sections, resolve_device,
+                     set_threads)
 
 log = logging.getLogger(__name__)
 
@@ -46,159 +48,6 @@ __all__ = ["LearnedMethod"]
 
 #: Below this many pixels per side an image is refused, whatever the network.
 MIN_SIZE_PX = 16
-
-
-# --- helpers shared with hybridreg.methods.ssemnet ------------------------------------------
-
-def _resolve_device(device: str, module=None):
-    """``"auto"``: the module's own device if given one, else CUDA when available, else CPU."""
-    import torch
-
-    if device == "auto":
-        if module is not None:
-            p = next(module.parameters(), None)
-            if p is not None:
-                return p.device
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _is_a(model, class_name: str) -> bool:
-    """``model`` is an instance of the class named ``class_name`` (or of a subclass)."""
-    return any(k.__name__ == class_name for k in type(model).__mro__)
-
-
-class _ModelSource:
-    """A checkpoint path (loaded lazily, once) or an in-memory module, of one expected class.
-
-    Parameters
-    ----------
-    model : None, str, PathLike or nn.Module
-        None: the shipped weights ``default`` (:func:`hybridreg.weights.default_weights`,
-        which raises at once if they are not installed).
-    default : str
-        Name of the shipped weights.
-    expected : str
-        Class name the model must have (``"FAEMRegNet"``, ``"FeatureAutoencoder"``).
-    method : str
-        For messages.
-    """
-
-    def __init__(self, model, *, default: str, expected: str, method: str):
-        self.expected = expected
-        self.method = method
-        self.module = None
-        self.path: Path | None = None
-        self._sha256: str | None = None
-        if model is None:
-            from ..weights import default_weights
-
-            self.path = default_weights(default)
-        elif isinstance(model, (str, os.PathLike)):
-            self.path = Path(model)
-            if not self.path.is_file():
-                raise FileNotFoundError(f"{method}: model checkpoint not found: {self.path}")
-        elif hasattr(model, "state_dict") and hasattr(model, "parameters"):
-            if not _is_a(model, expected):
-                raise TypeError(f"{method} needs a {expected}, got a {type(model).__name__}")
-            self.module = model
-        else:
-            raise TypeError(f"{method}: model must be None, a checkpoint path or a {expected}, "
-                            f"got {type(model).__name__}")
-
-    @property
-    def description(self) -> str:
-        return str(self.path) if self.path is not None else f"<in-memory {self.expected}>"
-
-    def load(self, device):
-        """The model, in eval mode, frozen (``requires_grad`` off), on ``device``."""
-        if self.module is None:
-            from ..models import CheckpointError, load_model
-
-            model = load_model(self.path, map_location="cpu")
-            if not _is_a(model, self.expected):
-                raise CheckpointError(
-                    f"{self.path} holds a {type(model).__name__}, but the {self.method} "
-                    f"method needs a {self.expected} checkpoint")
-            self.module = model
-        self.module.eval().requires_grad_(False)
-        return self.module.to(device)
-
-    def sha256(self) -> str:
-        """Hash of the weights (the file's bytes, or the module's config and tensors)."""
-        if self._sha256 is None:
-            h = hashlib.sha256()
-            if self.path is not None:
-                with open(self.path, "rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 20), b""):
-                        h.update(chunk)
-            else:
-                import json
-
-                h.update(json.dumps(getattr(self.module, "config", None), sort_keys=True,
-                                    default=str).encode())
-                for k, v in sorted(self.module.state_dict().items()):
-                    h.update(k.encode())
-                    h.update(v.detach().to("cpu").contiguous().numpy().tobytes())
-            self._sha256 = h.hexdigest()
-        return self._sha256
-
-    def __getstate__(self):  # pickling (process executors): reload from the file there
-        state = dict(self.__dict__)
-        if self.path is not None:
-            state["module"] = None
-        return state
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        import torch
-
-        if int(threads) < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        torch.set_num_threads(int(threads))  # process-wide, as torch has it
-
-
-def _normalized(sections: Sequence[np.ndarray], scale: float, offset: float,
-                method: str) -> np.ndarray:
-    """``(n, H, W)`` float32 sections normalised for the networks.
-
-    ``normalize(x * scale + offset)``: ``scale`` and ``offset`` take the sections to 0-255
-    grey values (FAEMReg's statistics are on that scale).
-    """
-    from ..models import FAEMREG_STD, normalize
-
-    out = np.stack([normalize(s, scale=scale) for s in sections])
-    if offset:
-        out += np.float32(offset / FAEMREG_STD)
-    # 255 normalises to about 3.3; far beyond means the sections are not on the 8-bit scale
-    if float(np.abs(out).max()) > 20.0:
-        log.warning("%s: intensities reach %.0f after the 8-bit scaling; the networks expect "
-                    "0-255 grey values (set intensity_scale and intensity_offset, e.g. from "
-                    "hybridreg.training.eight_bit_scaling(stack), as in training)", method,
-                    float(max(np.abs(s).max() for s in sections)) * scale + offset)
-    return out
-
-
-def _finite(value, name: str) -> float:
-    value = float(value)
-    if not np.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return value
-
-
-def _ncc_metric(fixed: np.ndarray, warped: np.ndarray, valid: np.ndarray) -> float | None:
-    """NCC of ``warped`` and ``fixed`` where the warp is valid and ``fixed`` has content."""
-    from ..metrics import ncc
-
-    mask = valid.copy()
-    content = content_mask(fixed)
-    if content is not None:
-        mask &= content
-    if mask.sum() < 2:
-        return None
-    value = ncc(fixed, warped, mask=mask)
-    return value if np.isfinite(value) else None
 
 
 # --- the method ------------------------------------------------------------------------------
@@ -211,7 +60,7 @@ class _FeatureCache:
     normalised section, so a hit is the same input, bit for bit, and gives the same output
     (to float rounding: a section encoded alone or in a batch). A sequential stack shows
     every aligned section to up to ``references`` pairs, a joint one every raw section to
-    two; the shipped network spends 0.021 of its 0.052 s per 512 x 512 window encoding.
+    two.
     """
 
     def __init__(self, size: int = 8):
@@ -295,7 +144,7 @@ class LearnedMethod:
     def __init__(self, model=None, *, references: int = 3, intensity_scale: float = 1.0,
                  intensity_offset: float = 0.0, device: str = "auto",
                  threads: int | None = None):
-        self._source = _ModelSource(model, default="faemreg_compact", expected="FAEMRegNet",
+        self._source = ModelSource(model, default="faemreg_compact", expected="FAEMRegNet",
                                     method=self.name)
         if int(references) != references or references < 1:
             raise ValueError(f"references must be an int >= 1, got {references!r}")
@@ -303,7 +152,7 @@ class LearnedMethod:
             raise ValueError(f"intensity_scale must be positive, got {intensity_scale!r}")
         self.references = int(references)
         self.intensity_scale = float(intensity_scale)
-        self.intensity_offset = _finite(intensity_offset, "intensity_offset")
+        self.intensity_offset = finite_float(intensity_offset, "intensity_offset")
         self.device = device
         self.threads = threads
         self._net = None
@@ -337,8 +186,8 @@ class LearnedMethod:
     def network(self):
         """The :class:`~hybridreg.models.FAEMRegNet`, loaded on first use."""
         if self._net is None:
-            _set_threads(self.threads)
-            device = _resolve_device(self.device, self._source.module)
+            set_threads(self.threads)
+            device = resolve_device(self.device, self._source.module)
             net = self._source.load(device)
             self._check_window(net)
             self._net, self._device = net, device
@@ -385,7 +234,7 @@ class LearnedMethod:
 
         t0 = time.perf_counter()
         fixed, moving, refs = check_pair(fixed, moving, references)
-        spacing_xy = _spacing(spacing_xy)
+        spacing_xy = as_spacing_xy(spacing_xy)
         net = self.network()
         h, w = fixed.shape
         minimum = self.min_size_px(net)
@@ -393,7 +242,7 @@ class LearnedMethod:
             raise ValueError(f"{self.name}: sections of {h}x{w} pixels are too small for this "
                              f"network (stride {net.stride}); need at least {minimum}x{minimum}")
         used = (list(refs) + [fixed])[-self.references:]  # oldest first, fixed last
-        window_np = _normalized(used + [moving], self.intensity_scale, self.intensity_offset,
+        window_np = normalized_sections(used + [moving], self.intensity_scale, self.intensity_offset,
                                 self.name)
         with torch.inference_mode():
             if hasattr(net, "encode_sections"):
@@ -408,7 +257,7 @@ class LearnedMethod:
         field = to_physical(u_px, spacing_xy)
         warped, valid = warp(moving.astype(np.float32, copy=False), field,
                              spacing_xy=spacing_xy, order=1)
-        metric = _ncc_metric(fixed.astype(np.float32, copy=False), warped, valid)
+        metric = ncc_metric(fixed.astype(np.float32, copy=False), warped, valid)
         return RegistrationResult(
             field=field, warped=warped, spacing_xy=spacing_xy,
             origin_xy=tuple(float(o) for o in origin_xy), metric=metric,

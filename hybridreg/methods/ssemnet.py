@@ -1,118 +1,41 @@
 """ssEMnet (Yoo et al. 2017): per-pair optimisation of a coarse vector map on learned features.
 
 Registering a pair is an optimisation, not a forward pass. A coarse map of displacement
-vectors (control points ``grid_px`` apart) is bilinearly interpolated to every pixel
-(``F.interpolate(..., mode="bilinear", align_corners=True)``: the corner control points sit on
-the corner pixel centres), the moving section is warped with it through the spatial
-transformer (:func:`hybridreg.warp.warp_torch`), and the map is found with Adam by
-backpropagation, minimising the difference between the features of the warped moving section
-and those of the fixed section (and, with weights, of the older aligned references). The
-features come from a frozen :class:`~hybridreg.models.FeatureAutoencoder`.
+vectors (control points ``grid_px`` apart, default 128 px) is bilinearly interpolated to every
+pixel (``align_corners=True``: the corner control points sit on the corner pixel centres),
+the moving section is warped with it through the spatial transformer
+(:func:`hybridreg.warp.warp_torch`), and Adam finds the map by backpropagation, minimising
+the difference between the features of the warped moving section and those of the fixed
+section (and, weighted, of the older references). The features come from a frozen
+:class:`~hybridreg.models.FeatureAutoencoder`, by default its intermediate layer at stride 4
+(``feature_stride``; None: the full encoder, as published).
 
-Objective, per iteration
-    ``data + smoothness * strain``, where
+Objective per iteration: ``data + smoothness * strain``. ``data`` is the weighted mean over
+the references (``reference_weights``, nearest last, default FAEMReg's (0.33, 0.5, 1.0)) of
+:func:`~hybridreg.models.ssemnet_masked_loss`, each divided by its reference's feature
+variance (0 for equal features, about 2 for unrelated ones); ``strain`` is the mean squared
+strain of the interpolated field (:func:`~hybridreg.models.smoothness`, ``"l2"``), so the
+weight does not depend on ``grid_px`` or the pyramid level.
 
-    - ``data = sum_i w_i * L_i / sum_i w_i`` over the references used (``reference_weights``,
-      nearest last: by default FAEMReg's ``(0.33, 0.5, 1.0)``; the fixed section is the
-      nearest), and ``L_i`` is :func:`~hybridreg.models.ssemnet_masked_loss` of the feature
-      difference, divided by the variance of reference ``i``'s features over its mask, so
-      that ``data`` is dimensionless (0 for equal features, about 2 for unrelated ones)
-      whatever the autoencoder's feature scale;
-    - ``strain = smoothness(u, penalty="l2")`` (:func:`~hybridreg.models.smoothness`) of the
-      interpolated field at the stage's resolution: the mean squared strain (pixels per
-      pixel), so ``smoothness`` is independent of ``grid_px`` and of the pyramid level. The
-      default weight 1.0 is small: a 5% strain everywhere costs 0.0025, against data terms
-      of 0.01-0.1 before convergence; the coarse map is the main regulariser, as in ssEMnet.
-      Measured on a 256 px phantom with a known affine + elastic deformation (8 px mean):
-      endpoint error 0.11 px with 0.1, 0.12 px with 1.0, 0.25 px with 5.0; with a small
-      artefact in the moving section, 1.0 was better than 0.1.
+- ``mask_empty``: pixels warped in from outside the moving section, and empty space in either
+  section (:func:`~hybridreg.methods.base.content_mask`), leave the loss (reduced
+  conservatively to the feature grid).
+- ``match_intensity``: the moving section and the older references are mapped linearly onto
+  the fixed section's mean and standard deviation where they overlap with content, since the
+  features follow brightness.
+- Loss drop: the largest feature errors are ignored, a fraction ``loss_drop`` at first,
+  halving every ``drop_halve_every`` iterations, never below ``loss_drop_floor``; the
+  schedule restarts at every stage.
+- ``pyramid``: stages run coarse to fine on sections area-downsampled by these factors
+  (default (4, 2, 1)); stage ``f`` has control points ``grid_px * f`` px apart and steps of
+  ``lr`` of its own pixels, a cosine decay to a tenth within each stage. A stage with fewer
+  than 4 feature pixels on a side is skipped.
+- ``register(..., initial_field=u0)`` returns ``u0 + map`` (the map starts at zero; the
+  smoothness term acts on the map only).
 
-Map resolution (``grid_px``)
-    The default is control points 128 px apart. Adjacent EM sections differ in content, and a
-    finer map follows those differences: registering deformed sections to their *real*
-    neighbours (every third section of the two training stacks, ``pyramid=(8, 4, 2)``), the
-    mean endpoint error against the synthetic truth was 6.79 px with 32 px (the previous
-    default) and 4.58 px with 128 px on vnc2013 (median 11.8 against 7.2 px on ISBI 2012
-    train), while on a section's own deformed copy 32 px was better (0.5 against 1.5 px: a
-    128 px map cannot follow an elastic deformation on a 64 px grid). Whole stacks, joint:
-    10.19 -> 6.89 px on the held-out ISBI test stack (benchmarks/RESULTS.md). Use a finer
-    map where neighbours change little (thin sections, isotropic data).
-
-Empty space (``mask_empty``)
-    Pixels are left out of the loss where the warp sampled outside the moving section
-    (``valid`` of the spatial transformer), where the warped moving section is empty space,
-    and where the reference is empty space (:func:`hybridreg.methods.base.content_mask`), all
-    reduced conservatively to the feature grid (:func:`~hybridreg.models.downsample_mask`: a
-    feature pixel counts only if every pixel under it does).
-
-Grey values (``match_intensity``)
-    Before the features are computed, the moving section and the older references are
-    mapped linearly onto the fixed section's mean and standard deviation, measured where the
-    two show content and overlap (the moving section placed by the initial field, if any)
-    (``match_intensity=True``, the default). The autoencoder's features follow brightness
-    and contrast, so without this a section that is brighter or darker than its neighbour
-    (ISBI 2012 train: sections 8-11, means 112, 99, 135, 139, 115) is registered by the grey
-    values rather than the tissue: the map ran away to 47, 116 and 89 px on those three
-    pairs (elastix ``em_affine``: 9-27 px), NCC 0.04-0.09; with the matching 11, 12 and
-    26 px, NCC 0.25-0.32. Whole stacks, joint: held-out ISBI test 6.89 -> 5.86 px, sections
-    flagged 18 -> 6 (benchmarks/RESULTS.md). elastix's normalised correlation has this
-    invariance built in.
-
-Loss drop
-    Of the remaining feature pixels the largest errors are ignored: a fraction ``loss_drop``
-    (0.5) at first, halving every ``drop_halve_every`` (1) iterations
-    (:func:`~hybridreg.models.loss_drop_fraction`), as in ssEMnet, but never below
-    ``loss_drop_floor`` (0.1): ssEMnet's schedule reaches zero within ten iterations, after
-    which an artefact pulls the map as hard as ever. Measured on 64 px textures shifted by
-    (2.5, -1.5) px with a 12x12 px saturated patch or blank hole in the moving section:
-    endpoint error 0.06-0.12 px with the floor of 0.1, 0.5-4.3 px with ssEMnet's schedule
-    (floor 0), 1.3-15.6 px without loss drop; on clean pairs the floor costs nothing
-    measurable. Artefacts covering more than the floor's share of the section need a larger
-    floor. The schedule restarts at every pyramid stage, where the errors are new.
-
-Feature layer (``feature_stride``)
-    The autoencoder's final features are one channel at 1/16 resolution: one feature pixel
-    per 16x16 pixels cannot place a map whose control points are 32 px apart, and a single
-    channel carries little structure. The default uses the encoder's *intermediate* features
-    at 1/4 resolution (FAEMReg's encoder: the first four layers, 16 channels): spatially
-    fine enough for control points 32 px apart, and still the learned, denoised
-    representation rather than raw intensities. ``feature_stride=None`` uses the full
-    encoder (ssEMnet/FAEMReg as published); any cumulative stride the encoder reaches may be
-    chosen (the output of the deepest layer at that stride is used).
-
-Pyramid (``pyramid``)
-    The gradient that reaches the map is made of local image gradients, so the capture range
-    of one resolution is a few times the texture's correlation length. Stages run coarse to
-    fine on the sections downsampled by the ``pyramid`` factors (area averaging; default
-    ``(4, 2, 1)``); stage ``f`` has control points ``grid_px * f`` pixels apart (``grid_px``
-    at the finest) and steps of ``lr`` of its own pixels, so early stages move far and cheaply
-    (1/16 and 1/4 of the cost of a full-resolution iteration) and the last refines. The map
-    of a stage is sampled at the control points of the next. A
-    stage whose image would give fewer than 4 feature pixels on a side is skipped. The
-    learning rate follows a cosine decay to a tenth within each stage.
-
-Initial field
-    ``register(..., initial_field=u0)`` (physical units) starts from ``u0``: the result is
-    ``u0 + map``, the map starting at zero (the identity when ``u0`` is None). The
-    smoothness term acts on the map only: the initial field's own detail is kept. Adam's first
-    steps are about ``lr`` whatever the gradient, so to refine a good initial field use small
-    steps and fine stages (e.g. ``pyramid=(1,), lr=0.1``).
-
-Cost
-    Every iteration encodes the warped moving section and backpropagates through the encoder.
-    With FAEMReg's autoencoder (128 channels at full resolution) one full-resolution
-    iteration on a 512x512 pair is about 25 GFLOP (the first two layers nearly all of it):
-    1-2 s on one CPU thread, and the default schedule about a minute per 512x512 pair, most
-    of it in the final stage (``info["stages"]`` has the seconds per stage). A lighter
-    autoencoder, fewer final iterations, ``pyramid=(4, 2)`` or a GPU cut this.
-
-Determinism
-    There is no randomness (the map starts at zero, the order of operations is fixed): on the
-    CPU the same inputs give bit-identical results.
-
-Intensities are handled as in :mod:`hybridreg.methods.learned`: 0-255 grey values in,
-``intensity_scale`` and ``intensity_offset`` (the autoencoder's training map) for other
-ranges. torch is imported when the first pair is registered.
+There is no randomness: on the CPU the same inputs give bit-identical results. Intensities
+are handled as in :mod:`hybridreg.methods.learned`. Cost and measured settings:
+benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -123,10 +46,11 @@ from typing import Sequence
 
 import numpy as np
 
-from ..fields import _spacing, to_physical, to_pixels, validate_field
+from ..checks import as_spacing_xy
+from ..fields import to_physical, to_pixels, validate_field
 from .base import RegistrationResult, check_pair, content_mask
-from .learned import (_finite, _ModelSource, _ncc_metric, _normalized, _resolve_device,
-                      _set_threads)
+from .neural import (ModelSource, encoder_depth, encoder_features, finite_float, ncc_metric,
+                     normalized_sections, resolve_device, set_threads)
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +62,7 @@ DEFAULT_REFERENCE_WEIGHTS = (0.33, 0.5, 1.0)
 MIN_FEATURE_PX = 4
 
 
-def _match_intensity(images: np.ndarray, content: Sequence[np.ndarray | None], *,
+def match_intensity(images: np.ndarray, content: Sequence[np.ndarray | None], *,
                      target: int, moving_field: np.ndarray | None = None,
                      spacing_xy=(1.0, 1.0)) -> np.ndarray:
     """Each section's grey values mapped linearly onto section ``target`` (the fixed one):
@@ -177,44 +101,6 @@ def _match_intensity(images: np.ndarray, content: Sequence[np.ndarray | None], *
     return out
 
 
-def _encoder_depth(ae, feature_stride: int | None) -> tuple[int, int]:
-    """``(n_layers, stride)``: how many encoder layers give features at ``feature_stride``."""
-    layers = ae.config["layers"]
-    if feature_stride is None:
-        return len(layers), int(math.prod(s for _, _, s in layers))
-    cum, depth, reached = 1, None, []
-    for i, (_, _, s) in enumerate(layers):
-        cum *= int(s)
-        reached.append(cum)
-        if cum == int(feature_stride):
-            depth = i + 1  # the deepest layer at that stride wins
-    if depth is None:
-        raise ValueError(f"feature_stride={feature_stride} is not a stride this autoencoder's "
-                         f"encoder reaches; it reaches {sorted(set(reached))}")
-    return depth, int(feature_stride)
-
-
-def _features(ae, x, n_layers: int, stride: int):
-    """The output of the first ``n_layers`` encoder layers (with their ReLUs) of ``x``.
-
-    ``x`` is padded at the bottom and right (edge replicated) to a multiple of ``stride``, as
-    :meth:`~hybridreg.models.FeatureAutoencoder.encode` pads to its full stride; with all
-    layers this equals ``ae.encode(x)``.
-    """
-    import torch.nn.functional as F
-
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % stride, (-w) % stride
-    if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-    last = len(ae.encoder) - 1
-    for i, conv in enumerate(ae.encoder[:n_layers]):
-        x = conv(x)
-        if i < last or ae.feature_relu:
-            x = F.relu(x)
-    return x
-
-
 def _downsample(x, shape_yx):
     """Area-average ``(B, C, H, W)`` to ``shape_yx`` (the identity at the same shape)."""
     import torch.nn.functional as F
@@ -249,8 +135,9 @@ class SSEMnetMethod:
         Use the encoder's features at this stride (default 4: FAEMReg's encoder up to its 4th
         layer, 16 channels); None: the full encoder. See the module docstring.
     grid_px : float
-        Control-point spacing of the finest stage, in pixels (default 128; see "Map
-        resolution" in the module docstring).
+        Control-point spacing of the finest stage, in pixels (default 128: between real
+        neighbours a finer map follows content change; a section's own deformed copy
+        is matched better by a finer one).
     pyramid : sequence of int
         Downsampling factor of each stage, coarse to fine (default ``(4, 2, 1)``); ``(1,)``
         is ssEMnet's single resolution.
@@ -302,7 +189,7 @@ class SSEMnetMethod:
                  intensity_scale: float = 1.0, intensity_offset: float = 0.0,
                  device: str = "auto",
                  threads: int | None = None):
-        self._source = _ModelSource(model, default="feature_ae", expected="FeatureAutoencoder",
+        self._source = ModelSource(model, default="feature_ae", expected="FeatureAutoencoder",
                                     method=self.name)
         self.pyramid = tuple(int(f) for f in pyramid)
         if not self.pyramid or any(f < 1 for f in self.pyramid):
@@ -354,13 +241,13 @@ class SSEMnetMethod:
         self.mask_empty = bool(mask_empty)
         self.match_intensity = bool(match_intensity)
         self.intensity_scale = float(intensity_scale)
-        self.intensity_offset = _finite(intensity_offset, "intensity_offset")
+        self.intensity_offset = finite_float(intensity_offset, "intensity_offset")
         self.device = device
         self.threads = threads
         self._ae = None
         self._device = None
         if self._source.module is not None:
-            _encoder_depth(self._source.module, self.feature_stride)  # fail early
+            encoder_depth(self._source.module, self.feature_stride)  # fail early
 
     @property
     def model_path(self):
@@ -384,10 +271,10 @@ class SSEMnetMethod:
     def autoencoder(self):
         """The frozen :class:`~hybridreg.models.FeatureAutoencoder`, loaded on first use."""
         if self._ae is None:
-            _set_threads(self.threads)
-            device = _resolve_device(self.device, self._source.module)
+            set_threads(self.threads)
+            device = resolve_device(self.device, self._source.module)
             ae = self._source.load(device)
-            _encoder_depth(ae, self.feature_stride)
+            encoder_depth(ae, self.feature_stride)
             self._ae, self._device = ae, device
         return self._ae
 
@@ -434,10 +321,10 @@ class SSEMnetMethod:
 
         t0 = time.perf_counter()
         fixed, moving, refs = check_pair(fixed, moving, references)
-        spacing_xy = _spacing(spacing_xy)
+        spacing_xy = as_spacing_xy(spacing_xy)
         h, w = fixed.shape
         ae = self.autoencoder()
-        depth, fstride = _encoder_depth(ae, self.feature_stride)
+        depth, fstride = encoder_depth(ae, self.feature_stride)
         stages = [f for f in self.pyramid
                   if min(-(-h // f), -(-w // f)) >= MIN_FEATURE_PX * fstride]
         if not stages:
@@ -451,13 +338,13 @@ class SSEMnetMethod:
         n_refs = min(len(self.reference_weights), len(refs) + 1)
         used = (list(refs) + [fixed])[-n_refs:]  # oldest first, fixed last
         weights = self.reference_weights[-n_refs:]
-        images = _normalized(used + [moving], self.intensity_scale, self.intensity_offset,
+        images = normalized_sections(used + [moving], self.intensity_scale, self.intensity_offset,
                              self.name)
         content = [content_mask(s) for s in used + [moving]]
         u0 = None if initial_field is None else validate_field(
             initial_field, name="initial_field", shape_yx=(h, w))
         if self.match_intensity:
-            images = _match_intensity(images, content, target=n_refs - 1, moving_field=u0,
+            images = match_intensity(images, content, target=n_refs - 1, moving_field=u0,
                                       spacing_xy=spacing_xy)
         masks = content if self.mask_empty else [None] * len(content)
 
@@ -523,7 +410,7 @@ class SSEMnetMethod:
                 "iterations": len(curve), "stages": stage_info,
                 "references_used": n_refs, "feature_stride": fstride,
                 "control_map_px": c.detach()[0].cpu().numpy(),
-                "ncc": _ncc_metric(fixed.astype(np.float32, copy=False), warped, valid)}
+                "ncc": ncc_metric(fixed.astype(np.float32, copy=False), warped, valid)}
         return RegistrationResult(
             field=field, warped=warped, spacing_xy=spacing_xy,
             origin_xy=tuple(float(o) for o in origin_xy),
@@ -544,7 +431,7 @@ class SSEMnetMethod:
             else None
         moving_l, moving_mask_l = imgs_l[-1:], masks_l[-1:].float()
         with torch.no_grad():
-            ref_feats = _features(ae, imgs_l[:-1], depth, fstride)  # (n_refs, C, fh, fw)
+            ref_feats = encoder_features(ae, imgs_l[:-1], depth, fstride)  # (n_refs, C, fh, fw)
             ref_masks = downsample_mask(masks_l[:-1], fstride)  # (n_refs, 1, fh, fw)
             # each reference's feature variance (mean over channels) over its mask: the unit
             # of the data term
@@ -571,7 +458,7 @@ class SSEMnetMethod:
                     valid = valid & (wm > 0.999)
             else:
                 valid = torch.ones_like(valid)
-            feats = _features(ae, warped, depth, fstride)
+            feats = encoder_features(ae, warped, depth, fstride)
             data = feats.new_zeros(())
             for i, wi in enumerate(weights):
                 if wi == 0:

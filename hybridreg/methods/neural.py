@@ -1,0 +1,213 @@
+"""What the torch-based methods (learned, ssemnet, hybrid) share.
+
+Model sources (a checkpoint path loaded once, or an in-memory module), the device and thread
+settings, the normalisation of sections for the networks, the autoencoder's features at a
+chosen encoder depth, and the NCC by which a method measures its own result. torch is
+imported on first use.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .base import content_mask
+
+log = logging.getLogger(__name__)
+
+__all__ = ["resolve_device", "is_a", "ModelSource", "set_threads", "normalized_sections",
+           "finite_float", "ncc_metric", "encoder_depth", "encoder_features"]
+
+
+def resolve_device(device: str, module=None):
+    """``"auto"``: the module's own device if given one, else CUDA when available, else CPU."""
+    import torch
+
+    if device == "auto":
+        if module is not None:
+            p = next(module.parameters(), None)
+            if p is not None:
+                return p.device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def is_a(model, class_name: str) -> bool:
+    """``model`` is an instance of the class named ``class_name`` (or of a subclass)."""
+    return any(k.__name__ == class_name for k in type(model).__mro__)
+
+
+class ModelSource:
+    """A checkpoint path (loaded lazily, once) or an in-memory module, of one expected class.
+
+    Parameters
+    ----------
+    model : None, str, PathLike or nn.Module
+        None: the shipped weights ``default`` (:func:`hybridreg.weights.default_weights`,
+        which raises at once if they are not installed).
+    default : str
+        Name of the shipped weights.
+    expected : str
+        Class name the model must have (``"FAEMRegNet"``, ``"FeatureAutoencoder"``).
+    method : str
+        For messages.
+    """
+
+    def __init__(self, model, *, default: str, expected: str, method: str):
+        self.expected = expected
+        self.method = method
+        self.module = None
+        self.path: Path | None = None
+        self._sha256: str | None = None
+        if model is None:
+            from ..weights import default_weights
+
+            self.path = default_weights(default)
+        elif isinstance(model, (str, os.PathLike)):
+            self.path = Path(model)
+            if not self.path.is_file():
+                raise FileNotFoundError(f"{method}: model checkpoint not found: {self.path}")
+        elif hasattr(model, "state_dict") and hasattr(model, "parameters"):
+            if not is_a(model, expected):
+                raise TypeError(f"{method} needs a {expected}, got a {type(model).__name__}")
+            self.module = model
+        else:
+            raise TypeError(f"{method}: model must be None, a checkpoint path or a {expected}, "
+                            f"got {type(model).__name__}")
+
+    @property
+    def description(self) -> str:
+        return str(self.path) if self.path is not None else f"<in-memory {self.expected}>"
+
+    def load(self, device):
+        """The model, in eval mode, frozen (``requires_grad`` off), on ``device``."""
+        if self.module is None:
+            from ..models import CheckpointError, load_model
+
+            model = load_model(self.path, map_location="cpu")
+            if not is_a(model, self.expected):
+                raise CheckpointError(
+                    f"{self.path} holds a {type(model).__name__}, but the {self.method} "
+                    f"method needs a {self.expected} checkpoint")
+            self.module = model
+        self.module.eval().requires_grad_(False)
+        return self.module.to(device)
+
+    def sha256(self) -> str:
+        """Hash of the weights (the file's bytes, or the module's config and tensors)."""
+        if self._sha256 is None:
+            h = hashlib.sha256()
+            if self.path is not None:
+                with open(self.path, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(chunk)
+            else:
+                import json
+
+                h.update(json.dumps(getattr(self.module, "config", None), sort_keys=True,
+                                    default=str).encode())
+                for k, v in sorted(self.module.state_dict().items()):
+                    h.update(k.encode())
+                    h.update(v.detach().to("cpu").contiguous().numpy().tobytes())
+            self._sha256 = h.hexdigest()
+        return self._sha256
+
+    def __getstate__(self):  # pickling (process executors): reload from the file there
+        state = dict(self.__dict__)
+        if self.path is not None:
+            state["module"] = None
+        return state
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        if int(threads) < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(int(threads))  # process-wide, as torch has it
+
+
+def normalized_sections(sections: Sequence[np.ndarray], scale: float, offset: float,
+                method: str) -> np.ndarray:
+    """``(n, H, W)`` float32 sections normalised for the networks.
+
+    ``normalize(x * scale + offset)``: ``scale`` and ``offset`` take the sections to 0-255
+    grey values (FAEMReg's statistics are on that scale).
+    """
+    from ..models import FAEMREG_STD, normalize
+
+    out = np.stack([normalize(s, scale=scale) for s in sections])
+    if offset:
+        out += np.float32(offset / FAEMREG_STD)
+    # 255 normalises to about 3.3; far beyond means the sections are not on the 8-bit scale
+    if float(np.abs(out).max()) > 20.0:
+        log.warning("%s: intensities reach %.0f after the 8-bit scaling; the networks expect "
+                    "0-255 grey values (set intensity_scale and intensity_offset, e.g. from "
+                    "hybridreg.training.eight_bit_scaling(stack), as in training)", method,
+                    float(max(np.abs(s).max() for s in sections)) * scale + offset)
+    return out
+
+
+def finite_float(value, name: str) -> float:
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
+def ncc_metric(fixed: np.ndarray, warped: np.ndarray, valid: np.ndarray) -> float | None:
+    """NCC of ``warped`` and ``fixed`` where the warp is valid and ``fixed`` has content."""
+    from ..metrics import ncc
+
+    mask = valid.copy()
+    content = content_mask(fixed)
+    if content is not None:
+        mask &= content
+    if mask.sum() < 2:
+        return None
+    value = ncc(fixed, warped, mask=mask)
+    return value if np.isfinite(value) else None
+
+
+def encoder_depth(ae, feature_stride: int | None) -> tuple[int, int]:
+    """``(n_layers, stride)``: how many encoder layers give features at ``feature_stride``."""
+    layers = ae.config["layers"]
+    if feature_stride is None:
+        return len(layers), int(math.prod(s for _, _, s in layers))
+    cum, depth, reached = 1, None, []
+    for i, (_, _, s) in enumerate(layers):
+        cum *= int(s)
+        reached.append(cum)
+        if cum == int(feature_stride):
+            depth = i + 1  # the deepest layer at that stride wins
+    if depth is None:
+        raise ValueError(f"feature_stride={feature_stride} is not a stride this autoencoder's "
+                         f"encoder reaches; it reaches {sorted(set(reached))}")
+    return depth, int(feature_stride)
+
+
+def encoder_features(ae, x, n_layers: int, stride: int):
+    """The output of the first ``n_layers`` encoder layers (with their ReLUs) of ``x``.
+
+    ``x`` is padded at the bottom and right (edge replicated) to a multiple of ``stride``, as
+    :meth:`~hybridreg.models.FeatureAutoencoder.encode` pads to its full stride; with all
+    layers this equals ``ae.encode(x)``.
+    """
+    import torch.nn.functional as F
+
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % stride, (-w) % stride
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+    last = len(ae.encoder) - 1
+    for i, conv in enumerate(ae.encoder[:n_layers]):
+        x = conv(x)
+        if i < last or ae.feature_relu:
+            x = F.relu(x)
+    return x
