@@ -1,0 +1,255 @@
+"""Transform export: transformix-runnable parameter-file chains and ITK transform files.
+
+:func:`export_transformix_chain` writes an :class:`~hybridreg.elastix.ElastixResult`'s
+transform as ``TransformParameters.<i>.txt`` files for the ``transformix`` program;
+:func:`export_field_chain` does the same for any pull field (a ``DeformationFieldTransform``
+on a ``.mha`` file); :func:`write_itk_transform` writes an ITK transform (``.h5``).
+
+After an external initial transform the parameter files elastix writes reference an ITK
+``.tfm`` file that elastix 5.0's ``transformix`` cannot read: the chains written here stand
+in for them and reproduce the result on their own.
+
+Transformix 5.0.1 (the Debian program) resolves relative paths in
+``InitialTransformParametersFileName`` and ``DeformationFieldFileName`` against its current
+working directory, not against the parameter file's folder: the chains link by absolute
+paths unless asked for bare file names.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ..checks import as_xy
+from .loading import load_itk
+from .params import format_parameter_file
+from .run import ElastixResult
+
+log = logging.getLogger(__name__)
+
+
+def _grid_entries(shape_yx, spacing_xy, origin_xy) -> dict[str, list[str]]:
+    h, w = shape_yx
+    return {
+        "FixedImageDimension": ["2"],
+        "MovingImageDimension": ["2"],
+        "FixedInternalImagePixelType": ["float"],
+        "MovingInternalImagePixelType": ["float"],
+        "Size": [str(int(w)), str(int(h))],
+        "Index": ["0", "0"],
+        "Spacing": [repr(float(s)) for s in spacing_xy],
+        "Origin": [repr(float(o)) for o in origin_xy],
+        "Direction": ["1", "0", "0", "1"],
+        "UseDirectionCosines": ["true"],
+    }
+
+
+def _write_field_mha(path: Path, u, *, spacing_xy, origin_xy) -> None:
+    from ..io import write_field
+
+    write_field(path, u, spacing_xy=spacing_xy, origin_xy=origin_xy, overwrite=True)
+
+
+def _deformation_field_map(grid: Mapping[str, list[str]], field_link: str) -> dict:
+    """A transformix map applying a displacement-field file (linear field interpolation)."""
+    entry = dict(grid)
+    entry.update({
+        "Transform": ["DeformationFieldTransform"],
+        "DeformationFieldFileName": [field_link],
+        # elastix's default order 0 (nearest neighbour) would make the field piecewise constant
+        "DeformationFieldInterpolationOrder": ["1"],
+        "NumberOfParameters": ["0"],
+        "HowToCombineTransforms": ["Compose"],
+    })
+    return entry
+
+
+def _linker(directory: Path, absolute_paths: bool):
+    base = directory.resolve()
+
+    def link(name: str) -> str:
+        return str(base / name) if absolute_paths else name
+
+    return link
+
+
+def _write_chain(chain, directory: Path, link, *, order: list[str],
+                 default_pixel: list[str]) -> Path:
+    """Write ``TransformParameters.<i>.txt`` files linked in order; return the last path."""
+    paths = []
+    for i, m in enumerate(chain):
+        m = dict(m)
+        m.pop("TransformAddress", None)
+        previous = ["NoInitialTransform"] if i == 0 else [link(f"TransformParameters.{i - 1}.txt")]
+        # elastix 5.0 reads the plural name, elastix >= 5.1 writes (and reads) the singular.
+        m["InitialTransformParametersFileName"] = previous
+        m["InitialTransformParameterFileName"] = list(previous)
+        m.setdefault("HowToCombineTransforms", ["Compose"])
+        m["ResampleInterpolator"] = ["FinalBSplineInterpolator"]
+        m["FinalBSplineInterpolationOrder"] = list(order)
+        m["Resampler"] = ["DefaultResampler"]
+        m["DefaultPixelValue"] = list(default_pixel)
+        m["ResultImagePixelType"] = ["float"]
+        m["ResultImageFormat"] = ["mha"]
+        m["CompressResultImage"] = ["false"]
+        m["WriteResultImage"] = ["true"]
+        path = directory / f"TransformParameters.{i}.txt"
+        path.write_text(f"// hybridreg transformix chain, file {i} of {len(chain)}\n"
+                        + format_parameter_file(m))
+        paths.append(path)
+    log.info("wrote a transformix chain of %d file(s) to %s", len(paths), directory)
+    return paths[-1]
+
+
+def _check_order(order) -> list[str]:
+    if int(order) not in range(6):
+        raise ValueError(f"interpolation order must be 0..5, got {order!r}")
+    return [str(int(order))]
+
+
+def export_transformix_chain(result: ElastixResult, directory, *, absolute_paths: bool = True,
+                             final_interpolation_order: int | None = None,
+                             field_name: str = "initial_field.mha") -> Path:
+    """Write ``result``'s transform as a chain of parameter files for ``transformix``.
+
+    Writes ``TransformParameters.0.txt ... TransformParameters.N.txt`` into ``directory``,
+    each linked to the previous one by ``InitialTransformParametersFileName`` (the name
+    elastix 5.0 reads; the singular ``InitialTransformParameterFileName`` of elastix >= 5.1
+    is written too), such that
+    ``transformix -in moving.mha -out OUT -tp DIRECTORY/TransformParameters.N.txt``
+    reproduces ``result.warped`` (elastix 5.0.1's ``transformix`` and later). With an
+    initial field, the chain starts with a ``DeformationFieldTransform`` file pointing at
+    the initial field, written as ``field_name`` (a 2-component float32 ``.mha`` in physical
+    units, linearly interpolated: ``DeformationFieldInterpolationOrder 1``), followed by the
+    maps elastix found; after ``initial_mode="resample"`` the maps elastix found come first
+    and the initial field's file last (transformix applies the file a chain starts with
+    first to the fixed points, and the initial field acted after those maps).
+
+    The files ask for a ``float`` result image in ``.mha`` format.
+
+    Parameters
+    ----------
+    result : ElastixResult
+    directory : str or os.PathLike
+        Created if missing; existing ``TransformParameters.*.txt`` files are overwritten.
+    absolute_paths : bool
+        Link files by absolute paths (default). transformix 5.0.1 resolves relative paths
+        against its *working directory*, not the parameter file's folder: with
+        ``absolute_paths=False`` the links are bare file names, and transformix must be run
+        from inside ``directory``.
+    final_interpolation_order : int, optional
+        Override ``FinalBSplineInterpolationOrder`` (0-5) of the chain's resampling; by
+        default the order elastix used is kept, so the result matches ``result.warped``.
+    field_name : str
+        File name of the initial field inside ``directory``.
+
+    Returns
+    -------
+    Path
+        The last file of the chain (the one to give to ``transformix -tp``).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    link = _linker(directory, absolute_paths)
+    grid = _grid_entries(result.shape_yx, result.spacing_xy, result.origin_xy)
+    chain: list[dict[str, list[str]]] = []
+    for m in result.transform_parameter_maps:
+        kind = m.get("Transform", [""])[0]
+        if kind == "ExternalTransform":
+            if result.initial_field is None:
+                raise ValueError("the result has an ExternalTransform map but no initial_field "
+                                 "to export")
+            chain.append(_deformation_field_map(grid, link(field_name)))
+        elif kind == "File":
+            raise ValueError("the result's transform parameters reference an ITK transform "
+                             "file (Transform \"File\"); this cannot be exported for "
+                             "transformix 5.0")
+        else:
+            chain.append(dict(m))
+    if result.initial_field is not None:
+        if result.initial_mode == "resample":
+            chain.append(_deformation_field_map(grid, link(field_name)))
+        elif not any(m.get("Transform", [""])[0] == "DeformationFieldTransform" for m in chain):
+            # itk-elastix that does not report the external transform: put it in front.
+            chain.insert(0, _deformation_field_map(grid, link(field_name)))
+        _write_field_mha(directory / field_name, result.initial_field,
+                         spacing_xy=result.spacing_xy, origin_xy=result.origin_xy)
+    if not chain:
+        raise ValueError("the result holds no transform parameter maps")
+
+    # Resampling settings of the last map decide the output; copy them to every file.
+    last = result.transform_parameter_maps[-1]
+    order = last.get("FinalBSplineInterpolationOrder", ["3"])
+    if final_interpolation_order is not None:
+        order = _check_order(final_interpolation_order)
+    return _write_chain(chain, directory, link, order=order,
+                        default_pixel=last.get("DefaultPixelValue", ["0"]))
+
+
+def export_field_chain(u: np.ndarray, directory, *, spacing_xy=(1.0, 1.0),
+                       origin_xy=(0.0, 0.0), interpolation_order: int = 1,
+                       absolute_paths: bool = True, field_name: str = "field.mha",
+                       field_file=None) -> Path:
+    """Write any field as a one-file transformix chain (a ``DeformationFieldTransform``).
+
+    ``transformix -in moving.mha -out OUT -tp <returned file>`` then gives
+    ``hybridreg.warp.warp(moving, u, order=interpolation_order)``: this is how a section's final
+    transform is exported when it is not an elastix transform (a learned field, a
+    drift-corrected composition).
+
+    Parameters
+    ----------
+    u : ndarray, shape (2, H, W)
+        Pull field, physical units (written as ``directory/field_name``).
+    directory : str or os.PathLike
+    spacing_xy, origin_xy : (float, float)
+    interpolation_order : int
+        Image interpolation of the resampling (``FinalBSplineInterpolationOrder``, 0-5).
+    absolute_paths : bool
+        See :func:`export_transformix_chain`.
+    field_file : path, optional
+        An existing ``.mha`` holding ``u`` (e.g. written by :func:`hybridreg.io.write_field`):
+        the chain links to it (by absolute path) instead of writing a copy.
+
+    Returns
+    -------
+    Path
+        ``directory/TransformParameters.0.txt``.
+    """
+    from ..fields import validate_field
+
+    u = validate_field(u)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    link = _linker(directory, absolute_paths)
+    sp, org = as_xy(spacing_xy, "spacing_xy"), as_xy(origin_xy, "origin_xy")
+    if field_file is None:
+        _write_field_mha(directory / field_name, u, spacing_xy=sp, origin_xy=org)
+        target = link(field_name)
+    else:
+        target = str(Path(field_file).resolve())
+    entry = _deformation_field_map(_grid_entries(u.shape[1:], sp, org), target)
+    return _write_chain([entry], directory, link, order=_check_order(interpolation_order),
+                        default_pixel=["0"])
+
+
+def write_itk_transform(path, transform) -> Path:
+    """Write an ITK transform (e.g. ``ElastixResult.transform``) with ``itk.transformwrite``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        ``.h5`` (HDF5; holds displacement-field transforms) or ``.tfm``/``.txt``.
+    transform : itk.Transform
+
+    Returns
+    -------
+    Path
+    """
+    itk = load_itk()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    itk.transformwrite([transform], str(path))
+    return path
