@@ -347,7 +347,7 @@ def _read_section(path):
 
 
 def cmd_register(args) -> int:
-    from . import io
+    from .outputs import write_registration
 
     fixed, moving = _read_section(args.fixed), _read_section(args.moving)
     if fixed.data.shape != moving.data.shape:
@@ -357,24 +357,10 @@ def cmd_register(args) -> int:
     method = _tiled(args, _method(args))
     res = method.register(fixed.data[0].astype("float32"), moving.data[0].astype("float32"),
                           spacing_xy=spacing_xy)
-    inputs = [args.fixed, args.moving]
-    io.write_stack(args.out, io.cast_to_dtype(res.warped, moving.data.dtype),
-                   spacing_xyz=moving.spacing_xyz, overwrite=args.overwrite, inputs=inputs)
-    if args.fields_out:
-        out = Path(args.fields_out)
-        io.write_field(io.field_path(out, 0), res.field, spacing_xy=spacing_xy,
-                       overwrite=args.overwrite)
-        er = res.info.get("elastix")
-        if er is not None:  # elastix's own chain, for the transformix program
-            from .elastix import export_transformix_chain, write_itk_transform
-
-            last = export_transformix_chain(er, out / "transformix")
-            write_itk_transform(out / "section_0000.h5", er.transform)
-        else:  # any other field: one DeformationFieldTransform file
-            from .elastix import export_field_chain
-
-            last = export_field_chain(res.field, out / "transformix", spacing_xy=spacing_xy,
-                                      field_file=io.field_path(out, 0))
+    last = write_registration(res, out=args.out, moving=moving, fields_out=args.fields_out,
+                              spacing_xy=spacing_xy, overwrite=args.overwrite,
+                              inputs=[args.fixed, args.moving])
+    if last is not None:
         print(f"transformix chain: transformix -in MOVING -out DIR -tp {last}")
     for warning in res.warnings:
         print(f"warning: {warning}")
@@ -459,6 +445,7 @@ class _dask_client:
 
 def cmd_apply(args) -> int:
     from . import io
+    from .outputs import write_stack_sections
     from .stack import AlignedSections, apply_fields
 
     stack = io.read_stack(args.stack, lazy=io.is_ome_zarr_target(args.out))
@@ -471,18 +458,11 @@ def cmd_apply(args) -> int:
     order = 0 if args.nearest else 1
     if io.is_ome_zarr_target(args.out):  # section by section: never the whole volume
         warped = AlignedSections(stack.data, fields, spacing_xy=spacing_xy, order=order)
-        with io.open_section_writer(args.out, shape_zyx=stack.data.shape,
-                                    dtype=stack.data.dtype, spacing_xyz=stack.spacing_xyz,
-                                    unit=stack.unit, overwrite=args.overwrite,
-                                    inputs=[args.stack]) as writer:
-            for k in range(stack.data.shape[0]):
-                writer.write(k, warped[k])
     else:
-        out = apply_fields(stack.data, fields, spacing_xy=spacing_xy, order=order)
-        if not args.nearest:
-            out = io.cast_to_dtype(out, stack.data.dtype)
-        io.write_stack(args.out, out, spacing_xyz=stack.spacing_xyz, unit=stack.unit,
-                       overwrite=args.overwrite, inputs=[args.stack])
+        warped = apply_fields(stack.data, fields, spacing_xy=spacing_xy, order=order)
+    write_stack_sections(args.out, warped, shape_zyx=stack.data.shape, dtype=stack.data.dtype,
+                         spacing_xyz=stack.spacing_xyz, unit=stack.unit,
+                         overwrite=args.overwrite, inputs=[args.stack])
     kind = "nearest neighbour" if args.nearest else "linear"
     print(f"applied {fields.shape[0]} fields ({kind}) -> {args.out}")
     return 0

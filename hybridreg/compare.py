@@ -37,12 +37,12 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field as dc_field
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from .methods.registry import ALL_METHODS
+from .outputs import BASELINE, check_outputs, planned_outputs, write_comparison
 
 __all__ = [
     "ALL_METHODS",
@@ -58,8 +58,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Name of the baseline run (no registration).
-BASELINE = "none"
 
 
 @dataclass(frozen=True, eq=False)
@@ -478,94 +476,3 @@ def compare_methods(case: CompareCase, methods: Sequence, *,
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                 "date": time.strftime("%Y-%m-%d %H:%M")}
     return Comparison(case=case, runs=runs, margin_px=margin_px, settings=settings)
-
-
-# --- writing ----------------------------------------------------------------------------------
-
-def planned_outputs(out_dir, *, names: Sequence[str] = (), save_aligned: bool = False,
-                    report: bool = True) -> list[Path]:
-    """The paths :func:`write_comparison` writes into ``out_dir`` for methods ``names``."""
-    out = Path(out_dir)
-    paths = [out / "metrics.csv", out / "metrics.json"]
-    if report:
-        paths.append(out / "report.html")
-    if save_aligned:
-        for name in names:
-            paths += [out / f"aligned_{name}.tif", out / f"fields_{name}"]
-    return paths
-
-
-def check_outputs(out_dir, *, names: Sequence[str] = (), save_aligned: bool = False,
-                  report: bool = True, overwrite: bool = False) -> None:
-    """Refuse, before any work, an ``out_dir`` that already holds an output (without overwrite).
-
-    Raises
-    ------
-    FileExistsError
-        Naming the first existing output.
-    """
-    if overwrite:
-        return
-    for p in planned_outputs(out_dir, names=names, save_aligned=save_aligned, report=report):
-        if p.exists():
-            raise FileExistsError(f"{p} exists; pass overwrite (--overwrite) to replace the "
-                                  f"outputs in {out_dir}")
-
-
-def write_comparison(comparison: Comparison, out_dir, *, overwrite: bool = False,
-                     inputs: Sequence = (), save_aligned: bool = False, dtype=None,
-                     report: bool = True) -> dict:
-    """Write a comparison: tables, JSON, the HTML report and optionally the alignments.
-
-    Files (each written atomically, :func:`hybridreg.io.atomic_output`):
-
-    - ``metrics.csv``: one row per method and section (``method``, ``section``, metrics);
-    - ``metrics.json``: case, settings, each method's status and options, summaries and
-      per-section rows (NaN as null);
-    - ``report.html``: the self-contained report (:func:`hybridreg.report.write_report`);
-    - with ``save_aligned``, per method that ran: ``aligned_<name>.tif`` and
-      ``fields_<name>/`` (one ``.mha`` per section, :func:`hybridreg.stack.save_alignment`).
-
-    Parameters
-    ----------
-    out_dir : path
-        Created if missing.
-    overwrite : bool
-        Replace existing outputs; without it an existing output raises before anything is
-        written.
-    inputs : sequence of paths
-        Paths never to overwrite.
-    dtype : numpy dtype, optional
-        Cast the saved aligned stacks to this (default: the case's stack dtype).
-
-    Returns
-    -------
-    dict mapping ``"csv"``, ``"json"``, ``"report"`` (and ``"aligned_<name>"``) to paths.
-    """
-    from .metrics import write_json, write_table_csv
-
-    out = Path(out_dir)
-    names = [r.name for r in comparison.runs if r.name != BASELINE]
-    check_outputs(out, names=names, save_aligned=save_aligned, report=report,
-                  overwrite=overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    written = {"csv": out / "metrics.csv", "json": out / "metrics.json"}
-    write_table_csv(comparison.section_rows(), written["csv"], overwrite=overwrite)
-    write_json(comparison.to_json(), written["json"], overwrite=overwrite)
-    if save_aligned:
-        from .stack import save_alignment
-
-        dtype = comparison.case.stack.dtype if dtype is None else dtype
-        for r in comparison.runs:
-            if r.name == BASELINE or r.alignment is None:
-                continue
-            path = out / f"aligned_{r.name}.tif"
-            save_alignment(r.alignment, out=path, fields_out=out / f"fields_{r.name}",
-                           transforms=False, overwrite=overwrite, inputs=inputs, dtype=dtype)
-            written[f"aligned_{r.name}"] = path
-    if report:
-        from .report import write_report
-
-        written["report"] = write_report(comparison, out / "report.html", overwrite=overwrite,
-                                         inputs=inputs)
-    return written

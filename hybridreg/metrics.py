@@ -6,16 +6,15 @@ by its spacing before the norm is taken.
 """
 from __future__ import annotations
 
-import csv
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from .fields import folding_fraction, jacobian_determinant, to_pixels, validate_field
+from .outputs import write_json, write_table_csv  # re-exported; their home is outputs
 from .warp import valid_mask, warp
 
 __all__ = [
@@ -285,40 +284,3 @@ def summarize(rows: Iterable[dict], *, skip_first: bool = True) -> dict:
         vals = np.array([r.get(key, np.nan) for r in rows], dtype=np.float64)
         out[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
     return out
-
-
-def write_table_csv(rows: Sequence[dict], path, *, overwrite: bool = True) -> None:
-    """Write per-section rows as CSV, atomically (see :func:`hybridreg.io.atomic_output`)."""
-    from .io import atomic_output
-
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with atomic_output(path, overwrite=overwrite) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
-
-
-def _jsonable(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if hasattr(x, "__dataclass_fields__"):
-        return _jsonable(asdict(x))
-    if isinstance(x, np.generic):
-        return _jsonable(x.item())
-    return x
-
-
-def write_json(obj, path, *, overwrite: bool = True) -> None:
-    """Write JSON atomically, NaN and inf as null."""
-    from .io import atomic_output
-
-    with atomic_output(path, overwrite=overwrite) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(_jsonable(obj), f, indent=2)

@@ -59,6 +59,7 @@ from .fields import validate_field
 from .io import SectionSequence
 from .joint import check_anchor, check_prior, pair_list, solve_joint
 from .methods.base import Method
+from .outputs import save_alignment
 from .warp import warp
 
 log = logging.getLogger(__name__)
@@ -689,86 +690,3 @@ def _run_on_client(client, method, raw, todo, kwargs, finished, *, bar) -> None:
             if room <= 0:
                 break
     bar.close()
-
-
-def save_alignment(result: StackAlignment, *, out=None, fields_out=None, transforms: bool = True,
-                   overwrite: bool = False, inputs=(), dtype=None, spacing_xyz=None,
-                   unit: str | None = None, resume: bool = False,
-                   progress: bool = False) -> None:
-    """Write an alignment: the aligned stack, and the per-section transforms and tables.
-
-    ``fields_out`` receives, for every section k:
-
-    - ``section_kkkk.mha``: the field (the contract's on-disk form);
-    - ``section_kkkk.h5``: the same as an ITK ``DisplacementFieldTransform`` (``transforms``);
-    - ``transformix/section_kkkk/TransformParameters.0.txt``: a transformix chain that
-      reproduces the aligned section (``transformix -in raw_section.mha -tp ...``);
-
-    plus ``sections.csv`` (per section) and, in joint mode, ``pairs.csv``.
-
-    Parameters
-    ----------
-    out : path, optional
-        The aligned stack (any format :func:`hybridreg.io.write_stack` writes). A bare
-        ``store.zarr`` is written as an OME-Zarr image one section at a time
-        (:func:`hybridreg.io.open_section_writer`): a lazy ``result.aligned`` is never
-        held whole in memory.
-    dtype : numpy dtype, optional
-        Cast the aligned stack to this (e.g. the input's uint8, rounded and clipped).
-    spacing_xyz : (float, float, float), optional
-        Spacing written with the aligned stack; default ``(*result.spacing_xy, 1.0)``.
-    unit : str, optional
-        Unit of the spacing (OME-Zarr axes).
-    inputs : sequence of paths
-        Paths never to overwrite.
-    resume : bool
-        Finish the outputs of an interrupted call with the same result: a zarr ``out``
-        left incomplete keeps the sections it has and gets the missing ones; the other
-        outputs are written again (as with ``overwrite``), giving the same files.
-    progress : bool
-        A progress bar (tqdm) while writing a zarr ``out``.
-    """
-    from . import io
-    from .metrics import write_table_csv
-
-    if spacing_xyz is None:
-        spacing_xyz = tuple(result.spacing_xy) + (1.0,)
-    if out is not None and io.is_ome_zarr_target(out):
-        z, h, w = result.fields.shape[0], *result.fields.shape[2:]
-        writer = io.open_section_writer(
-            out, shape_zyx=(z, h, w), dtype=np.float32 if dtype is None else dtype,
-            spacing_xyz=spacing_xyz, unit=unit, overwrite=overwrite, resume=resume,
-            inputs=inputs)
-        missing = writer.missing()
-        if len(missing) < z:
-            log.info("%s: %d of %d sections already written", out, z - len(missing), z)
-        for k in _bar(missing, desc="write", progress=progress):
-            writer.write(k, result.aligned[k])
-        writer.close()
-    elif out is not None:
-        aligned = np.asarray(result.aligned)
-        data = aligned if dtype is None else io.cast_to_dtype(aligned, dtype)
-        io.write_stack(out, data, spacing_xyz=spacing_xyz, unit=unit,
-                       overwrite=overwrite or resume, inputs=inputs)
-    overwrite = overwrite or resume
-    if fields_out is None:
-        return
-    fields_out = Path(fields_out)
-    io.write_fields(fields_out, result.fields, spacing_xy=result.spacing_xy,
-                    origin_xy=result.origin_xy, overwrite=overwrite)
-    write_table_csv(result.table, fields_out / "sections.csv", overwrite=True)
-    if result.pairs:
-        write_table_csv(result.pairs, fields_out / "pairs.csv", overwrite=True)
-    if not transforms:
-        return
-    from .elastix import export_field_chain, write_itk_transform
-    from .fields import to_itk_transform
-
-    for k, u in enumerate(result.fields):
-        field_file = io.field_path(fields_out, k)
-        write_itk_transform(field_file.with_suffix(".h5"),
-                            to_itk_transform(u, spacing_xy=result.spacing_xy,
-                                             origin_xy=result.origin_xy))
-        export_field_chain(u, fields_out / "transformix" / field_file.stem,
-                           spacing_xy=result.spacing_xy, origin_xy=result.origin_xy,
-                           interpolation_order=result.order, field_file=field_file)

@@ -6,8 +6,10 @@ import os
 
 import numpy as np
 
+from ..outputs import jsonable
+
 from .data import StackSampler
-from .loop import (TAG_FEATURES, TrainingLog, common_checks, history_summary, jsonable,
+from .loop import (TAG_FEATURES, TrainingLog, common_checks, history_summary,
                    prepare_out, resolve_device, resume_state, run_loop)
 
 log = logging.getLogger(__name__)

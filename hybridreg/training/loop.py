@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
+
+from ..outputs import jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -131,21 +132,6 @@ def common_checks(steps, batch, crop, lr, checkpoint_every, log_every, stop_at,
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
     return steps
-
-
-def jsonable(value):
-    """Options to JSON: paths to str, tuples to lists, dataclasses to dicts."""
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if hasattr(value, "__dataclass_fields__"):
-        return jsonable(asdict(value))
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    return value
 
 
 # --- the state file ------------------------------------------------------------------------------

@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
+from ..outputs import jsonable
+
 from .data import StackSampler
 from .evaluate import evaluate_registration
 from .loop import (TAG_REGISTRATION, TrainingLog, check_int, common_checks, history_summary,
-                   jsonable, prepare_out, resolve_device, resume_state, run_loop)
+                   prepare_out, resolve_device, resume_state, run_loop)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

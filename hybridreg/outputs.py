@@ -1,0 +1,318 @@
+"""The one place that writes a run's outputs.
+
+An alignment (:func:`save_alignment`): the aligned stack, one field per section (the
+contract's on-disk form, :mod:`hybridreg.fields`), its ITK ``.h5`` transform and transformix
+chain, ``sections.csv`` and ``pairs.csv``. A single registration (:func:`write_registration`).
+A comparison (:func:`write_comparison`): tables, JSON, the HTML report, optionally each
+method's alignment. Tables and JSON (:func:`write_table_csv`, :func:`write_json`).
+
+Every file is written atomically (:func:`hybridreg.io.atomic_output`): nothing is overwritten
+without ``overwrite``, paths given as ``inputs`` never, and a failed write leaves no
+half-written file under the final name. The one exception is an OME-Zarr stack, written in
+place one section at a time and resumably (:func:`hybridreg.io.open_section_writer`).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from . import io
+
+log = logging.getLogger(__name__)
+
+__all__ = ["jsonable", "write_table_csv", "write_json", "write_stack_sections",
+           "write_transforms", "save_alignment", "write_registration", "planned_outputs",
+           "check_outputs", "write_comparison"]
+
+#: Name of the baseline run (no registration) of a comparison.
+BASELINE = "none"
+
+
+# --- tables -----------------------------------------------------------------------------------
+
+def jsonable(x):
+    """``x`` as JSON-ready values: mappings, sequences, dataclasses and numpy scalars
+    converted, paths as strings, NaN and inf as None, other objects as their ``repr``."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    if isinstance(x, Mapping):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if hasattr(x, "__dataclass_fields__") and not isinstance(x, type):
+        return jsonable(asdict(x))
+    if isinstance(x, np.generic):
+        return jsonable(x.item())
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    return repr(x)
+
+
+def write_table_csv(rows: Sequence[dict], path, *, overwrite: bool = True) -> None:
+    """Write per-section rows as CSV (columns: every key, in order of first appearance)."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with io.atomic_output(path, overwrite=overwrite) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def write_json(obj, path, *, overwrite: bool = True) -> None:
+    """Write ``jsonable(obj)`` as indented JSON (NaN and inf as null)."""
+    with io.atomic_output(path, overwrite=overwrite) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(jsonable(obj), f, indent=2)
+
+
+# --- stacks and transforms --------------------------------------------------------------------
+
+def write_stack_sections(out, sections, *, shape_zyx, dtype=None, spacing_xyz=None,
+                         unit: str | None = None, overwrite: bool = False, resume: bool = False,
+                         inputs=(), progress: bool = False) -> None:
+    """Write a stack whose sections are computed on demand (``sections[k]``, float).
+
+    A bare ``store.zarr`` is written as an OME-Zarr image one section at a time, resumably
+    (a lazy ``sections`` is never held whole); any other target is written at once, cast to
+    ``dtype`` (rounded and clipped) when given.
+    """
+    if io.is_ome_zarr_target(out):
+        from tqdm.auto import tqdm
+
+        z = int(shape_zyx[0])
+        writer = io.open_section_writer(
+            out, shape_zyx=tuple(shape_zyx), dtype=np.float32 if dtype is None else dtype,
+            spacing_xyz=spacing_xyz, unit=unit, overwrite=overwrite, resume=resume,
+            inputs=inputs)
+        missing = writer.missing()
+        if len(missing) < z:
+            log.info("%s: %d of %d sections already written", out, z - len(missing), z)
+        for k in tqdm(missing, desc="write", unit="section", disable=not progress):
+            writer.write(k, sections[k])
+        writer.close()
+        return
+    data = np.asarray(sections)
+    if dtype is not None:
+        data = io.cast_to_dtype(data, dtype)
+    io.write_stack(out, data, spacing_xyz=spacing_xyz, unit=unit,
+                   overwrite=overwrite or resume, inputs=inputs)
+
+
+def write_transforms(fields_out, k: int, u: np.ndarray, *, spacing_xy, origin_xy,
+                     order: int = 1) -> None:
+    """Section ``k``'s field as an ITK ``.h5`` transform and a transformix chain.
+
+    Next to its ``section_kkkk.mha`` (which must exist): ``section_kkkk.h5`` (a
+    ``DisplacementFieldTransform``) and ``transformix/section_kkkk/``.
+    """
+    from .elastix import export_field_chain, write_itk_transform
+    from .fields import to_itk_transform
+
+    fields_out = Path(fields_out)
+    field_file = io.field_path(fields_out, k)
+    write_itk_transform(field_file.with_suffix(".h5"),
+                        to_itk_transform(u, spacing_xy=spacing_xy, origin_xy=origin_xy))
+    export_field_chain(u, fields_out / "transformix" / field_file.stem, spacing_xy=spacing_xy,
+                       origin_xy=origin_xy, interpolation_order=order, field_file=field_file)
+
+
+def save_alignment(result, *, out=None, fields_out=None, transforms: bool = True,
+                   overwrite: bool = False, inputs=(), dtype=None, spacing_xyz=None,
+                   unit: str | None = None, resume: bool = False,
+                   progress: bool = False) -> None:
+    """Write an alignment: the aligned stack, and the per-section transforms and tables.
+
+    ``fields_out`` receives, for every section k:
+
+    - ``section_kkkk.mha``: the field (the contract's on-disk form);
+    - ``section_kkkk.h5``: the same as an ITK ``DisplacementFieldTransform`` (``transforms``);
+    - ``transformix/section_kkkk/TransformParameters.0.txt``: a transformix chain that
+      reproduces the aligned section (``transformix -in raw_section.mha -tp ...``);
+
+    plus ``sections.csv`` (per section) and, in joint mode, ``pairs.csv``.
+
+    Parameters
+    ----------
+    result : hybridreg.stack.StackAlignment
+    out : path, optional
+        The aligned stack (any format :func:`hybridreg.io.write_stack` writes). A bare
+        ``store.zarr`` is written as an OME-Zarr image one section at a time
+        (:func:`hybridreg.io.open_section_writer`): a lazy ``result.aligned`` is never
+        held whole in memory.
+    dtype : numpy dtype, optional
+        Cast the aligned stack to this (e.g. the input's uint8, rounded and clipped).
+    spacing_xyz : (float, float, float), optional
+        Spacing written with the aligned stack; default ``(*result.spacing_xy, 1.0)``.
+    unit : str, optional
+        Unit of the spacing (OME-Zarr axes).
+    inputs : sequence of paths
+        Paths never to overwrite.
+    resume : bool
+        Finish the outputs of an interrupted call with the same result: a zarr ``out``
+        left incomplete keeps the sections it has and gets the missing ones; the other
+        outputs are written again (as with ``overwrite``), giving the same files.
+    progress : bool
+        A progress bar (tqdm) while writing a zarr ``out``.
+    """
+    if spacing_xyz is None:
+        spacing_xyz = tuple(result.spacing_xy) + (1.0,)
+    if out is not None:
+        z, h, w = result.fields.shape[0], *result.fields.shape[2:]
+        write_stack_sections(out, result.aligned, shape_zyx=(z, h, w), dtype=dtype,
+                             spacing_xyz=spacing_xyz, unit=unit, overwrite=overwrite,
+                             resume=resume, inputs=inputs, progress=progress)
+    overwrite = overwrite or resume
+    if fields_out is None:
+        return
+    fields_out = Path(fields_out)
+    io.write_fields(fields_out, result.fields, spacing_xy=result.spacing_xy,
+                    origin_xy=result.origin_xy, overwrite=overwrite)
+    write_table_csv(result.table, fields_out / "sections.csv", overwrite=True)
+    if result.pairs:
+        write_table_csv(result.pairs, fields_out / "pairs.csv", overwrite=True)
+    if not transforms:
+        return
+    for k, u in enumerate(result.fields):
+        write_transforms(fields_out, k, u, spacing_xy=result.spacing_xy,
+                         origin_xy=result.origin_xy, order=result.order)
+
+
+def write_registration(result, *, out, moving, fields_out=None, spacing_xy=(1.0, 1.0),
+                       overwrite: bool = False, inputs=()) -> Path | None:
+    """Write one pair's registration: the warped moving section, and its transforms.
+
+    Parameters
+    ----------
+    result : hybridreg.methods.RegistrationResult
+    out : path
+        The warped section (a one-section stack), in ``moving``'s dtype.
+    moving : hybridreg.io.Stack
+        The moving section as read (its dtype and spacing are kept).
+    fields_out : path, optional
+        ``section_0000.mha`` (the field) and a transformix chain under ``transformix/``:
+        elastix's own chain (and ``section_0000.h5``) for an elastix result, else one
+        deformation-field file.
+
+    Returns
+    -------
+    Path or None
+        The last file of the transformix chain (what ``transformix -tp`` takes).
+    """
+    io.write_stack(out, io.cast_to_dtype(result.warped, moving.data.dtype),
+                   spacing_xyz=moving.spacing_xyz, overwrite=overwrite, inputs=inputs)
+    if not fields_out:
+        return None
+    fields_out = Path(fields_out)
+    io.write_field(io.field_path(fields_out, 0), result.field, spacing_xy=spacing_xy,
+                   overwrite=overwrite)
+    er = result.info.get("elastix")
+    if er is not None:  # elastix's own chain, for the transformix program
+        from .elastix import export_transformix_chain, write_itk_transform
+
+        last = export_transformix_chain(er, fields_out / "transformix")
+        write_itk_transform(fields_out / "section_0000.h5", er.transform)
+        return last
+    from .elastix import export_field_chain  # any other field: one deformation-field file
+
+    return export_field_chain(result.field, fields_out / "transformix", spacing_xy=spacing_xy,
+                              field_file=io.field_path(fields_out, 0))
+
+
+# --- comparisons ------------------------------------------------------------------------------
+
+def planned_outputs(out_dir, *, names: Sequence[str] = (), save_aligned: bool = False,
+                    report: bool = True) -> list[Path]:
+    """The paths :func:`write_comparison` writes into ``out_dir`` for methods ``names``."""
+    out = Path(out_dir)
+    paths = [out / "metrics.csv", out / "metrics.json"]
+    if report:
+        paths.append(out / "report.html")
+    if save_aligned:
+        for name in names:
+            paths += [out / f"aligned_{name}.tif", out / f"fields_{name}"]
+    return paths
+
+
+def check_outputs(out_dir, *, names: Sequence[str] = (), save_aligned: bool = False,
+                  report: bool = True, overwrite: bool = False) -> None:
+    """Refuse, before any work, an ``out_dir`` that already holds an output (without overwrite).
+
+    Raises
+    ------
+    FileExistsError
+        Naming the first existing output.
+    """
+    if overwrite:
+        return
+    for p in planned_outputs(out_dir, names=names, save_aligned=save_aligned, report=report):
+        if p.exists():
+            raise FileExistsError(f"{p} exists; pass overwrite (--overwrite) to replace the "
+                                  f"outputs in {out_dir}")
+
+
+def write_comparison(comparison, out_dir, *, overwrite: bool = False,
+                     inputs: Sequence = (), save_aligned: bool = False, dtype=None,
+                     report: bool = True) -> dict:
+    """Write a comparison: tables, JSON, the HTML report and optionally the alignments.
+
+    Files:
+
+    - ``metrics.csv``: one row per method and section (``method``, ``section``, metrics);
+    - ``metrics.json``: case, settings, each method's status and options, summaries and
+      per-section rows (NaN as null);
+    - ``report.html``: the self-contained report (:func:`hybridreg.report.write_report`);
+    - with ``save_aligned``, per method that ran: ``aligned_<name>.tif`` and
+      ``fields_<name>/`` (one ``.mha`` per section, :func:`save_alignment`).
+
+    Parameters
+    ----------
+    comparison : hybridreg.compare.Comparison
+    out_dir : path
+        Created if missing.
+    overwrite : bool
+        Replace existing outputs; without it an existing output raises before anything is
+        written.
+    inputs : sequence of paths
+        Paths never to overwrite.
+    dtype : numpy dtype, optional
+        Cast the saved aligned stacks to this (default: the case's stack dtype).
+
+    Returns
+    -------
+    dict mapping ``"csv"``, ``"json"``, ``"report"`` (and ``"aligned_<name>"``) to paths.
+    """
+    out = Path(out_dir)
+    names = [r.name for r in comparison.runs if r.name != BASELINE]
+    check_outputs(out, names=names, save_aligned=save_aligned, report=report,
+                  overwrite=overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {"csv": out / "metrics.csv", "json": out / "metrics.json"}
+    write_table_csv(comparison.section_rows(), written["csv"], overwrite=overwrite)
+    write_json(comparison.to_json(), written["json"], overwrite=overwrite)
+    if save_aligned:
+        dtype = comparison.case.stack.dtype if dtype is None else dtype
+        for r in comparison.runs:
+            if r.name == BASELINE or r.alignment is None:
+                continue
+            path = out / f"aligned_{r.name}.tif"
+            save_alignment(r.alignment, out=path, fields_out=out / f"fields_{r.name}",
+                           transforms=False, overwrite=overwrite, inputs=inputs, dtype=dtype)
+            written[f"aligned_{r.name}"] = path
+    if report:
+        from .report import write_report
+
+        written["report"] = write_report(comparison, out / "report.html", overwrite=overwrite,
+                                         inputs=inputs)
+    return written
