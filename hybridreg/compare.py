@@ -42,7 +42,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .methods.registry import ALL_METHODS
-from .outputs import BASELINE, check_outputs, planned_outputs, write_comparison
+from .outputs import BASELINE, check_outputs, jsonable, planned_outputs, write_comparison
 
 __all__ = [
     "ALL_METHODS",
@@ -192,23 +192,10 @@ class Comparison:
             "case": self.case.describe(),
             "settings": {**self.settings, "margin_px": self.margin_px},
             "methods": [{"name": r.name, "status": r.status, "reason": r.reason,
-                         "options": _plain(r.options)} for r in self.runs],
+                         "options": jsonable(r.options)} for r in self.runs],
             "summaries": self.summaries,
             "sections": {r.name: r.rows for r in self.runs},
         }
-
-
-def _plain(x):
-    """Options as JSON-ready values (paths and objects as strings)."""
-    if isinstance(x, Mapping):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    if isinstance(x, os.PathLike):
-        return os.fspath(x)
-    return repr(x)
 
 
 # --- the case ---------------------------------------------------------------------------------

@@ -21,13 +21,14 @@ Initial fields
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -139,7 +140,8 @@ class ElastixResult:
         :func:`hybridreg.warp.warp` of the moving section with ``field`` at that order (at
         most 3; spline interpolation, like elastix's).
     transform : itk.DisplacementFieldTransform
-        ``fields.to_itk_transform(field)``: reproduces the result in ITK.
+        ``fields.to_itk_transform(field)``: reproduces the result in ITK (built when first
+        used).
     parameter_maps : list of dict
         The maps that were run, ``{name: [str, ...]}``.
     transform_parameter_maps : list of dict
@@ -170,7 +172,6 @@ class ElastixResult:
 
     field: np.ndarray
     warped: np.ndarray
-    transform: Any
     parameter_maps: list
     transform_parameter_maps: list
     final_metric: float | None
@@ -183,6 +184,12 @@ class ElastixResult:
     @property
     def shape_yx(self) -> tuple[int, int]:
         return tuple(self.field.shape[1:])
+
+    @functools.cached_property
+    def transform(self):
+        """``fields.to_itk_transform(field)`` (an ``itk.DisplacementFieldTransform``)."""
+        return _fields.to_itk_transform(self.field, spacing_xy=self.spacing_xy,
+                                        origin_xy=self.origin_xy)
 
 
 def _cubic_bspline(t: np.ndarray) -> np.ndarray:
@@ -273,7 +280,8 @@ def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.
                   fixed_channels: Sequence = (), moving_channels: Sequence = (),
                   initial_field: np.ndarray | None = None, fixed_mask: np.ndarray | None = None,
                   moving_mask: np.ndarray | None = None, threads: int | None = None, log_dir=None,
-                  initial_mode: str = "external") -> ElastixResult:
+                  initial_mode: str = "external",
+                  moving_resampled: np.ndarray | None = None) -> ElastixResult:
     """Register a moving section to a fixed section with elastix.
 
     Parameters
@@ -320,6 +328,11 @@ def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.
         way (total ``field``, ``initial_field``, the maps found), exports to the same
         transformix chain, and differs only by the second interpolation; it saves
         elastix's cost of an external transform.
+    moving_resampled : ndarray, shape (H, W), optional
+        With ``initial_mode="resample"``: the moving section already resampled with
+        ``initial_field`` (``warp(moving, initial_field, order=1)``, e.g. the learned
+        method's own result), so that it is not resampled again. Its channels and mask
+        still are.
 
     Returns
     -------
@@ -393,13 +406,25 @@ def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.
                 raise ValueError(f"{name} is empty")
 
     resample_first = initial_field is not None and initial_mode == "resample"
+    if moving_resampled is not None and not resample_first:
+        raise ValueError("moving_resampled goes with initial_field and initial_mode='resample'")
     moving_reg = moving_arr
     if resample_first:
-        from ..warp import warp
+        from ..warp import valid_mask, warp
 
-        stacked, inside = warp(np.stack([moving_arr] + moving_extra).astype(np.float32),
-                               initial_field, spacing_xy=spacing_xy, order=1)
-        moving_reg, moving_extra = stacked[0], list(stacked[1:])
+        if moving_resampled is None:
+            stacked, inside = warp(np.stack([moving_arr] + moving_extra).astype(np.float32),
+                                   initial_field, spacing_xy=spacing_xy, order=1)
+            moving_reg, moving_extra = stacked[0], list(stacked[1:])
+        else:
+            moving_reg = _to_array(moving_resampled, "moving_resampled")
+            if moving_reg.shape != shape:
+                raise ValueError(f"moving_resampled has shape {moving_reg.shape}, expected "
+                                 f"{shape}")
+            inside = valid_mask(initial_field, spacing_xy=spacing_xy)
+            if moving_extra:
+                moving_extra = list(warp(np.stack(moving_extra).astype(np.float32),
+                                         initial_field, spacing_xy=spacing_xy, order=1)[0])
         if moving_mask is not None:
             moving_mask = warp(np.asarray(moving_mask).astype(np.float32), initial_field,
                                spacing_xy=spacing_xy, order=0)[0] > 0.5
@@ -515,7 +540,6 @@ def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.
     result = ElastixResult(
         field=field,
         warped=warped,
-        transform=_fields.to_itk_transform(field, spacing_xy=spacing_xy, origin_xy=origin_xy),
         parameter_maps=maps,
         transform_parameter_maps=tmaps,
         final_metric=parse_final_metric(log_text),

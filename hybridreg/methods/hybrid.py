@@ -296,6 +296,8 @@ class HybridMethod:
                 fixed_channels=fixed_ch, moving_channels=moving_ch,
                 initial_field=first.field, threads=self.threads,
                 initial_mode=self.initial,
+                # the learned step's own warp is the resample start: not warped twice
+                moving_resampled=first.warped if self.initial == "resample" else None,
                 **({"fixed_mask": mask} if mask is not None else {}))
         except Exception as exc:  # noqa: BLE001 - any failure falls back, flagged
             fallback = f"the refinement failed ({type(exc).__name__}: " \

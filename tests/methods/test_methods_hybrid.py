@@ -108,6 +108,31 @@ def test_both_ways_of_starting_from_the_learned_field(pair, initial):
         HybridMethod(net, ae, initial="prewarp")
 
 
+def test_a_pair_warps_the_moving_section_once_per_level(pair, monkeypatch):
+    """The learned start and the refined result: two warps of the moving section, not four
+    (the resample start reuses the learned step's own warp)."""
+    import hybridreg.warp
+
+    fixed, moving, _ = pair
+    net, ae = _nets()
+    method = HybridMethod(net, ae, threads=1)
+    real, fields_seen = hybridreg.warp.warp, []
+
+    def counting(image, u, **kw):
+        image = np.asarray(image)
+        if any(np.array_equal(c, moving) for c in (image if image.ndim == 3 else [image])):
+            fields_seen.append(np.array(u))
+        return real(image, u, **kw)
+
+    monkeypatch.setattr(hybridreg.warp, "warp", counting)
+    res = method.register(fixed, moving)
+    assert res.info["fallback"] is None, res.info["fallback"]
+    assert len(fields_seen) == 2
+    np.testing.assert_array_equal(fields_seen[0], res.info["learned_field"])
+    np.testing.assert_array_equal(fields_seen[1], res.field)
+    assert "transform" not in vars(res.info["elastix"])
+
+
 def test_failed_refinement_falls_back_and_flags(pair, monkeypatch):
     fixed, moving, _ = pair
     net, ae = _nets()
