@@ -1,8 +1,6 @@
 """Metrics: exact answers where they exist."""
 from __future__ import annotations
 
-import csv
-import json
 
 import numpy as np
 import pytest
@@ -99,13 +97,3 @@ def test_evaluate_stack_perfect_and_identity():
     assert s_perfect["pixel_agreement"] > 0.97 > s_none["pixel_agreement"]
     with pytest.raises(ValueError, match="at least one"):
         metrics.evaluate_stack()
-
-
-def test_tables_written(tmp_path):
-    rows = [{"section": 0, "epe_mean_px": 0.0}, {"section": 1, "epe_mean_px": float("nan")}]
-    metrics.write_table_csv(rows, tmp_path / "t.csv")
-    with open(tmp_path / "t.csv") as f:
-        assert list(csv.DictReader(f))[1]["section"] == "1"
-    metrics.write_json({"rows": rows}, tmp_path / "t.json")
-    assert json.loads((tmp_path / "t.json").read_text())["rows"][1]["epe_mean_px"] is None
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv", "t.json"]
