@@ -14,8 +14,7 @@ Two modes:
     with ``window > 1``, the ``window - 1`` aligned sections before it, as references). The
     field found maps the common grid straight to raw section k. This is the classic way and
     the one FAEMReg uses; it accumulates every pair's error along the stack (drift).
-    ``drift_window=n`` then removes the drift as DESIGN.md measured it (a real 14-section
-    crop: 15.0 px composed, 4.8 px after): every field minus the mean of the fields of the
+    ``drift_window=n`` then removes the drift: every field minus the mean of the fields of the
     ``n`` sections centred on it (:func:`drift_corrected`).
 
 Parallel: in joint mode the pairs are independent tasks; with a ``dask.distributed`` client

@@ -294,7 +294,8 @@ def test_transformix_field_reproduces_transformix_result(tmp_path, monkeypatch):
     The transform is a B-spline map with known, seeded coefficients rather than the outcome
     of a registration: the convention is what is tested here, and a registration run in
     this process once ended (in CI) without moving, which failed this test for a reason
-    that was not the convention. (Registration sign and results: tests/elastix/test_elastix_run.py.)
+    that was not the convention. (Registration sign and results:
+    tests/elastix/test_elastix_run.py.)
     """
     monkeypatch.chdir(tmp_path)  # transformix_deformation_field writes into the working dir
     itk = _itk()

@@ -242,8 +242,8 @@ class LearnedMethod:
             raise ValueError(f"{self.name}: sections of {h}x{w} pixels are too small for this "
                              f"network (stride {net.stride}); need at least {minimum}x{minimum}")
         used = (list(refs) + [fixed])[-self.references:]  # oldest first, fixed last
-        window_np = normalized_sections(used + [moving], self.intensity_scale, self.intensity_offset,
-                                self.name)
+        window_np = normalized_sections(used + [moving], self.intensity_scale,
+                                        self.intensity_offset, self.name)
         with torch.inference_mode():
             if hasattr(net, "encode_sections"):
                 # each section encoded once while it stays in the window (a sequential

@@ -338,8 +338,8 @@ class SSEMnetMethod:
         n_refs = min(len(self.reference_weights), len(refs) + 1)
         used = (list(refs) + [fixed])[-n_refs:]  # oldest first, fixed last
         weights = self.reference_weights[-n_refs:]
-        images = normalized_sections(used + [moving], self.intensity_scale, self.intensity_offset,
-                             self.name)
+        images = normalized_sections(used + [moving], self.intensity_scale,
+                                     self.intensity_offset, self.name)
         content = [content_mask(s) for s in used + [moving]]
         u0 = None if initial_field is None else validate_field(
             initial_field, name="initial_field", shape_yx=(h, w))

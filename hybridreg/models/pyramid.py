@@ -1,16 +1,11 @@
 """A FAEMReg-style window network with a correlation pyramid: the ``compact`` preset.
 
-Why not simply a narrower FAEMReg
-    FAEMReg's network (:class:`~hybridreg.models.FAEMRegNet`) regresses the field from a
-    stack of images with a FlowNet-S-style encoder-decoder: it has to *learn* to compare
-    sections, which takes it hundreds of thousands of iterations on a GPU (FAEMReg trained
-    197,000). Made narrow enough for a 2-core CPU, the same design learned almost nothing
-    in 3,000 steps here (10-15% below the identity's endpoint error). Optical-flow networks
-    solved this with an explicit comparison: a *cost volume* of feature correlations over a
-    small search window at every level of a pyramid, with the moving features warped by the
-    coarser estimate first (PWC-Net, Sun et al. 2018). The comparison is then built in, and
-    the network only learns features and how to read the costs, which converges in a few
-    thousand steps on a CPU.
+Why a cost volume
+    FAEMReg's network (:class:`~hybridreg.models.FAEMRegNet`) has to *learn* to compare
+    sections; an explicit *cost volume* of feature correlations over a small search window
+    at every level of a pyramid, with the moving features warped by the coarser estimate
+    first (PWC-Net, Sun et al. 2018), builds the comparison in, so the network only learns
+    features and how to read the costs, and trains in thousands of CPU steps.
 
 What is kept from FAEMReg
     The input (the mirrored window ``[r1, .., rk, m, rk, .., r1]`` of
@@ -19,9 +14,7 @@ What is kept from FAEMReg
     fused by a ``Conv3d`` whose depth kernel spans the ``k`` references (no depth padding,
     so the depth collapses to one fused reference), as FAEMReg's flow heads collapse the
     window with a depth stride. It starts as the identity on the nearest reference, so that
-    the cost volumes compare features of one encoder from the first step (with a random
-    start they compared two unrelated feature spaces, and the network learned nothing in
-    300 steps).
+    the cost volumes compare features of one encoder from the first step.
 
 Architecture (:class:`FAEMRegPyramidNet`)
     Features: one small 2D encoder shared by all sections (siamese), two ``3x3``
@@ -112,9 +105,7 @@ class FAEMRegPyramidNet(FAEMRegNet):
         Read each cost volume with a soft argmax too: the displacement expected under a
         softmax of the cosine similarities (a learned temperature per level) is added to
         the flow before the estimator's correction, and given to the estimator as input.
-        Block matching is then built in and the estimator only corrects it. Measured here:
-        150 CPU steps took the endpoint error 17% below the identity's with it, 3% without
-        (which stayed there for 400 steps).
+        Block matching is then built in and the estimator only corrects it.
     output_level : int
         Finest level with a flow estimate (1 .. L); its flow is upsampled to full resolution.
     flow_scale : float
