@@ -223,6 +223,14 @@ class FAEMRegNet(nn.Module):
     :func:`hybridreg.models.normalize`; output ``(B, 2, H, W)`` pixels, channel 0 = x.
     """
 
+    #: Architecture name -> class (``PRESETS``' ``"architecture"``); subclasses such as
+    #: :class:`~hybridreg.models.pyramid.FAEMRegPyramidNet` register themselves.
+    architectures: dict[str, type] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        FAEMRegNet.architectures[cls.__name__] = cls
+
     def __init__(self, *, window: int = 7, encoder: Sequence = PRESETS["paper"]["encoder"],
                  n_3d: int | None = None, decoder: Sequence[int] = PRESETS["paper"]["decoder"],
                  output_level: int = 0, flow_scale: float = 20.0,
@@ -360,10 +368,7 @@ class FAEMRegNet(nn.Module):
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         config = copy.deepcopy(PRESETS[name])
         arch = config.pop("architecture", "FAEMRegNet")
-        if arch == "FAEMRegPyramidNet":
-            from .pyramid import FAEMRegPyramidNet as klass
-        else:
-            klass = FAEMRegNet
+        klass = FAEMRegNet if arch == "FAEMRegNet" else FAEMRegNet.architectures[arch]
         return klass(**{**config, **overrides})
 
     make_window = staticmethod(make_window)
