@@ -11,7 +11,8 @@ Every method runs in the same process on the same deformed stacks, on this machi
 
 Runs are ``method:mode`` (``mode`` sequential or joint, see hybridreg.stack); elastix runs
 name their map, e.g. ``elastix/em_rigid:joint``; ``hybrid/external`` runs the hybrid with
-``initial="external"``; ``ssemnet/grid128`` runs ssEMnet with ``grid_px=128``,
+``initial="external"``, ``hybrid/fast`` its fast preset; ``ssemnet/grid128`` runs ssEMnet
+with ``grid_px=128``,
 ``ssemnet/nomatch`` with ``match_intensity=False``, ``ssemnet/full`` with the method's own
 pyramid (4, 2, 1) instead of the benchmark's (8, 4, 2). Sequential
 learned and hybrid runs see the 3 previously aligned sections (FAEMReg's window); joint runs
@@ -76,8 +77,21 @@ def build(run: str, threads: int, model: str | None = None):
     if name == "elastix":
         options["params"] = params.split("+") if params else ["em_affine", "em_bspline"]
     if name == "hybrid" and params:
-        # hybrid/external, hybrid/resample: how elastix starts from the learned field
-        options["initial"] = params
+        # hybrid/fast, hybrid/accurate: a preset; hybrid/external, hybrid/resample: how
+        # elastix starts from the learned field (hybrid/fast+external: both)
+        # study settings: w<bending weight>, s<start smoothing px>, g<grid px>, i<iterations>
+        study = {"w": ("refinement", "bending_weight"), "s": (None, "start_smoothing_px"),
+                 "g": ("refinement", "grid_spacing_px"), "i": ("refinement", "iterations")}
+        for part in params.split("+"):
+            if part[:1] in study and part[1:].replace(".", "", 1).isdigit():
+                group, key = study[part[:1]]
+                value = float(part[1:]) if key != "iterations" else int(part[1:])
+                if group:
+                    options.setdefault(group, {})[key] = value
+                else:
+                    options[key] = value
+            else:
+                options["initial" if part in ("external", "resample") else "preset"] = part
     if name == "ssemnet":
         # without the full-resolution stage: 48.6 s -> 10.9 s for one 512 x 512 pair (one
         # thread), 0.18 -> 0.59 px on a section registered to its own deformed copy;

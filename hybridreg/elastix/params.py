@@ -190,16 +190,20 @@ def parameter_object(params):
 
 def refinement_map(n_channels: int, *, grid_spacing_px: float = _REFINE_DEFAULT_GRID_PX,
                    weights: Sequence[float] | None = None, resolutions: int = 2,
-                   iterations: int = 250, samples: int = 4096) -> dict[str, list[str]]:
+                   iterations: int = 250, samples: int = 4096,
+                   bending_weight: float = 0.0) -> dict[str, list[str]]:
     """The B-spline refinement map of the hybrid method for ``n_channels`` image channels.
 
     Channel 0 is the EM section; channels 1.. are extra similarity channels (feature maps)
     given to :func:`~hybridreg.elastix.register_pair` as ``fixed_channels`` /
     ``moving_channels``. The map uses ``MultiMetricMultiResolutionRegistration`` with one
     ``AdvancedNormalizedCorrelation`` metric, one pyramid pair, one interpolator and one
-    sampler per channel, and ``Metric<i>Weight`` entries. It has *no* transform penalty
-    (those fail after an external initial transform); the grid spacing is the regulariser.
-    With the default arguments it equals ``params/refine_bspline_<n>ch.txt``.
+    sampler per channel, and ``Metric<i>Weight`` entries. With ``bending_weight`` it also
+    carries a ``TransformBendingEnergyPenalty`` (its own sampler, 1024 samples, as in
+    ``em_bspline``): usable when the refinement starts by resampling
+    (``register_pair(..., initial_mode="resample")``), not after an external initial
+    transform, where elastix cannot evaluate penalties. With the default arguments it equals
+    ``params/refine_bspline_<n>ch.txt``.
 
     Parameters
     ----------
@@ -216,6 +220,8 @@ def refinement_map(n_channels: int, *, grid_spacing_px: float = _REFINE_DEFAULT_
         ``MaximumNumberOfIterations`` per level.
     samples : int
         ``NumberOfSpatialSamples`` per channel and iteration.
+    bending_weight : float
+        ``Metric<n>Weight`` of a bending-energy penalty after the image metrics (0: none).
 
     Returns
     -------
@@ -280,6 +286,21 @@ def refinement_map(n_channels: int, *, grid_spacing_px: float = _REFINE_DEFAULT_
     }
     for i, w in enumerate(weights):
         m[f"Metric{i}Weight"] = [repr(w)]
+    bending = float(bending_weight)
+    if not (math.isfinite(bending) and bending >= 0):
+        raise ValueError(f"bending_weight must be finite and >= 0, got {bending_weight!r}")
+    if bending > 0:
+        # elastix wants one interpolator and sampler per metric, the penalty's included, and
+        # with several images one pyramid (and image pair) per metric: register_pair gives
+        # the penalty the section again, which it does not look at
+        m["Metric"] = m["Metric"] + ["TransformBendingEnergyPenalty"]
+        m["Interpolator"] = m["Interpolator"] + ["LinearInterpolator"]
+        m["ImageSampler"] = m["ImageSampler"] + ["RandomCoordinate"]
+        if n > 1:
+            for key in ("FixedImagePyramid", "MovingImagePyramid"):
+                m[key] = m[key] + [m[key][0]]
+        m[f"ImageSampler{n}NumberOfSpatialSamples"] = ["1024"]
+        m[f"Metric{n}Weight"] = [repr(bending)]
     return m
 
 
@@ -287,16 +308,18 @@ def refinement_map(n_channels: int, *, grid_spacing_px: float = _REFINE_DEFAULT_
 _PER_CHANNEL = ("FixedImagePyramid", "MovingImagePyramid", "Interpolator", "ImageSampler")
 
 
-def adapt_refinement_map(params, n_channels: int, *, weights: Sequence[float] | None = None
-                         ) -> tuple[dict[str, list[str]], list[str]]:
+def adapt_refinement_map(params, n_channels: int, *, weights: Sequence[float] | None = None,
+                         keep_penalties: bool = False) -> tuple[dict[str, list[str]], list[str]]:
     """Adapt a user's (B-spline) map to refine from an initial field with extra channels.
 
     What changes, and why:
 
     - transform penalties (``TransformBendingEnergyPenalty`` and the others of
-      ``TRANSFORM_PENALTIES``) are removed, with a warning: elastix cannot evaluate them
-      after an external initial transform ("Not implemented for AdvancedTransformAdapter");
-      the B-spline grid spacing is the regulariser then;
+      ``TRANSFORM_PENALTIES``) are removed, with a warning, unless ``keep_penalties``:
+      elastix cannot evaluate them after an external initial transform ("Not implemented
+      for AdvancedTransformAdapter"); the B-spline grid spacing is the regulariser then.
+      With the resample start (``keep_penalties=True``) they are kept, after the image
+      metrics, with their weights and samplers;
     - ``Registration`` becomes ``MultiMetricMultiResolutionRegistration`` (for more than
       one channel), and the map's first image metric, pyramids, interpolator and sampler are
       repeated once per channel, unless the map already lists one per channel;
@@ -315,6 +338,8 @@ def adapt_refinement_map(params, n_channels: int, *, weights: Sequence[float] | 
         The section plus the extra channels.
     weights : sequence of float, optional
         One per channel.
+    keep_penalties : bool
+        Keep the map's transform penalties (for ``initial_mode="resample"``).
 
     Returns
     -------
@@ -333,7 +358,7 @@ def adapt_refinement_map(params, n_channels: int, *, weights: Sequence[float] | 
     metrics = list(m.get("Metric", []))
     penalties = [x for x in metrics if x in TRANSFORM_PENALTIES]
     image = [x for x in metrics if x not in TRANSFORM_PENALTIES]
-    if penalties:
+    if penalties and not keep_penalties:
         notes.append(f"removed transform penalties {penalties} from the refinement map: "
                      f"elastix cannot evaluate them after an external initial transform; the "
                      f"B-spline grid spacing regularises the refinement instead")
@@ -347,11 +372,20 @@ def adapt_refinement_map(params, n_channels: int, *, weights: Sequence[float] | 
                      "AdvancedNormalizedCorrelation")
     old_weights = [m.get(f"Metric{i}Weight", [None])[0] for i in range(len(metrics))]
     kept_weights = [w for x, w in zip(metrics, old_weights) if x not in TRANSFORM_PENALTIES]
+    samplers = list(m.get("ImageSampler", []))
+    # per-metric sample counts (ImageSampler<i>NumberOfSpatialSamples) follow their metric
+    counts = [m.pop(f"ImageSampler{i}NumberOfSpatialSamples", None) for i in range(len(metrics))]
+    image_counts = [c for x, c in zip(metrics, counts) if x not in TRANSFORM_PENALTIES]
+    # each kept penalty with its weight, sampler and sample count
+    kept_penalties = [(x, w, samplers[i] if i < len(samplers) else None, counts[i])
+                      for i, (x, w) in enumerate(zip(metrics, old_weights))
+                      if x in TRANSFORM_PENALTIES] if keep_penalties else []
     for key in [k for k in m if k.startswith("Metric") and k.endswith(("Weight", "Use"))]:
         del m[key]
     if len(image) != n:
         image = [image[0]] * n
         kept_weights = [kept_weights[0] if kept_weights else None] * n
+        image_counts = [image_counts[0] if image_counts else None] * n
     m["Metric"] = image
     for key in _PER_CHANNEL:
         if key in m and len(m[key]) != n:
@@ -366,17 +400,33 @@ def adapt_refinement_map(params, n_channels: int, *, weights: Sequence[float] | 
         raise ValueError(f"weights must be {n} finite numbers >= 0, got {weights}")
     for i, w in enumerate(weights):
         m[f"Metric{i}Weight"] = [repr(w)]
+    for i, count in enumerate(image_counts):
+        if count is not None:
+            m[f"ImageSampler{i}NumberOfSpatialSamples"] = list(count)
+    for j, (metric, w, sampler, count) in enumerate(kept_penalties):
+        i = n + j
+        m["Metric"].append(metric)
+        m[f"Metric{i}Weight"] = [w if w is not None else "1.0"]
+        # one interpolator, sampler and pyramid per metric once they are listed per channel
+        for key, own in (("Interpolator", None), ("ImageSampler", sampler),
+                         ("FixedImagePyramid", None), ("MovingImagePyramid", None)):
+            if len(m.get(key, [])) > 1:
+                m[key] = m[key][:i] + [own or m[key][0]]
+        if count is not None:
+            m[f"ImageSampler{i}NumberOfSpatialSamples"] = list(count)
     for note in notes:
         log.warning("adapt_refinement_map: %s", note)
     return m, notes
 
 
-def _image_metrics(m: Mapping[str, Sequence[str]]) -> list[str]:
+def image_metrics(m: Mapping[str, Sequence[str]]) -> list[str]:
+    """The image (similarity) metrics of a map: its metrics that are no transform penalty."""
     return [x for x in m.get("Metric", []) if x not in TRANSFORM_PENALTIES]
 
 
 def check_channels(maps: Sequence[Mapping[str, Sequence[str]]], n_channels: int) -> None:
-    """Every map must have one image metric, pyramid pair and interpolator per channel.
+    """Every map must have one image metric and pyramid pair per channel, and one
+    interpolator per metric (a transform penalty counts).
 
     Maps with a single pyramid entry and a single-channel registration are left alone (a
     map may put several metrics on one image pair).
@@ -385,13 +435,14 @@ def check_channels(maps: Sequence[Mapping[str, Sequence[str]]], n_channels: int)
         n_pyramids = len(m.get("FixedImagePyramid", []))
         if n_channels == 1 and n_pyramids <= 1:
             continue
-        metrics = _image_metrics(m)
+        metrics = image_metrics(m)
         problems = []
         if len(metrics) != n_channels:
             problems.append(f"{len(metrics)} image metric(s) {metrics}")
         for key in ("FixedImagePyramid", "MovingImagePyramid", "Interpolator"):
             count = len(m.get(key, []))
-            if count not in (0, n_channels):
+            # one per metric, a transform penalty's included (elastix's rule)
+            if count not in (0, len(m.get("Metric", []))):
                 problems.append(f"{count} {key} entries")
         if n_channels > 1 and m.get("Registration", [""])[0] != \
                 "MultiMetricMultiResolutionRegistration":
@@ -402,8 +453,8 @@ def check_channels(maps: Sequence[Mapping[str, Sequence[str]]], n_channels: int)
                 f"elastix map {index} of the chain does not fit {n_channels} image channel(s) "
                 f"(the section plus {n_channels - 1} extra channel(s)): it has "
                 f"{'; '.join(problems)}. A map for N channels needs N image metrics, N "
-                f"FixedImagePyramid/MovingImagePyramid/Interpolator entries and "
-                f"Metric<i>Weight entries; see hybridreg.elastix.refinement_map(N).")
+                f"FixedImagePyramid/MovingImagePyramid entries, one Interpolator per metric "
+                f"and Metric<i>Weight entries; see hybridreg.elastix.refinement_map(N).")
 
 
 def check_no_penalty_with_initial(maps) -> None:

@@ -36,8 +36,8 @@ from .. import fields as _fields
 from ..checks import as_xy
 from ..itkimage import from_itk, is_itk_image, to_itk
 from .loading import load_itk
-from .params import (check_channels, check_no_penalty_with_initial, parameter_maps,
-                     parameter_object, plain_map)
+from .params import (check_channels, check_no_penalty_with_initial, image_metrics,
+                     parameter_maps, parameter_object, plain_map)
 
 log = logging.getLogger(__name__)
 
@@ -301,8 +301,9 @@ def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.
         interpolator per channel (section included), as
         :func:`~hybridreg.elastix.refinement_map` writes.
     initial_field : ndarray, shape (2, H, W), optional
-        A pull field in physical units to start from (see ``initial_mode``). The maps must
-        not carry transform penalties.
+        A pull field in physical units to start from (see ``initial_mode``). With the
+        external initial transform the maps must not carry transform penalties; with the
+        resample start they may.
     fixed_mask : ndarray of bool, shape (H, W), optional
         Where the similarity is measured (every channel).
     moving_mask : ndarray of bool, shape (H, W), optional
@@ -396,7 +397,8 @@ def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.
     if initial_field is not None:
         initial_field = _fields.validate_field(initial_field, name="initial_field",
                                                shape_yx=shape).copy()
-        check_no_penalty_with_initial(maps)
+        if initial_mode == "external":  # elastix sees no initial transform when resampling
+            check_no_penalty_with_initial(maps)
     for name, mask in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask)):
         if mask is not None:
             mask = np.asarray(mask)
@@ -434,6 +436,12 @@ def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.
                 raise ValueError("the initial field sends every fixed pixel (of the fixed "
                                  "mask) outside the moving section")
 
+    # a transform penalty in a multi-image registration needs an image pair of its own
+    # (elastix: one pyramid per metric); it does not look at it: the section again
+    n_penalties = max(len(m.get("Metric", [])) - len(image_metrics(m)) for m in maps)
+    if fixed_extra and n_penalties > 0:
+        fixed_extra = fixed_extra + [fixed_arr] * n_penalties
+        moving_extra = moving_extra + [moving_reg] * n_penalties
     image_type = itk.Image[itk.F, 2]
     fixed_img = to_itk(fixed_arr, spacing=spacing_xy, origin=origin_xy)
     moving_img = to_itk(moving_reg, spacing=spacing_xy, origin=origin_xy)
@@ -451,7 +459,7 @@ def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.
         if mask is not None:
             mask_img = to_itk(np.asarray(mask).astype(np.uint8), spacing=spacing_xy,
                               origin=origin_xy)
-            for _ in range(n_channels):
+            for _ in range(1 + len(fixed_extra)):  # one per image pair
                 add(mask_img)
             keep.append(mask_img)
     method.SetParameterObject(parameter_object(maps))

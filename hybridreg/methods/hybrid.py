@@ -3,7 +3,8 @@
 For each pair:
 
 1. the ``learned`` network (:class:`~hybridreg.methods.learned.LearnedMethod`) predicts
-   the pull field ``u0`` in one pass;
+   the pull field in one pass, and it is projected onto what the refinement can correct
+   (:func:`project_start`: a low-pass at the B-spline grid's scale): the start ``u0``;
 2. elastix refines it with a B-spline (:func:`hybridreg.elastix.register_pair` with
    ``initial_field=u0``) on several similarity channels: the section itself and
    ``feature_channels`` principal components of the frozen autoencoder's features
@@ -19,8 +20,12 @@ For each pair:
 field's file. ``"external"``: ``u0`` is given to ``SetExternalInitialTransform`` (the chain is
 the learned field's file, then the B-spline); same accuracy, slower.
 
-The refinement map is :func:`hybridreg.elastix.refinement_map` with
-:data:`DEFAULT_REFINEMENT`, or a user's B-spline map adapted with
+Presets (:data:`PRESETS`): ``"accurate"`` (default) starts from the learned field low-passed
+at 32 px and refines on a 32 px grid with a bending-energy penalty (which elastix evaluates
+with the resample start); ``"fast"`` starts from the learned field as predicted and refines on
+a 64 px grid with 50 iterations. The refinement map is
+:func:`hybridreg.elastix.refinement_map` with the preset's options, or a user's B-spline map
+adapted with
 :func:`hybridreg.elastix.adapt_refinement_map` (``info["parameter_maps"]`` holds what ran).
 The result is resampled linearly in numpy (``warped_order``), so that the exported chain
 reproduces ``warped``. Measured settings and timings: benchmarks/RESULTS.md.
@@ -42,11 +47,24 @@ from .neural import (ModelSource, encoder_depth, encoder_features, ncc_metric,
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HybridMethod", "feature_maps", "DEFAULT_REFINEMENT"]
+__all__ = ["HybridMethod", "feature_maps", "project_start", "PRESETS", "DEFAULT_PRESET",
+           "DEFAULT_REFINEMENT"]
 
+#: The presets: how the learned field is projected before the refinement starts from it
+#: (``start_smoothing_px``: the sigma of a Gaussian low-pass in pixels, 0 = as predicted;
+#: see :func:`project_start`) and the refinement (options of
+#: :func:`hybridreg.elastix.refinement_map`). How they were chosen: benchmarks/RESULTS.md.
+PRESETS = {
+    "accurate": {"start_smoothing_px": 32.0,
+                 "refinement": {"grid_spacing_px": 32.0, "resolutions": 1, "iterations": 250,
+                                "samples": 2048, "bending_weight": 1000.0}},
+    "fast": {"start_smoothing_px": 0.0,
+             "refinement": {"grid_spacing_px": 64.0, "resolutions": 1, "iterations": 50,
+                            "samples": 1024}},
+}
+DEFAULT_PRESET = "accurate"
 #: Options of :func:`hybridreg.elastix.refinement_map` for the default refinement.
-DEFAULT_REFINEMENT = {"grid_spacing_px": 64.0, "resolutions": 1, "iterations": 50,
-                      "samples": 1024}
+DEFAULT_REFINEMENT = PRESETS[DEFAULT_PRESET]["refinement"]
 #: A refinement may lower the NCC by at most this much before it is rejected.
 DEFAULT_TOLERANCE = 0.0
 #: A refined field folding on more than this fraction of the content is rejected.
@@ -116,6 +134,31 @@ def feature_maps(ae, fixed: np.ndarray, moving: np.ndarray, *, n_channels: int =
     return list(up[0]), list(up[1])
 
 
+def project_start(u: np.ndarray, *, sigma_px: float) -> np.ndarray:
+    """The learned field projected onto what a B-spline refinement can correct.
+
+    A B-spline refinement cannot remove error at scales finer than its grid, so a start
+    that carries such error caps its precision. A Gaussian low-pass of ``sigma_px`` pixels
+    (edges extended) keeps the field's smooth part. ``sigma_px=0`` returns ``u`` as is.
+
+    Parameters
+    ----------
+    u : ndarray, shape (2, H, W)
+        Pull field (any units: the low-pass is per component).
+    sigma_px : float
+        Standard deviation in pixels (>= 0).
+    """
+    from scipy import ndimage
+
+    sigma = float(sigma_px)
+    if not (np.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"start_smoothing_px must be finite and >= 0, got {sigma_px!r}")
+    if sigma == 0:
+        return u
+    return ndimage.gaussian_filter(np.asarray(u, np.float32), (0, sigma, sigma),
+                                   mode="nearest", truncate=3.0).astype(np.float32)
+
+
 class HybridMethod:
     """Learned field, then an elastix B-spline refinement on section and feature channels.
 
@@ -126,10 +169,19 @@ class HybridMethod:
     features : path, FeatureAutoencoder, None or False
         The autoencoder of the feature channels (default: the shipped ``feature_ae``);
         False: the section channel only.
+    preset : {"accurate", "fast"}
+        The start projection and refinement (:data:`PRESETS`). ``"accurate"`` (default):
+        the learned field low-passed at the grid's scale, then a 32 px B-spline with a
+        bending-energy penalty; ``"fast"``: the learned field as it is, then a 64 px grid,
+        50 iterations.
     params : path, dict or name, optional
         A B-spline parameter map of the user's, adapted with
-        :func:`hybridreg.elastix.adapt_refinement_map`. Default:
-        :func:`hybridreg.elastix.refinement_map` with :data:`DEFAULT_REFINEMENT`.
+        :func:`hybridreg.elastix.adapt_refinement_map`; it replaces the preset's
+        refinement. Default: :func:`hybridreg.elastix.refinement_map` with the preset's.
+    refinement : dict, optional
+        Options of :func:`hybridreg.elastix.refinement_map` that override the preset's.
+    start_smoothing_px : float, optional
+        Overrides the preset's projection of the learned field (:func:`project_start`).
     feature_channels : int
         Principal components of the features given to elastix (default 2).
     channel_weights : sequence of float, optional
@@ -156,7 +208,9 @@ class HybridMethod:
     #: ``RegistrationResult.warped`` is ``warp(moving, field, order=warped_order)``
     warped_order = 1
 
-    def __init__(self, model=None, features=None, *, params=None, feature_channels: int = 2,
+    def __init__(self, model=None, features=None, *, preset: str = DEFAULT_PRESET,
+                 params=None, refinement: dict | None = None,
+                 start_smoothing_px: float | None = None, feature_channels: int = 2,
                  channel_weights: Sequence[float] | None = None, feature_stride: int = 4,
                  feature_downsample: int = 4,
                  references: int = 3, tolerance: float = DEFAULT_TOLERANCE,
@@ -174,7 +228,7 @@ class HybridMethod:
             feature_channels = 0
         else:
             self._features = ModelSource(features, default="feature_ae",
-                                          expected="FeatureAutoencoder", method=self.name)
+                                         expected="FeatureAutoencoder", method=self.name)
         self.feature_channels = int(feature_channels)
         if self.feature_channels < 0:
             raise ValueError(f"feature_channels must be >= 0, got {feature_channels}")
@@ -190,23 +244,39 @@ class HybridMethod:
                              f"{self.feature_channels} feature channel(s)), got "
                              f"{len(channel_weights)}")
         self.channel_weights = channel_weights
+        if initial not in ("resample", "external"):
+            raise ValueError(f"initial must be 'resample' or 'external', got {initial!r}")
+        self.initial = initial
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+        self.preset = preset
+        self.start_smoothing_px = float(PRESETS[preset]["start_smoothing_px"]
+                                        if start_smoothing_px is None else start_smoothing_px)
+        project_start(np.zeros((2, 1, 1), np.float32), sigma_px=self.start_smoothing_px)
         self.params = params
         self.adapt_warnings: list[str] = []
         if params is None:
-            self.parameter_map = refinement_map(n, weights=channel_weights,
-                                                **DEFAULT_REFINEMENT)
+            options = {**PRESETS[preset]["refinement"], **(refinement or {})}
+            if initial == "external" and options.get("bending_weight"):
+                # elastix cannot evaluate penalties after an external initial transform
+                options["bending_weight"] = 0.0
+                self.adapt_warnings.append(
+                    "initial='external': the refinement runs without its bending-energy "
+                    "penalty, which elastix cannot evaluate after an external initial "
+                    "transform")
+            self.parameter_map = refinement_map(n, weights=channel_weights, **options)
             # elastix's own final resampling would cost a third of the refinement's time on
             # 512 x 512: the result is resampled in numpy instead, linearly, the method's
             # warped_order, so that the exported transformix chain reproduces `warped`
             self.parameter_map["WriteResultImage"] = ["false"]
             self.parameter_map["FinalBSplineInterpolationOrder"] = [str(self.warped_order)]
         else:
+            if refinement:
+                raise ValueError("refinement options are for the preset's map; with params, "
+                                 "set them in the parameter map")
             self.parameter_map, self.adapt_warnings = adapt_refinement_map(
-                params, n, weights=channel_weights)
+                params, n, weights=channel_weights, keep_penalties=initial == "resample")
         self.tolerance = float(tolerance)
-        if initial not in ("resample", "external"):
-            raise ValueError(f"initial must be 'resample' or 'external', got {initial!r}")
-        self.initial = initial
         self.threads = threads
         self._ae = None
 
@@ -222,7 +292,8 @@ class HybridMethod:
                 "feature_downsample": self.feature_downsample,
                 "channel_weights": self.channel_weights,
                 "parameter_map": self.parameter_map, "tolerance": self.tolerance,
-                "initial": self.initial}
+                "initial": self.initial, "preset": self.preset,
+                "start_smoothing_px": self.start_smoothing_px}
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -235,23 +306,23 @@ class HybridMethod:
         if self._features is None or self.feature_channels == 0:
             return None
         if self._ae is None:
-            self.learned.network()  # sets the threads and the device
-            self._ae = self._features.load(self.learned._device)
+            self._ae = self._features.load(self.learned.torch_device)  # threads set too
         return self._ae
 
     def register(self, fixed: np.ndarray, moving: np.ndarray, *,
                  references: Sequence[np.ndarray] = (), spacing_xy=(1.0, 1.0),
                  origin_xy=(0.0, 0.0)) -> RegistrationResult:
-        """Register ``moving`` onto ``fixed``: learned field, then the refinement.
+        """Register ``moving`` onto ``fixed``: learned field, its projection, the refinement.
 
         Returns
         -------
         RegistrationResult
-            ``field``: the refined (or, after a fallback, the learned) pull field in
-            physical units; ``info``: ``learned_field``, ``elastix`` (the
+            ``field``: the refined (or, after a fallback, the start) pull field in physical
+            units; ``info``: ``learned_field`` (the network's), ``start_field`` (its
+            projection, where the refinement starts), ``elastix`` (the
             :class:`~hybridreg.elastix.ElastixResult`, when the refinement ran and was
             kept), ``parameter_maps`` (what elastix ran), ``fallback`` (the reason, or
-            None), ``ncc_learned``, ``ncc_refined``, ``seconds_learned``,
+            None), ``ncc_learned`` (of the start), ``ncc_refined``, ``seconds_learned``,
             ``seconds_features``, ``seconds_refinement``.
         """
         from ..elastix import register_pair
@@ -259,10 +330,17 @@ class HybridMethod:
 
         t0 = time.perf_counter()
         fixed, moving, refs = check_pair(fixed, moving, references)
+        fixed = fixed.astype(np.float32, copy=False)
+        moving = moving.astype(np.float32, copy=False)
         spacing_xy = as_spacing_xy(spacing_xy)
         origin_xy = tuple(float(o) for o in origin_xy)
-        first = self.learned.register(fixed, moving, references=refs, spacing_xy=spacing_xy,
-                                      origin_xy=origin_xy)
+        learned_field, _ = self.learned.predict_field(fixed, moving, references=refs,
+                                                      spacing_xy=spacing_xy)
+        start = project_start(learned_field, sigma_px=self.start_smoothing_px)
+        # the one warp of the moving section by the start: the start's NCC, the fallback's
+        # result and the resample start of the refinement
+        start_warped, start_valid = warp(moving, start, spacing_xy=spacing_xy, order=1)
+        start_ncc = ncc_metric(fixed, start_warped, start_valid)
         t1 = time.perf_counter()
         fixed_ch, moving_ch = [], []
         warnings = list(self.adapt_warnings)
@@ -272,7 +350,7 @@ class HybridMethod:
                 ae, fixed, moving, n_channels=self.feature_channels,
                 feature_stride=self.feature_stride, downsample=self.feature_downsample,
                 intensity_scale=self.learned.intensity_scale,
-                intensity_offset=self.learned.intensity_offset, device=self.learned._device)
+                intensity_offset=self.learned.intensity_offset, device=self.learned.torch_device)
         params = self.parameter_map
         if len(fixed_ch) != self.feature_channels:
             from ..elastix import adapt_refinement_map
@@ -281,23 +359,22 @@ class HybridMethod:
                             f"channels carry signal (blank or constant section?)")
             params, _ = adapt_refinement_map(
                 self.parameter_map, 1 + len(fixed_ch),
-                weights=self.channel_weights[:1 + len(fixed_ch)])
+                weights=self.channel_weights[:1 + len(fixed_ch)],
+                keep_penalties=self.initial == "resample")
         t2 = time.perf_counter()
         mask = content_mask(fixed)
-        info = {"learned_field": first.field, "parameter_maps": [params], "fallback": None,
-                "ncc_learned": first.metric, "ncc_refined": None,
+        info = {"learned_field": learned_field, "start_field": start,
+                "parameter_maps": [params], "fallback": None,
+                "ncc_learned": start_ncc, "ncc_refined": None,
                 "seconds_learned": t1 - t0, "seconds_features": t2 - t1}
         fallback = None
         refined = None
         try:
             refined = register_pair(
-                fixed.astype(np.float32, copy=False), moving.astype(np.float32, copy=False),
-                params=[params], spacing_xy=spacing_xy, origin_xy=origin_xy,
+                fixed, moving, params=[params], spacing_xy=spacing_xy, origin_xy=origin_xy,
                 fixed_channels=fixed_ch, moving_channels=moving_ch,
-                initial_field=first.field, threads=self.threads,
-                initial_mode=self.initial,
-                # the learned step's own warp is the resample start: not warped twice
-                moving_resampled=first.warped if self.initial == "resample" else None,
+                initial_field=start, threads=self.threads, initial_mode=self.initial,
+                moving_resampled=start_warped if self.initial == "resample" else None,
                 **({"fixed_mask": mask} if mask is not None else {}))
         except Exception as exc:  # noqa: BLE001 - any failure falls back, flagged
             fallback = f"the refinement failed ({type(exc).__name__}: " \
@@ -310,9 +387,9 @@ class HybridMethod:
                 warped = refined.warped  # resampled by register_pair in numpy, this order
                 valid = valid_mask(refined.field, spacing_xy=spacing_xy)
             else:
-                warped, valid = warp(moving.astype(np.float32, copy=False), refined.field,
-                                     spacing_xy=spacing_xy, order=self.warped_order)
-            ncc_refined = ncc_metric(fixed.astype(np.float32, copy=False), warped, valid)
+                warped, valid = warp(moving, refined.field, spacing_xy=spacing_xy,
+                                     order=self.warped_order)
+            ncc_refined = ncc_metric(fixed, warped, valid)
             info["ncc_refined"] = ncc_refined
             folds = folding_fraction(refined.field, spacing_xy=spacing_xy, mask=mask)
             if not np.all(np.isfinite(refined.field)):
@@ -321,16 +398,16 @@ class HybridMethod:
                 fallback = f"the refined field folds on {folds:.2%} of the section"
             elif ncc_refined is None:
                 fallback = "the refined result has no measurable overlap"
-            elif first.metric is not None and ncc_refined < first.metric - self.tolerance:
-                fallback = (f"the refinement lowered the NCC from {first.metric:.4f} to "
+            elif start_ncc is not None and ncc_refined < start_ncc - self.tolerance:
+                fallback = (f"the refinement lowered the NCC from {start_ncc:.4f} to "
                             f"{ncc_refined:.4f}")
         if fallback is not None:
             info["fallback"] = fallback
             warnings.append(f"kept the learned field: {fallback}")
             log.info("hybrid: %s", warnings[-1])
             return RegistrationResult(
-                field=first.field, warped=first.warped, spacing_xy=spacing_xy,
-                origin_xy=origin_xy, metric=first.metric,
+                field=start, warped=start_warped, spacing_xy=spacing_xy,
+                origin_xy=origin_xy, metric=start_ncc,
                 seconds=time.perf_counter() - t0, warnings=tuple(warnings), info=info)
         info["elastix"] = refined
         return RegistrationResult(

@@ -193,6 +193,12 @@ class LearnedMethod:
             self._net, self._device = net, device
         return self._net
 
+    @property
+    def torch_device(self):
+        """The torch device the network runs on (it is loaded if it was not)."""
+        self.network()
+        return self._device
+
     def min_size_px(self, net=None) -> int:
         """Smallest section side accepted: half a cell of the network's coarsest level, >= 16."""
         net = self.network() if net is None else net
@@ -205,6 +211,46 @@ class LearnedMethod:
             state["_net"] = None
             state["_device"] = None
         return state
+
+    def predict_field(self, fixed: np.ndarray, moving: np.ndarray, *,
+                      references: Sequence[np.ndarray] = (), spacing_xy=(1.0, 1.0)
+                      ) -> tuple[np.ndarray, dict]:
+        """The network's pull field of ``moving`` onto ``fixed``, without warping.
+
+        Returns
+        -------
+        (ndarray, dict)
+            The field ``(2, H, W)`` float32 in physical units, and ``info`` (``model``,
+            ``config``, ``references_used``, ``window``).
+        """
+        import torch
+
+        from ..models import make_window
+
+        fixed, moving, refs = check_pair(fixed, moving, references)
+        spacing_xy = as_spacing_xy(spacing_xy)
+        net = self.network()
+        h, w = fixed.shape
+        minimum = self.min_size_px(net)
+        if min(h, w) < minimum:
+            raise ValueError(f"{self.name}: sections of {h}x{w} pixels are too small for this "
+                             f"network (stride {net.stride}); need at least {minimum}x{minimum}")
+        used = (list(refs) + [fixed])[-self.references:]  # oldest first, fixed last
+        window_np = normalized_sections(used + [moving], self.intensity_scale,
+                                        self.intensity_offset, self.name)
+        with torch.inference_mode():
+            if hasattr(net, "encode_sections"):
+                # each section encoded once while it stays in the window (a sequential
+                # stack shows every aligned section to up to `references` pairs)
+                feats = self._features.window(net, window_np, self._device)
+                u_px = net.forward_features(feats, (h, w))[0].float().cpu().numpy()
+            else:
+                sections = torch.from_numpy(window_np).to(self._device)
+                x = make_window(sections[None, :-1], sections[None, -1:], window=net.window)
+                u_px = net(x)[0].float().cpu().numpy()
+        info = {"model": self._source.description, "config": net.config,
+                "references_used": len(used), "window": net.window}
+        return to_physical(u_px, spacing_xy), info
 
     def register(self, fixed: np.ndarray, moving: np.ndarray, *,
                  references: Sequence[np.ndarray] = (), spacing_xy=(1.0, 1.0),
@@ -227,40 +273,16 @@ class LearnedMethod:
             ``field`` (2, H, W) float32 in physical units, pull direction; ``info`` holds
             ``model``, ``config`` (the network's), ``references_used`` and ``window``.
         """
-        import torch
-
-        from ..models import make_window
         from ..warp import warp
 
         t0 = time.perf_counter()
         fixed, moving, refs = check_pair(fixed, moving, references)
         spacing_xy = as_spacing_xy(spacing_xy)
-        net = self.network()
-        h, w = fixed.shape
-        minimum = self.min_size_px(net)
-        if min(h, w) < minimum:
-            raise ValueError(f"{self.name}: sections of {h}x{w} pixels are too small for this "
-                             f"network (stride {net.stride}); need at least {minimum}x{minimum}")
-        used = (list(refs) + [fixed])[-self.references:]  # oldest first, fixed last
-        window_np = normalized_sections(used + [moving], self.intensity_scale,
-                                        self.intensity_offset, self.name)
-        with torch.inference_mode():
-            if hasattr(net, "encode_sections"):
-                # each section encoded once while it stays in the window (a sequential
-                # stack shows every aligned section to up to `references` pairs)
-                feats = self._features.window(net, window_np, self._device)
-                u_px = net.forward_features(feats, (h, w))[0].float().cpu().numpy()
-            else:
-                sections = torch.from_numpy(window_np).to(self._device)
-                x = make_window(sections[None, :-1], sections[None, -1:], window=net.window)
-                u_px = net(x)[0].float().cpu().numpy()
-        field = to_physical(u_px, spacing_xy)
+        field, info = self.predict_field(fixed, moving, references=refs, spacing_xy=spacing_xy)
         warped, valid = warp(moving.astype(np.float32, copy=False), field,
                              spacing_xy=spacing_xy, order=1)
         metric = ncc_metric(fixed.astype(np.float32, copy=False), warped, valid)
         return RegistrationResult(
             field=field, warped=warped, spacing_xy=spacing_xy,
             origin_xy=tuple(float(o) for o in origin_xy), metric=metric,
-            seconds=time.perf_counter() - t0,
-            info={"model": self._source.description, "config": net.config,
-                  "references_used": len(used), "window": net.window})
+            seconds=time.perf_counter() - t0, info=info)

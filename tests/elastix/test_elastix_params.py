@@ -93,6 +93,18 @@ def test_refinement_map_options():
         elx.refinement_map(2, weights=[1.0])
     with pytest.raises(ValueError, match="positive integer"):
         elx.refinement_map(0)
+    # a bending-energy penalty after the image metrics, with its own sampler (em_bspline's)
+    b = elx.refinement_map(2, bending_weight=300)
+    assert b["Metric"] == ["AdvancedNormalizedCorrelation"] * 2 + [
+        "TransformBendingEnergyPenalty"]
+    assert b["Metric2Weight"] == ["300.0"] and b["ImageSampler2NumberOfSpatialSamples"] == ["1024"]
+    # elastix: one interpolator, sampler and (with several images) pyramid per metric
+    assert len(b["ImageSampler"]) == len(b["Interpolator"]) == len(b["FixedImagePyramid"]) == 3
+    one = elx.refinement_map(1, bending_weight=300)  # one image: one pyramid, as em_bspline
+    assert len(one["FixedImagePyramid"]) == 1 and len(one["Interpolator"]) == 2
+    assert "TransformBendingEnergyPenalty" not in elx.refinement_map(2)["Metric"]
+    with pytest.raises(ValueError, match="bending_weight"):
+        elx.refinement_map(1, bending_weight=-1)
 
 
 needs_elastix = pytest.mark.skipif(

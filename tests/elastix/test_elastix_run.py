@@ -210,6 +210,25 @@ def test_resample_mode_options(itk, fixed, smooth_case):
                           initial_field=far, initial_mode="resample")
 
 
+def test_penalty_with_the_resample_start(itk, fixed, smooth_case):
+    """elastix evaluates a bending-energy penalty when the refinement starts by resampling
+    (it sees no initial transform); after an external initial transform it is refused."""
+    maps = [elx.refinement_map(1, grid_spacing_px=16, resolutions=1, iterations=60,
+                               bending_weight=10.0)]
+    r = elx.register_pair(fixed, smooth_case["moving"], params=maps, spacing_xy=SPACING_XY,
+                          origin_xy=ORIGIN_XY, initial_field=smooth_case["initial"],
+                          initial_mode="resample", threads=2)
+    assert r.parameter_maps[0]["Metric"][-1] == "TransformBendingEnergyPenalty"
+    mask = interior()
+    before = endpoint_error(r.initial_field, smooth_case["u_true"], spacing_xy=SPACING_XY,
+                            mask=mask)
+    after = endpoint_error(r.field, smooth_case["u_true"], spacing_xy=SPACING_XY, mask=mask)
+    assert after.mean_px < 0.5 * before.mean_px, (before, after)
+    with pytest.raises(ValueError, match="penalties"):
+        elx.register_pair(fixed, smooth_case["moving"], params=maps,
+                          initial_field=smooth_case["initial"], initial_mode="external")
+
+
 def test_refinement_with_two_channels(itk, fixed, smooth_case):
     moving = smooth_case["moving"]
     feat_f, feat_m = (ndimage.gaussian_gradient_magnitude(x, 2.0) for x in (fixed, moving))

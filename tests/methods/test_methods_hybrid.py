@@ -11,7 +11,7 @@ import torch
 
 from hybridreg import elastix, synthetic
 from hybridreg.methods import get_method
-from hybridreg.methods.hybrid import HybridMethod, feature_maps
+from hybridreg.methods.hybrid import HybridMethod, feature_maps, project_start
 from hybridreg.metrics import endpoint_error
 from hybridreg.models import FAEMRegNet, FeatureAutoencoder
 from hybridreg.phantom import make_phantom
@@ -75,7 +75,8 @@ def test_hybrid_refines_the_learned_field(pair):
         # an untrained net is about the identity; the refinement does the work
         assert e_hybrid < 0.6 * e_learned
         maps = res.info["parameter_maps"]
-        assert maps[0]["Metric"] == ["AdvancedNormalizedCorrelation"] * 3
+        assert maps[0]["Metric"] == ["AdvancedNormalizedCorrelation"] * 3 + [
+            "TransformBendingEnergyPenalty"]  # the default preset's penalty ran
         assert res.info["ncc_refined"] >= res.info["ncc_learned"]
         assert res.info["elastix"].initial_field is not None
     else:
@@ -94,7 +95,7 @@ def test_both_ways_of_starting_from_the_learned_field(pair, initial):
     assert res.info["fallback"] is None, res.info["fallback"]
     er = res.info["elastix"]
     assert er.initial_mode == initial
-    np.testing.assert_array_equal(er.initial_field, res.info["learned_field"])
+    np.testing.assert_array_equal(er.initial_field, res.info["start_field"])
     kinds = [m["Transform"][0] for m in er.transform_parameter_maps]
     assert kinds == (["BSplineTransform"] if initial == "resample"
                      else ["ExternalTransform", "BSplineTransform"])
@@ -109,8 +110,8 @@ def test_both_ways_of_starting_from_the_learned_field(pair, initial):
 
 
 def test_a_pair_warps_the_moving_section_once_per_level(pair, monkeypatch):
-    """The learned start and the refined result: two warps of the moving section, not four
-    (the resample start reuses the learned step's own warp)."""
+    """The start and the refined result: two warps of the moving section, not four (the
+    resample start is the start's own warp)."""
     import hybridreg.warp
 
     fixed, moving, _ = pair
@@ -128,7 +129,7 @@ def test_a_pair_warps_the_moving_section_once_per_level(pair, monkeypatch):
     res = method.register(fixed, moving)
     assert res.info["fallback"] is None, res.info["fallback"]
     assert len(fields_seen) == 2
-    np.testing.assert_array_equal(fields_seen[0], res.info["learned_field"])
+    np.testing.assert_array_equal(fields_seen[0], res.info["start_field"])
     np.testing.assert_array_equal(fields_seen[1], res.field)
     assert "transform" not in vars(res.info["elastix"])
 
@@ -145,7 +146,7 @@ def test_failed_refinement_falls_back_and_flags(pair, monkeypatch):
     res = method.register(fixed, moving)
     assert res.info["fallback"].startswith("the refinement failed (ElastixError")
     assert any("kept the learned field" in w for w in res.warnings)
-    assert np.array_equal(res.field, res.info["learned_field"])
+    assert np.array_equal(res.field, res.info["start_field"])
     assert "elastix" not in res.info
 
 
@@ -167,15 +168,23 @@ def test_worse_refinement_is_rejected(pair, monkeypatch):
     monkeypatch.setattr(elastix, "register_pair", worse)
     res = method.register(fixed, moving)
     assert "lowered the NCC" in res.info["fallback"]
-    assert np.array_equal(res.field, res.info["learned_field"])
+    assert np.array_equal(res.field, res.info["start_field"])
 
 
 def test_user_parameter_file_is_adapted(tmp_path):
     net, ae = _nets()
-    # the shipped em_bspline carries a bending-energy penalty
-    method = HybridMethod(net, ae, params="em_bspline", channel_weights=[1.0, 0.3, 0.2])
+    # the shipped em_bspline carries a bending-energy penalty: elastix evaluates it with the
+    # resample start (the default), not after an external initial transform
+    kept = HybridMethod(net, ae, params="em_bspline", channel_weights=[1.0, 0.3, 0.2])
+    assert kept.parameter_map["Metric"][3:] == ["TransformBendingEnergyPenalty"]
+    assert kept.parameter_map["Metric3Weight"] == ["1000.0"]
+    assert len(kept.parameter_map["ImageSampler"]) == 4
+    assert not kept.adapt_warnings
+    method = HybridMethod(net, ae, params="em_bspline", channel_weights=[1.0, 0.3, 0.2],
+                          initial="external")
     m = method.parameter_map
     assert "TransformBendingEnergyPenalty" not in m["Metric"]
+    assert "ImageSampler1NumberOfSpatialSamples" not in m  # the penalty's count went with it
     assert len(m["Metric"]) == 3 and m["Registration"] == [
         "MultiMetricMultiResolutionRegistration"]
     assert [m[f"Metric{i}Weight"][0] for i in range(3)] == ["1.0", "0.3", "0.2"]
@@ -196,6 +205,58 @@ def test_without_features_one_channel(pair):
     net, _ = _nets()
     method = HybridMethod(net, False, threads=1)
     assert method.autoencoder() is None
-    assert method.parameter_map["Metric"] == ["AdvancedNormalizedCorrelation"]
+    assert method.parameter_map["Metric"] == ["AdvancedNormalizedCorrelation",
+                                              "TransformBendingEnergyPenalty"]
     res = method.register(fixed, moving)
     assert res.field.shape == (2, 96, 96)
+
+
+def test_presets_start_and_refinement():
+    """accurate: the learned field low-passed, a 32 px grid with a bending penalty; fast: the
+    learned field as it is, the earlier 64 px / 1 level / 50 iterations map."""
+    net, ae = _nets()
+    accurate, fast = HybridMethod(net, ae), HybridMethod(net, ae, preset="fast")
+    assert accurate.preset == "accurate" and accurate.start_smoothing_px == 32.0
+    m = accurate.parameter_map
+    assert m["FinalGridSpacingInVoxels"] == ["32.0", "32.0"]
+    assert m["Metric"][-1] == "TransformBendingEnergyPenalty" and len(m["Metric"]) == 4
+    f = fast.parameter_map
+    assert fast.start_smoothing_px == 0.0 and "TransformBendingEnergyPenalty" not in f["Metric"]
+    assert (f["FinalGridSpacingInVoxels"], f["NumberOfResolutions"],
+            f["MaximumNumberOfIterations"]) == (["64.0", "64.0"], ["1"], ["50"])
+    assert fast.config["preset"] == "fast" and accurate.config != fast.config
+    external = HybridMethod(net, ae, initial="external")
+    assert "TransformBendingEnergyPenalty" not in external.parameter_map["Metric"]
+    assert any("bending-energy penalty" in w for w in external.adapt_warnings)
+    with pytest.raises(ValueError, match="unknown preset"):
+        HybridMethod(net, ae, preset="fastest")
+    with pytest.raises(ValueError, match="start_smoothing_px"):
+        HybridMethod(net, ae, start_smoothing_px=-1)
+    with pytest.raises(ValueError, match="refinement options"):
+        HybridMethod(net, ae, params="em_bspline", refinement={"iterations": 10})
+    options = HybridMethod(net, ae, refinement={"iterations": 10, "bending_weight": 0.0})
+    assert options.parameter_map["MaximumNumberOfIterations"] == ["10"]
+    assert "TransformBendingEnergyPenalty" not in options.parameter_map["Metric"]
+
+
+def test_project_start_keeps_the_smooth_part():
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:128, 0:128].astype(np.float32)
+    smooth = np.stack([3.0 + 0.02 * xx, -2.0 + 0.01 * yy])  # affine: kept by the low-pass
+    noisy = smooth + rng.normal(0, 1.0, smooth.shape).astype(np.float32)
+    assert project_start(noisy, sigma_px=0) is noisy
+    out = project_start(noisy, sigma_px=8)
+    inner = (slice(None), slice(24, -24), slice(24, -24))
+    assert np.abs(out - smooth)[inner].mean() < 0.1 * np.abs(noisy - smooth)[inner].mean()
+    np.testing.assert_allclose(project_start(np.full((2, 16, 16), 2.5, np.float32),
+                                             sigma_px=4), 2.5, atol=1e-5)
+
+
+def test_accurate_start_is_the_low_passed_learned_field(pair):
+    fixed, moving, _ = pair
+    net, ae = _nets()
+    res = HybridMethod(net, ae, threads=1).register(fixed, moving)
+    np.testing.assert_allclose(res.info["start_field"],
+                               project_start(res.info["learned_field"], sigma_px=32.0))
+    fast = HybridMethod(net, ae, threads=1, preset="fast").register(fixed, moving)
+    assert fast.info["start_field"] is fast.info["learned_field"]
