@@ -57,10 +57,14 @@ __all__ = ["HybridMethod", "feature_maps", "project_start", "PRESETS", "DEFAULT_
 PRESETS = {
     "accurate": {"start_smoothing_px": 32.0,
                  "refinement": {"grid_spacing_px": 32.0, "resolutions": 1, "iterations": 250,
-                                "samples": 2048, "bending_weight": 1000.0}},
+                                "samples": 2048, "bending_weight": 30000.0},
+                 "detail": {"grid_spacing_px": 32.0, "resolutions": 1, "iterations": 250,
+                            "samples": 2048, "bending_weight": 100.0},
+                 "detail_threshold": 0.6},
     "fast": {"start_smoothing_px": 0.0,
              "refinement": {"grid_spacing_px": 64.0, "resolutions": 1, "iterations": 50,
-                            "samples": 1024}},
+                            "samples": 1024},
+             "detail": None, "detail_threshold": None},
 }
 DEFAULT_PRESET = "accurate"
 #: Options of :func:`hybridreg.elastix.refinement_map` for the default refinement.
@@ -180,6 +184,13 @@ class HybridMethod:
         refinement. Default: :func:`hybridreg.elastix.refinement_map` with the preset's.
     refinement : dict, optional
         Options of :func:`hybridreg.elastix.refinement_map` that override the preset's.
+    detail : dict or False, optional
+        Options that override the preset's detail stage (a second, flexible refinement
+        kept only where it explains the pair far better: see :meth:`register`); False: no
+        detail stage. With ``params`` there is none unless given here.
+    detail_threshold : float, optional
+        The detail stage is kept when its residual dissimilarity (``1 - NCC``) is at most
+        this fraction of the first stage's (preset ``accurate``: 0.6).
     start_smoothing_px : float, optional
         Overrides the preset's projection of the learned field (:func:`project_start`).
     feature_channels : int
@@ -209,7 +220,8 @@ class HybridMethod:
     warped_order = 1
 
     def __init__(self, model=None, features=None, *, preset: str = DEFAULT_PRESET,
-                 params=None, refinement: dict | None = None,
+                 params=None, refinement: dict | None = None, detail=None,
+                 detail_threshold: float | None = None,
                  start_smoothing_px: float | None = None, feature_channels: int = 2,
                  channel_weights: Sequence[float] | None = None, feature_stride: int = 4,
                  feature_downsample: int = 4,
@@ -217,7 +229,7 @@ class HybridMethod:
                  initial: str = "resample", intensity_scale: float = 1.0,
                  intensity_offset: float = 0.0,
                  device: str = "auto", threads: int | None = None):
-        from ..elastix import adapt_refinement_map, refinement_map
+        from ..elastix import adapt_refinement_map
 
         self.learned = LearnedMethod(model, references=references,
                                      intensity_scale=intensity_scale,
@@ -256,29 +268,49 @@ class HybridMethod:
         self.params = params
         self.adapt_warnings: list[str] = []
         if params is None:
-            options = {**PRESETS[preset]["refinement"], **(refinement or {})}
-            if initial == "external" and options.get("bending_weight"):
-                # elastix cannot evaluate penalties after an external initial transform
-                options["bending_weight"] = 0.0
-                self.adapt_warnings.append(
-                    "initial='external': the refinement runs without its bending-energy "
-                    "penalty, which elastix cannot evaluate after an external initial "
-                    "transform")
-            self.parameter_map = refinement_map(n, weights=channel_weights, **options)
-            # elastix's own final resampling would cost a third of the refinement's time on
-            # 512 x 512: the result is resampled in numpy instead, linearly, the method's
-            # warped_order, so that the exported transformix chain reproduces `warped`
-            self.parameter_map["WriteResultImage"] = ["false"]
-            self.parameter_map["FinalBSplineInterpolationOrder"] = [str(self.warped_order)]
+            self.parameter_map = self._preset_map(
+                n, {**PRESETS[preset]["refinement"], **(refinement or {})})
         else:
             if refinement:
                 raise ValueError("refinement options are for the preset's map; with params, "
                                  "set them in the parameter map")
             self.parameter_map, self.adapt_warnings = adapt_refinement_map(
                 params, n, weights=channel_weights, keep_penalties=initial == "resample")
+        detail_options = PRESETS[preset]["detail"] if params is None else None
+        if detail is False:
+            detail_options = None
+        elif detail:
+            detail_options = {**(detail_options or PRESETS["accurate"]["detail"]), **detail}
+        self.detail_map = None if detail_options is None else self._preset_map(n, detail_options)
+        threshold = (PRESETS[preset]["detail_threshold"] or PRESETS["accurate"][
+            "detail_threshold"]) if detail_threshold is None else detail_threshold
+        self.detail_threshold = float(threshold)
+        if not 0 < self.detail_threshold <= 1:
+            raise ValueError(f"detail_threshold must be in (0, 1], got {detail_threshold!r}")
         self.tolerance = float(tolerance)
         self.threads = threads
         self._ae = None
+
+    def _preset_map(self, n: int, options: dict) -> dict:
+        """A refinement map of ``refinement_map`` options, resampled by the method itself."""
+        from ..elastix import refinement_map
+
+        options = dict(options)
+        if self.initial == "external" and options.get("bending_weight"):
+            # elastix cannot evaluate penalties after an external initial transform
+            options["bending_weight"] = 0.0
+            note = ("initial='external': the refinement runs without its bending-energy "
+                    "penalty, which elastix cannot evaluate after an external initial "
+                    "transform")
+            if note not in self.adapt_warnings:
+                self.adapt_warnings.append(note)
+        m = refinement_map(n, weights=self.channel_weights, **options)
+        # elastix's own final resampling would cost a third of the refinement's time on
+        # 512 x 512: the result is resampled in numpy instead, linearly, the method's
+        # warped_order, so that the exported transformix chain reproduces `warped`
+        m["WriteResultImage"] = ["false"]
+        m["FinalBSplineInterpolationOrder"] = [str(self.warped_order)]
+        return m
 
     @property
     def config(self) -> dict:
@@ -293,7 +325,8 @@ class HybridMethod:
                 "channel_weights": self.channel_weights,
                 "parameter_map": self.parameter_map, "tolerance": self.tolerance,
                 "initial": self.initial, "preset": self.preset,
-                "start_smoothing_px": self.start_smoothing_px}
+                "start_smoothing_px": self.start_smoothing_px, "detail_map": self.detail_map,
+                "detail_threshold": self.detail_threshold}
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -314,19 +347,28 @@ class HybridMethod:
                  origin_xy=(0.0, 0.0)) -> RegistrationResult:
         """Register ``moving`` onto ``fixed``: learned field, its projection, the refinement.
 
+        The refinement runs in up to two stages. The first (``refinement``) starts from the
+        projected learned field; it is kept if it does not fold and does not lower the NCC
+        (``tolerance``). The detail stage (``detail``, a more flexible map) starts from the
+        first stage's result and is kept only if it removes most of the remaining
+        dissimilarity: ``1 - NCC`` at most ``detail_threshold`` of the first stage's (as on
+        a section's own deformed copy). Between neighbouring sections whose content
+        changes, a flexible map lowers the dissimilarity a little by following the content,
+        and the smoother first stage is kept.
+
         Returns
         -------
         RegistrationResult
             ``field``: the refined (or, after a fallback, the start) pull field in physical
             units; ``info``: ``learned_field`` (the network's), ``start_field`` (its
-            projection, where the refinement starts), ``elastix`` (the
-            :class:`~hybridreg.elastix.ElastixResult`, when the refinement ran and was
-            kept), ``parameter_maps`` (what elastix ran), ``fallback`` (the reason, or
-            None), ``ncc_learned`` (of the start), ``ncc_refined``, ``seconds_learned``,
-            ``seconds_features``, ``seconds_refinement``.
+            projection, where the refinement starts), ``elastix`` (the kept
+            :class:`~hybridreg.elastix.ElastixResult`), ``parameter_maps`` (what elastix
+            ran), ``fallback`` (the reason, or None), ``ncc_learned`` (of the start),
+            ``ncc_refined``, ``detail`` (``None`` without a detail stage, else ``kept``,
+            ``ncc``, ``ratio`` of the dissimilarities, or ``failed``),
+            ``seconds_learned``, ``seconds_features``, ``seconds_refinement``.
         """
-        from ..elastix import register_pair
-        from ..warp import valid_mask, warp
+        from ..warp import warp
 
         t0 = time.perf_counter()
         fixed, moving, refs = check_pair(fixed, moving, references)
@@ -350,57 +392,43 @@ class HybridMethod:
                 ae, fixed, moving, n_channels=self.feature_channels,
                 feature_stride=self.feature_stride, downsample=self.feature_downsample,
                 intensity_scale=self.learned.intensity_scale,
-                intensity_offset=self.learned.intensity_offset, device=self.learned.torch_device)
-        params = self.parameter_map
+                intensity_offset=self.learned.intensity_offset,
+                device=self.learned.torch_device)
+        maps = [self.parameter_map] + ([self.detail_map] if self.detail_map else [])
         if len(fixed_ch) != self.feature_channels:
             from ..elastix import adapt_refinement_map
 
             warnings.append(f"only {len(fixed_ch)} of {self.feature_channels} feature "
                             f"channels carry signal (blank or constant section?)")
-            params, _ = adapt_refinement_map(
-                self.parameter_map, 1 + len(fixed_ch),
-                weights=self.channel_weights[:1 + len(fixed_ch)],
-                keep_penalties=self.initial == "resample")
+            maps = [adapt_refinement_map(m, 1 + len(fixed_ch),
+                                         weights=self.channel_weights[:1 + len(fixed_ch)],
+                                         keep_penalties=self.initial == "resample")[0]
+                    for m in maps]
         t2 = time.perf_counter()
         mask = content_mask(fixed)
         info = {"learned_field": learned_field, "start_field": start,
-                "parameter_maps": [params], "fallback": None,
-                "ncc_learned": start_ncc, "ncc_refined": None,
+                "parameter_maps": [maps[0]], "fallback": None,
+                "ncc_learned": start_ncc, "ncc_refined": None, "detail": None,
                 "seconds_learned": t1 - t0, "seconds_features": t2 - t1}
-        fallback = None
-        refined = None
-        try:
-            refined = register_pair(
-                fixed, moving, params=[params], spacing_xy=spacing_xy, origin_xy=origin_xy,
-                fixed_channels=fixed_ch, moving_channels=moving_ch,
-                initial_field=start, threads=self.threads, initial_mode=self.initial,
-                moving_resampled=start_warped if self.initial == "resample" else None,
-                **({"fixed_mask": mask} if mask is not None else {}))
-        except Exception as exc:  # noqa: BLE001 - any failure falls back, flagged
-            fallback = f"the refinement failed ({type(exc).__name__}: " \
-                       f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        pair = dict(fixed=fixed, moving=moving, spacing_xy=spacing_xy, origin_xy=origin_xy,
+                    channels=(fixed_ch, moving_ch), mask=mask)
+        refined, warped, ncc_refined, fallback = self._refine(
+            maps[0], start, start_warped, start_ncc, **pair)
+        if fallback is None and len(maps) > 1:
+            detail, d_warped, d_ncc, d_fallback = self._refine(
+                maps[1], refined.field, warped, ncc_refined, **pair)
+            if d_fallback is None:
+                ratio = (1.0 - d_ncc) / max(1.0 - ncc_refined, 1e-12)
+                kept = ratio <= self.detail_threshold
+                info["detail"] = {"kept": kept, "ncc": d_ncc, "ratio": ratio}
+                if kept:
+                    refined, warped, ncc_refined = detail, d_warped, d_ncc
+            else:
+                info["detail"] = {"kept": False, "failed": d_fallback}
         info["seconds_refinement"] = time.perf_counter() - t2
         if refined is not None:
             info["parameter_maps"] = refined.parameter_maps
-            if refined.parameter_maps[-1].get("FinalBSplineInterpolationOrder", ["3"])[0] \
-                    == str(self.warped_order):
-                warped = refined.warped  # resampled by register_pair in numpy, this order
-                valid = valid_mask(refined.field, spacing_xy=spacing_xy)
-            else:
-                warped, valid = warp(moving, refined.field, spacing_xy=spacing_xy,
-                                     order=self.warped_order)
-            ncc_refined = ncc_metric(fixed, warped, valid)
             info["ncc_refined"] = ncc_refined
-            folds = folding_fraction(refined.field, spacing_xy=spacing_xy, mask=mask)
-            if not np.all(np.isfinite(refined.field)):
-                fallback = "the refined field is not finite"
-            elif folds > MAX_FOLDING:
-                fallback = f"the refined field folds on {folds:.2%} of the section"
-            elif ncc_refined is None:
-                fallback = "the refined result has no measurable overlap"
-            elif start_ncc is not None and ncc_refined < start_ncc - self.tolerance:
-                fallback = (f"the refinement lowered the NCC from {start_ncc:.4f} to "
-                            f"{ncc_refined:.4f}")
         if fallback is not None:
             info["fallback"] = fallback
             warnings.append(f"kept the learned field: {fallback}")
@@ -412,5 +440,45 @@ class HybridMethod:
         info["elastix"] = refined
         return RegistrationResult(
             field=refined.field, warped=warped, spacing_xy=spacing_xy, origin_xy=origin_xy,
-            metric=info["ncc_refined"], seconds=time.perf_counter() - t0,
+            metric=ncc_refined, seconds=time.perf_counter() - t0,
             warnings=tuple(warnings), info=info)
+
+    def _refine(self, params, start, start_warped, start_ncc, *, fixed, moving, spacing_xy,
+                origin_xy, channels, mask):
+        """One refinement from ``start``: ``(result, warped, ncc, fallback reason)``.
+
+        ``fallback`` is None when the result is kept: elastix ran, the field is finite,
+        does not fold and does not lower the NCC of ``start`` by more than the tolerance.
+        """
+        from ..elastix import register_pair
+        from ..warp import valid_mask, warp
+
+        try:
+            refined = register_pair(
+                fixed, moving, params=[params], spacing_xy=spacing_xy, origin_xy=origin_xy,
+                fixed_channels=channels[0], moving_channels=channels[1],
+                initial_field=start, threads=self.threads, initial_mode=self.initial,
+                moving_resampled=start_warped if self.initial == "resample" else None,
+                **({"fixed_mask": mask} if mask is not None else {}))
+        except Exception as exc:  # noqa: BLE001 - any failure falls back, flagged
+            return None, None, None, (f"the refinement failed ({type(exc).__name__}: "
+                                      f"{str(exc).splitlines()[0] if str(exc) else ''})")
+        if refined.parameter_maps[-1].get("FinalBSplineInterpolationOrder", ["3"])[0] \
+                == str(self.warped_order):
+            warped = refined.warped  # resampled by register_pair in numpy, this order
+            valid = valid_mask(refined.field, spacing_xy=spacing_xy)
+        else:
+            warped, valid = warp(moving, refined.field, spacing_xy=spacing_xy,
+                                 order=self.warped_order)
+        ncc = ncc_metric(fixed, warped, valid)
+        folds = folding_fraction(refined.field, spacing_xy=spacing_xy, mask=mask)
+        fallback = None
+        if not np.all(np.isfinite(refined.field)):
+            fallback = "the refined field is not finite"
+        elif folds > MAX_FOLDING:
+            fallback = f"the refined field folds on {folds:.2%} of the section"
+        elif ncc is None:
+            fallback = "the refined result has no measurable overlap"
+        elif start_ncc is not None and ncc < start_ncc - self.tolerance:
+            fallback = f"the refinement lowered the NCC from {start_ncc:.4f} to {ncc:.4f}"
+        return refined, warped, ncc, fallback

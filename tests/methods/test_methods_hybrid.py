@@ -89,7 +89,7 @@ def test_both_ways_of_starting_from_the_learned_field(pair, initial):
     the result's warped section is its field applied to the moving one."""
     fixed, moving, truth = pair
     net, ae = _nets()
-    method = HybridMethod(net, ae, threads=1, initial=initial)
+    method = HybridMethod(net, ae, threads=1, initial=initial, preset="fast")  # one stage
     assert method.config["initial"] == initial
     res = method.register(fixed, moving)
     assert res.info["fallback"] is None, res.info["fallback"]
@@ -109,14 +109,16 @@ def test_both_ways_of_starting_from_the_learned_field(pair, initial):
         HybridMethod(net, ae, initial="prewarp")
 
 
-def test_a_pair_warps_the_moving_section_once_per_level(pair, monkeypatch):
-    """The start and the refined result: two warps of the moving section, not four (the
-    resample start is the start's own warp)."""
+@pytest.mark.parametrize("preset", ["fast", "accurate"])
+def test_a_pair_warps_the_moving_section_once_per_level(pair, monkeypatch, preset):
+    """Once by the start, once by each refinement stage's result (fast: one stage; accurate:
+    two), never twice by the same field (the resample start of a stage is the warp of the
+    stage before)."""
     import hybridreg.warp
 
     fixed, moving, _ = pair
     net, ae = _nets()
-    method = HybridMethod(net, ae, threads=1)
+    method = HybridMethod(net, ae, threads=1, preset=preset)
     real, fields_seen = hybridreg.warp.warp, []
 
     def counting(image, u, **kw):
@@ -128,9 +130,12 @@ def test_a_pair_warps_the_moving_section_once_per_level(pair, monkeypatch):
     monkeypatch.setattr(hybridreg.warp, "warp", counting)
     res = method.register(fixed, moving)
     assert res.info["fallback"] is None, res.info["fallback"]
-    assert len(fields_seen) == 2
+    assert len(fields_seen) == (2 if preset == "fast" else 3)
     np.testing.assert_array_equal(fields_seen[0], res.info["start_field"])
-    np.testing.assert_array_equal(fields_seen[1], res.field)
+    assert not any(np.array_equal(a, b) for i, a in enumerate(fields_seen)
+                   for b in fields_seen[i + 1:])
+    kept = res.info["detail"] is None or res.info["detail"]["kept"]
+    np.testing.assert_array_equal(fields_seen[-1 if kept else 1], res.field)
     assert "transform" not in vars(res.info["elastix"])
 
 
@@ -260,3 +265,31 @@ def test_accurate_start_is_the_low_passed_learned_field(pair):
                                project_start(res.info["learned_field"], sigma_px=32.0))
     fast = HybridMethod(net, ae, threads=1, preset="fast").register(fixed, moving)
     assert fast.info["start_field"] is fast.info["learned_field"]
+    assert fast.info["detail"] is None
+
+
+def test_detail_stage_is_kept_on_a_sections_own_copy_only(pair):
+    """The detail stage removes most of the dissimilarity left on a deformed copy of the
+    fixed section (kept); against a different section it cannot (not kept)."""
+    fixed, moving, truth = pair
+    net, ae = _nets()
+    method = HybridMethod(net, ae, threads=1)
+    res = method.register(fixed, moving)
+    d = res.info["detail"]
+    assert d["kept"] and d["ratio"] <= method.detail_threshold, d
+    er = res.info["elastix"]
+    # the kept stage started from the first stage's result: the exported chain is the
+    # detail B-spline, then that field, and reproduces the total
+    assert er.initial_mode == "resample" and er.initial_field is not None
+    assert not np.array_equal(er.initial_field, res.info["start_field"])
+    inner = (slice(None), slice(12, -12), slice(12, -12))
+    assert endpoint_error(res.field[inner], truth[inner]).mean_px < 0.5 * endpoint_error(
+        res.info["start_field"][inner], truth[inner]).mean_px
+    other = make_phantom(sections=2, shape_yx=(96, 96), seed=9).stack[1].astype(np.float32)
+    res2 = method.register(fixed, other)
+    assert res2.info["fallback"] is None, res2.info["fallback"]
+    assert res2.info["detail"]["kept"] is False, res2.info["detail"]
+    with pytest.raises(ValueError, match="detail_threshold"):
+        HybridMethod(net, ae, detail_threshold=0)
+    assert HybridMethod(net, ae, detail=False).detail_map is None
+    assert HybridMethod(net, ae, params="em_bspline").detail_map is None
