@@ -79,7 +79,8 @@ def build(run: str, threads: int, model: str | None = None):
     if name == "hybrid" and params:
         # hybrid/fast, hybrid/accurate: a preset; hybrid/external, hybrid/resample: how
         # elastix starts from the learned field (hybrid/fast+external: both)
-        # study settings: w<bending weight>, s<start smoothing px>, g<grid px>, i<iterations>
+        # study settings: w<bending weight>, s<start smoothing px>, g<grid px>, i<iterations>,
+        # nofeat (no feature channels)
         study = {"w": ("refinement", "bending_weight"), "s": (None, "start_smoothing_px"),
                  "g": ("refinement", "grid_spacing_px"), "i": ("refinement", "iterations")}
         for part in params.split("+"):
@@ -90,6 +91,8 @@ def build(run: str, threads: int, model: str | None = None):
                     options.setdefault(group, {})[key] = value
                 else:
                     options[key] = value
+            elif part == "nofeat":  # the section channel only
+                options["features"] = False
             else:
                 options["initial" if part in ("external", "resample") else "preset"] = part
     if name == "ssemnet":
