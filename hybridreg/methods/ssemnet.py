@@ -62,9 +62,9 @@ DEFAULT_REFERENCE_WEIGHTS = (0.33, 0.5, 1.0)
 MIN_FEATURE_PX = 4
 
 
-def match_intensity(images: np.ndarray, content: Sequence[np.ndarray | None], *,
-                     target: int, moving_field: np.ndarray | None = None,
-                     spacing_xy=(1.0, 1.0)) -> np.ndarray:
+def match_grey_values(images: np.ndarray, content: Sequence[np.ndarray | None], *,
+                      target: int, moving_field: np.ndarray | None = None,
+                      spacing_xy=(1.0, 1.0)) -> np.ndarray:
     """Each section's grey values mapped linearly onto section ``target`` (the fixed one):
     the same mean and standard deviation where both show content.
 
@@ -344,8 +344,8 @@ class SSEMnetMethod:
         u0 = None if initial_field is None else validate_field(
             initial_field, name="initial_field", shape_yx=(h, w))
         if self.match_intensity:
-            images = match_intensity(images, content, target=n_refs - 1, moving_field=u0,
-                                      spacing_xy=spacing_xy)
+            images = match_grey_values(images, content, target=n_refs - 1, moving_field=u0,
+                                        spacing_xy=spacing_xy)
         masks = content if self.mask_empty else [None] * len(content)
 
         dev = self._device

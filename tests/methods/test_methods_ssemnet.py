@@ -100,8 +100,8 @@ def test_ssemnet_matches_the_grey_values_of_the_moving_section(ae_path):
     assert ssemnet(ae_path).config["match_intensity"] is True
 
 
-def testmatch_intensity_maps_onto_the_target_over_content():
-    from hybridreg.methods.ssemnet import match_intensity
+def test_match_intensity_maps_onto_the_target_over_content():
+    from hybridreg.methods.ssemnet import match_grey_values
 
     rng = np.random.default_rng(3)
     target = rng.normal(1.0, 2.0, (16, 16)).astype(np.float32)
@@ -110,7 +110,7 @@ def testmatch_intensity_maps_onto_the_target_over_content():
     content = np.ones((16, 16), bool)
     content[:, :4] = False
     blank = np.full((16, 16), 5.0, np.float32)
-    out = match_intensity(np.stack([other, blank, target]), [content, None, None], target=2)
+    out = match_grey_values(np.stack([other, blank, target]), [content, None, None], target=2)
     # compared where both show content
     assert out[0][content].mean() == pytest.approx(target[content].mean(), abs=1e-4)
     assert out[0][content].std() == pytest.approx(target[content].std(), rel=1e-4)
