@@ -144,3 +144,18 @@ def test_demo_with_elastix_beats_doing_nothing(tmp_path, capsys):
     by_name = {s["method"]: s for s in summaries}
     assert by_name["elastix"]["epe_mean_px"] < by_name["none"]["epe_mean_px"]
     assert (tmp_path / "demo" / "aligned_elastix.tif").exists()
+
+
+def test_hybrid_preset_option():
+    parser = cli.build_parser()
+    args = parser.parse_args(["register", "f.tif", "m.tif", "--out", "o.tif",
+                              "--method", "hybrid", "--preset", "fast"])
+    method = cli._method(args)
+    assert method.preset == "fast" and method.detail_map is None
+    args = parser.parse_args(["register", "f.tif", "m.tif", "--out", "o.tif",
+                              "--method", "hybrid"])
+    assert cli._method(args).preset == "accurate"
+    args = parser.parse_args(["register", "f.tif", "m.tif", "--out", "o.tif",
+                              "--method", "elastix", "--preset", "fast"])
+    with pytest.raises(cli.CLIError, match="--preset is for --method hybrid"):
+        cli._method(args)
