@@ -132,7 +132,9 @@ def main(argv=None):
                         seconds = time.perf_counter() - t
                         rows.setdefault(spec, []).append(
                             {**pair_figures(res.field, truth, mask), "seconds": seconds,
-                             "fallback": bool(res.info.get("fallback"))})
+                             "fallback": bool(res.info.get("fallback")),
+                             # the hybrid's detail stage: 1 kept, 0 not (or none ran)
+                             "detail_kept": bool((res.info.get("detail") or {}).get("kept"))})
                 results[cell] = {
                     spec: {key: float(np.mean([r[key] for r in v])) for key in v[0]}
                     | {"epe_per_pair": [round(r["epe_mean_px"], 3) for r in v]}
