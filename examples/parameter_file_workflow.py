@@ -4,14 +4,15 @@
 
 hybridreg's hybrid method predicts the field with its network and refines it with *your*
 B-spline parameter file (adapted: one metric per channel for the autoencoder's feature
-channels, transform penalties removed with a warning). The maps it actually ran are
+channels; its transform penalties are kept, since elastix refines the section resampled
+with the learned field and sees no initial transform). The maps it actually ran are
 written next to the chain. The chain (your B-spline, found on the section resampled with
 the learned field, then the learned field as a DeformationFieldTransform; with
 `initial="external"`, the learned field first) is then applied with elastix's own
 `transformix` program, and the result compared with hybridreg's.
 
-Default parameter file: params/em_bspline.txt (it has a bending-energy penalty, so you
-will see the adaptation warning).
+Default parameter file: params/em_bspline.txt (it has a bending-energy penalty, which the
+refinement keeps; with `initial="external"` it would be removed with a warning).
 """
 import argparse
 import shutil
@@ -42,6 +43,9 @@ def main():
     method = get_method("hybrid", params=args.params)
     for note in method.adapt_warnings:
         print(f"adapted your map: {note}")
+    penalties = [m for m in method.parameter_map["Metric"] if m in elastix.TRANSFORM_PENALTIES]
+    if penalties:
+        print(f"kept your transform penalties: {penalties}")
     res = method.register(fixed, moving)
     if res.info["fallback"]:
         print(f"the refinement was not kept ({res.info['fallback']}); nothing to chain")
