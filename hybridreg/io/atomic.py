@@ -128,6 +128,16 @@ def atomic_output(path, *, overwrite: bool = False, inputs: Iterable = ()) -> It
     log.debug("wrote %s", final)
 
 
+def _umask_mode(path: Path) -> None:
+    """Give a written file the mode the user's umask allows (``0o666 & ~umask``), as any
+    newly created file has: some writers (safetensors) create theirs ``0o600``."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    mode = 0o666 & ~umask
+    if not os.path.islink(path) and (os.stat(path).st_mode & 0o777) != mode:
+        os.chmod(path, mode)
+
+
 def _move_into_place(tmp: Path, final: Path, *, overwrite: bool, token: str) -> None:
     state = existing(final)
     if state in ("file", "dir") and not overwrite:
@@ -139,6 +149,7 @@ def _move_into_place(tmp: Path, final: Path, *, overwrite: bool, token: str) -> 
         new = "a folder" if tmp_is_dir else "a file"
         raise StackError(f"'{final}' is {have}; refusing to replace it with {new}")
     if not tmp_is_dir:
+        _umask_mode(tmp)
         os.replace(tmp, final)
         return
     if state == "empty-dir":

@@ -99,3 +99,26 @@ def test_atomic_output(tmp_path):
     with pytest.raises(StackError, match=esc(final) + ".*already exists"):
         with atomic_output(final):
             pass
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    """A writer that creates its file 0o600 (safetensors does) still gives the user's
+    umask's mode, as any new file has (issue 18, item 17)."""
+    import os
+
+    import torch
+
+    from hybridreg.models import FAEMRegNet, save_model
+
+    old = os.umask(umask)
+    try:
+        with atomic_output(tmp_path / "a.bin") as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.close(fd)
+        torch.manual_seed(0)
+        model = save_model(FAEMRegNet.from_preset("tiny"), tmp_path / "net.safetensors")
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "a.bin").st_mode & 0o777) == oct(0o666 & ~umask)
+    assert oct(os.stat(model).st_mode & 0o777) == oct(0o666 & ~umask)
