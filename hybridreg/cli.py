@@ -391,6 +391,11 @@ def cmd_align(args) -> int:
                        f"remove it to start over")
     # outputs found next to an interrupted run's work folder are that run's: finish them
     resuming = bool(args.resume and work.exists())
+    done = [Path(args.out), fields_out / "section_0000.mha"]
+    if args.resume and not resuming and not args.overwrite and all(p.exists() for p in done):
+        print(f"nothing to resume: {args.out} and {fields_out} are there and {work} holds no "
+              f"interrupted run, so the run is complete (--overwrite runs it again)")
+        return 0
     if not resuming:
         for target in (Path(args.out), fields_out / "section_0000.mha"):
             if target.exists() and not args.overwrite:

@@ -107,6 +107,12 @@ def test_align_refuses_to_overwrite_and_resumes(aligned, capsys):
                 "--fields-out", d / "fields", "--no-progress", "--overwrite"]) == 2
     assert "--resume" in capsys.readouterr().err
     (d / "fields" / "work").rmdir()
+    # --resume after a complete run says so, and changes nothing (issue 18, item 8)
+    before = (d / "aligned.tif").stat().st_mtime_ns
+    assert run(["align", d / "def.tif", "--params", "em_rigid", "--out", d / "aligned.tif",
+                "--fields-out", d / "fields", "--no-progress", "--resume"]) == 0
+    assert "the run is complete" in capsys.readouterr().out
+    assert (d / "aligned.tif").stat().st_mtime_ns == before
 
 
 @pytest.mark.skipif(TRANSFORMIX is None, reason="elastix's transformix program not installed")
