@@ -64,7 +64,7 @@ PRESETS = {
     "fast": {"start_smoothing_px": 0.0,
              "refinement": {"grid_spacing_px": 64.0, "resolutions": 1, "iterations": 50,
                             "samples": 1024},
-             "detail": None, "detail_threshold": None},
+             "detail": None, "detail_threshold": 0.6},
 }
 DEFAULT_PRESET = "accurate"
 #: Options of :func:`hybridreg.elastix.refinement_map` for the default refinement.
@@ -156,7 +156,7 @@ def project_start(u: np.ndarray, *, sigma_px: float) -> np.ndarray:
 
     sigma = float(sigma_px)
     if not (np.isfinite(sigma) and sigma >= 0):
-        raise ValueError(f"start_smoothing_px must be finite and >= 0, got {sigma_px!r}")
+        raise ValueError(f"sigma_px must be finite and >= 0, got {sigma_px!r}")
     if sigma == 0:
         return u
     return ndimage.gaussian_filter(np.asarray(u, np.float32), (0, sigma, sigma),
@@ -264,7 +264,9 @@ class HybridMethod:
         self.preset = preset
         self.start_smoothing_px = float(PRESETS[preset]["start_smoothing_px"]
                                         if start_smoothing_px is None else start_smoothing_px)
-        project_start(np.zeros((2, 1, 1), np.float32), sigma_px=self.start_smoothing_px)
+        if not (np.isfinite(self.start_smoothing_px) and self.start_smoothing_px >= 0):
+            raise ValueError(f"start_smoothing_px must be finite and >= 0, got "
+                             f"{start_smoothing_px!r}")
         self.params = params
         self.adapt_warnings: list[str] = []
         if params is None:
@@ -282,9 +284,8 @@ class HybridMethod:
         elif detail:
             detail_options = {**(detail_options or PRESETS["accurate"]["detail"]), **detail}
         self.detail_map = None if detail_options is None else self._preset_map(n, detail_options)
-        threshold = (PRESETS[preset]["detail_threshold"] or PRESETS["accurate"][
-            "detail_threshold"]) if detail_threshold is None else detail_threshold
-        self.detail_threshold = float(threshold)
+        self.detail_threshold = float(PRESETS[preset]["detail_threshold"]
+                                      if detail_threshold is None else detail_threshold)
         if not 0 < self.detail_threshold <= 1:
             raise ValueError(f"detail_threshold must be in (0, 1], got {detail_threshold!r}")
         self.tolerance = float(tolerance)
