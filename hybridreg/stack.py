@@ -432,6 +432,9 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
                              "with mode='joint'")
     if mode == "joint":
         check_prior(prior, anchor)
+    if shape[0] == 1:
+        log.warning("the stack holds one section: there is nothing to align it to, so it "
+                    "keeps its place (the identity transform)")
     spacing_xy = tuple(float(s) for s in spacing_xy)
     origin_xy = tuple(float(o) for o in origin_xy)
     settings = {"mode": mode, "spacing_xy": spacing_xy, "origin_xy": origin_xy}

@@ -222,3 +222,15 @@ def test_bad_anchor_or_prior_is_refused_before_registering(shifted_stack, kwargs
     with pytest.raises(ValueError, match=match):
         align_stack(stack, method, **kwargs)
     assert method.calls == 0
+
+
+@pytest.mark.parametrize("mode", ["joint", "sequential"])
+def test_a_one_section_stack_is_kept_with_a_warning(shifted_stack, caplog, mode):
+    """Nothing to align it to: the identity, and a warning that says so (issue 18 item 4)."""
+    stack, _ = shifted_stack
+    method = PhaseCorrelation()
+    with caplog.at_level("WARNING", logger="hybridreg.stack"):
+        r = align_stack(stack[:1], method, mode=mode)
+    assert "holds one section" in caplog.text
+    assert method.calls == 0 and not np.any(r.fields)
+    np.testing.assert_array_equal(r.aligned[0], stack[0])
