@@ -191,24 +191,50 @@ def apply_fields(stack: np.ndarray, fields: np.ndarray, *, spacing_xy=(1.0, 1.0)
 
 # --- resume ----------------------------------------------------------------------------------
 
-def _fingerprint(stack, method: Method, settings: dict) -> str:
-    h = hashlib.sha256()
-    h.update(str(tuple(stack.shape)).encode() + str(stack.dtype).encode())
+def _fingerprint(stack, method: Method, settings: dict) -> dict:
+    """What a run's checkpoints belong to: ``fingerprint`` (one digest of it all) and its
+    parts, ``stack`` (a digest of the sections), ``method`` (the method's config) and
+    ``settings``, so that a refused resume can say which part differs."""
+    h, data = hashlib.sha256(), hashlib.sha256()
+    head = str(tuple(stack.shape)).encode() + str(stack.dtype).encode()
+    h.update(head)
+    data.update(head)
     if isinstance(stack, np.ndarray):
-        h.update(np.ascontiguousarray(stack).tobytes())
+        sections = [np.ascontiguousarray(stack).tobytes()]
     else:  # one section at a time: the same bytes, in the same order
-        for k in range(stack.shape[0]):
-            h.update(np.ascontiguousarray(stack[k]).tobytes())
-    h.update(json.dumps(getattr(method, "config", method.name), sort_keys=True,
-                        default=str).encode())
+        sections = (np.ascontiguousarray(stack[k]).tobytes() for k in range(stack.shape[0]))
+    for chunk in sections:
+        h.update(chunk)
+        data.update(chunk)
+    config = json.dumps(getattr(method, "config", method.name), sort_keys=True, default=str)
+    h.update(config.encode())
     h.update(json.dumps(settings, sort_keys=True).encode())
-    return h.hexdigest()
+    return {"fingerprint": h.hexdigest(), "stack": data.hexdigest(),
+            "method": json.loads(config), "settings": json.loads(json.dumps(settings))}
+
+
+def _differences(saved: dict, now: dict) -> list[str]:
+    """What differs between two fingerprints' parts, in words (empty if it cannot tell)."""
+    out = []
+    if "stack" in saved and saved["stack"] != now["stack"]:
+        out.append("the stack's sections differ")
+    for part in ("method", "settings"):
+        a, b = saved.get(part), now[part]
+        if part not in saved or a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            out.append(f"{'method option' if part == 'method' else 'setting'}(s) "
+                       f"{', '.join(keys)} differ")
+        else:
+            out.append(f"the {part} differs ({a!r} then, {b!r} now)")
+    return out
 
 
 class _WorkDir:
     """Checkpoints: ``<name>.mha`` (a field) and ``<name>.json`` (its row), one per item."""
 
-    def __init__(self, path, fingerprint: str, spacing_xy, origin_xy):
+    def __init__(self, path, fingerprint: dict, spacing_xy, origin_xy):
         from . import io
 
         self.io = io
@@ -217,13 +243,16 @@ class _WorkDir:
         self.path.mkdir(parents=True, exist_ok=True)
         manifest = self.path / "manifest.json"
         if manifest.exists():
-            if json.loads(manifest.read_text()).get("fingerprint") != fingerprint:
+            saved = json.loads(manifest.read_text())
+            if saved.get("fingerprint") != fingerprint["fingerprint"]:
+                what = _differences(saved, fingerprint)
                 raise ValueError(
-                    f"work folder {self.path} holds a run of another stack, method or setting; "
-                    f"use a fresh folder (or delete it) to start over")
+                    f"work folder {self.path} holds a run of another stack, method or setting"
+                    f"{' (' + '; '.join(what) + ')' if what else ''}; use a fresh folder (or "
+                    f"delete it) to start over")
         else:
             with io.atomic_output(manifest) as tmp:
-                Path(tmp).write_text(json.dumps({"fingerprint": fingerprint}))
+                Path(tmp).write_text(json.dumps(fingerprint))
 
     def load(self, name: str):
         row_path = self.path / f"{name}.json"

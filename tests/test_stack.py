@@ -234,3 +234,21 @@ def test_a_one_section_stack_is_kept_with_a_warning(shifted_stack, caplog, mode)
     assert "holds one section" in caplog.text
     assert method.calls == 0 and not np.any(r.fields)
     np.testing.assert_array_equal(r.aligned[0], stack[0])
+
+
+def test_a_refused_resume_says_what_differs(shifted_stack, tmp_path):
+    """The work folder of another run is refused, naming the part that differs: the stack,
+    a setting, or a method option (issue 18 item 8)."""
+    stack, _ = shifted_stack
+    work = tmp_path / "work"
+    align_stack(stack, PhaseCorrelation(), neighbours=2, work_dir=work)
+    with pytest.raises(ValueError, match=r"another stack.*\(the stack's sections differ\)"):
+        align_stack(stack[::-1].copy(), PhaseCorrelation(), neighbours=2, work_dir=work)
+    with pytest.raises(ValueError, match=r"\(setting\(s\) neighbours differ\)"):
+        align_stack(stack, PhaseCorrelation(), neighbours=1, work_dir=work)
+    other = PhaseCorrelation()
+    other.config = {"method": "phasecorr", "upsample": 4}
+    with pytest.raises(ValueError, match=r"\(method option\(s\) upsample differ\)"):
+        align_stack(stack, other, neighbours=2, work_dir=work)
+    # the same run resumes
+    align_stack(stack, PhaseCorrelation(), neighbours=2, work_dir=work)
