@@ -496,10 +496,10 @@ def _finite(stack, k: int) -> bool:
         return False
 
 
-def _bar(iterable, *, desc, progress, total=None):
+def _bar(iterable, *, desc, progress, total=None, unit="pair"):
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, unit="pair", total=total, disable=not progress)
+    return tqdm(iterable, desc=desc, unit=unit, total=total, disable=not progress)
 
 
 def drift_corrected(fields: np.ndarray, window: int) -> np.ndarray:
@@ -541,7 +541,8 @@ def _align_sequential(raw, method, *, shape, spacing_xy, origin_xy, work, order,
     aligned = np.empty((z, h, w), np.float32) if keep_all else {}
     aligned[0] = raw[0]
     table = [{"section": 0, "metric": None, "seconds": 0.0, "flagged": False, "warnings": ""}]
-    for k in _bar(range(1, z), desc=f"align ({method.name}, sequential)", progress=progress):
+    for k in _bar(range(1, z), desc=f"align ({method.name}, sequential)", progress=progress,
+                  unit="section"):
         name = f"section_{k:04d}"
         loaded = work.load(name) if work is not None else None
         warped = None

@@ -252,3 +252,16 @@ def test_a_refused_resume_says_what_differs(shifted_stack, tmp_path):
         align_stack(stack, other, neighbours=2, work_dir=work)
     # the same run resumes
     align_stack(stack, PhaseCorrelation(), neighbours=2, work_dir=work)
+
+
+@pytest.mark.parametrize("mode, unit, other", [("joint", "pair", "section"),
+                                               ("sequential", "section", "pair")])
+def test_progress_counts_what_it_says(shifted_stack, capsys, mode, unit, other):
+    """Joint alignment counts pairs, sequential alignment sections (issue 18 item 9)."""
+    import re
+
+    stack, _ = shifted_stack
+    align_stack(stack, PhaseCorrelation(), mode=mode, progress=True)
+    err = capsys.readouterr().err
+    assert re.search(rf"{unit}/s|s/{unit}", err), err  # the rate, either way round
+    assert not re.search(rf"{other}/s|s/{other}", err), err
