@@ -344,7 +344,8 @@ def adapt_refinement_map(params, n_channels: int, *, weights: Sequence[float] | 
     Returns
     -------
     (dict, list of str)
-        The adapted map and the warnings (also logged).
+        The adapted map and the warnings (returned for the caller to show; logged at INFO
+        only, so that they are not shown twice).
     """
     maps = parameter_maps(params)
     if len(maps) != 1:
@@ -415,7 +416,7 @@ def adapt_refinement_map(params, n_channels: int, *, weights: Sequence[float] | 
         if count is not None:
             m[f"ImageSampler{i}NumberOfSpatialSamples"] = list(count)
     for note in notes:
-        log.warning("adapt_refinement_map: %s", note)
+        log.info("adapt_refinement_map: %s", note)  # returned: the caller shows them
     return m, notes
 
 

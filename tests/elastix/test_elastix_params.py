@@ -166,3 +166,13 @@ def test_em_affine_runs_in_elastix_cli(tmp_path):
 ])
 def test_parameter_files_run_in_elastix_cli(tmp_path, files, n_channels):
     run_elastix_cli(tmp_path, files, n_channels, iterations=20)
+
+
+def test_adapted_map_warnings_are_returned_not_logged_twice(caplog):
+    """The notes come back to the caller (the hybrid puts them in its result, the CLI prints
+    them); logging them as warnings too printed every one twice (issue 18 item 9)."""
+    with caplog.at_level("INFO", logger="hybridreg.elastix"):
+        _, notes = elx.adapt_refinement_map("em_bspline", 2)
+    assert any("removed transform penalties" in n for n in notes)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert any("removed transform penalties" in r.getMessage() for r in caplog.records)
