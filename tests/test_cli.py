@@ -105,7 +105,21 @@ def test_deform_refuses_to_overwrite(tmp_path, capsys):
     assert "missing.tif" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["phantom", "deform", "metrics", "demo"])
+#: every subcommand (the help tests of align, register, apply and the training commands
+#: were copies of this one in their own files)
+COMMANDS = ["phantom", "deform", "metrics", "register", "align", "apply", "train-features",
+            "train", "finetune", "compare", "demo"]
+
+
+def test_the_command_list_is_complete():
+    import argparse
+
+    sub = next(a for a in cli.build_parser()._actions
+               if isinstance(a, argparse._SubParsersAction))
+    assert sorted(sub.choices) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([command, "--help"])

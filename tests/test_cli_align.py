@@ -139,13 +139,6 @@ def test_register_exports_elastix_chain(deformed, tmp_path, capsys):
     assert "one section" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["register", "align", "apply"])
-def test_help(command, capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli.main([command, "--help"])
-    assert exc.value.code == 0 and "usage: hybridreg " + command in capsys.readouterr().out
-
-
 INTERRUPTED_RUN = """
 import sys
 from hybridreg import io

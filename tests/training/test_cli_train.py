@@ -58,10 +58,3 @@ def test_finetune_and_errors(trained, capsys):
     assert run(["align", d / "ph.tif", "--method", "learned", "--params", "em_rigid",
                 "--out", d / "y.tif", "--fields-out", d / "g"]) == 2
     assert "--params is for --method elastix" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("command", ["train-features", "train", "finetune"])
-def test_help(command, capsys):
-    with pytest.raises(SystemExit) as exc:
-        cli.main([command, "--help"])
-    assert exc.value.code == 0 and "usage: hybridreg " + command in capsys.readouterr().out
