@@ -9,6 +9,7 @@ through SimpleITK, imported on first use.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +96,9 @@ class FolderSource(SectionSource):
         files = _section_files(folder)
         first, spacing = _read_section_file(files[0])
         zyx = check_shape((len(files),) + first.shape, f"'{folder}'")
-        return cls(folder, [str(f) for f in files], zyx, first.dtype), spacing or (1.0, 1.0, 1.0)
+        # absolute paths: a Dask worker may run in another working directory
+        return (cls(folder, [os.path.abspath(f) for f in files], zyx, first.dtype),
+                spacing or (1.0, 1.0, 1.0))
 
     def read(self, k):
         img, _ = _read_section_file(Path(self.files[k]))

@@ -72,7 +72,7 @@ class H5Source(SectionSource):
     """Sections of an HDF5 dataset: ``dataset[k]``."""
 
     def __init__(self, file: Path, inner: str, shape, dtype, where, two_d):
-        self.file, self.inner = str(file), inner
+        self.file, self.inner = os.path.abspath(file), inner
         self.shape, self.dtype, self.where, self.two_d = shape, dtype, where, two_d
 
     @classmethod

@@ -179,7 +179,7 @@ class ZarrSource(SectionSource):
     """Sections of a zarr array: ``array[k]`` (its own chunks only)."""
 
     def __init__(self, file: Path, array_path, lead: int, shape, dtype, where, two_d):
-        self.file, self.array_path, self.lead = str(file), array_path, lead
+        self.file, self.array_path, self.lead = os.path.abspath(file), array_path, lead
         self.shape, self.dtype, self.where, self.two_d = shape, dtype, where, two_d
 
     @classmethod

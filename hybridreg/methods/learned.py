@@ -70,6 +70,12 @@ class _FeatureCache:
         self._entries: dict = {}
         self._lock = threading.Lock()
 
+    def __getstate__(self):  # a fresh, empty cache where it is unpickled (a lock does not pickle)
+        return {"size": self.size}
+
+    def __setstate__(self, state):
+        self.__init__(state["size"])
+
     def window(self, net, sections: np.ndarray, device) -> list:
         """Per-level features of the window ``sections`` (references oldest first, moving
         last), in :func:`~hybridreg.models.make_window`'s order of the first k + 1 slices."""
@@ -92,10 +98,12 @@ class _FeatureCache:
             cached = {i: self._entries.get(keys[i]) for i in set(order)}
         todo = sorted(i for i, f in cached.items() if f is None)
         if todo:
-            batch = torch.from_numpy(np.ascontiguousarray(sections[todo])).to(device)
-            levels = net.encode_sections(batch[:, None])
-            for j, i in enumerate(todo):
-                cached[i] = [f[j:j + 1] for f in levels]
+            # one section at a time: a section's features never depend on which others
+            # were encoded with it (batches round differently), so they are the same whatever
+            # the cache held, in one process or on any Dask worker
+            for i in todo:
+                one = torch.from_numpy(np.ascontiguousarray(sections[i:i + 1])).to(device)
+                cached[i] = list(net.encode_sections(one[:, None]))
             with self._lock:
                 for i in todo:
                     self._entries.pop(keys[i], None)
