@@ -194,7 +194,7 @@ def align_stack(stack, *, method="hybrid", spacing_xyz=None, origin_xyz=None,
     **options
         Options of :func:`hybridreg.stack.align_stack` (``mode``, ``neighbours``,
         ``prior``, ``anchor``, ``window``, ``drift_window``, ``work_dir``, ``order``,
-        ``client``); the others go to the method.
+        ``client``, ``stride``); the others go to the method.
 
     Returns
     -------
@@ -209,14 +209,17 @@ def align_stack(stack, *, method="hybrid", spacing_xyz=None, origin_xyz=None,
     arr, sp, org = _stack(stack, spacing_xyz, origin_xyz)
     stack_opts = {k: options.pop(k) for k in ("mode", "neighbours", "prior", "anchor",
                                               "window", "drift_window", "work_dir", "order",
-                                              "client")
+                                              "client", "stride")
                   if k in options}
     impl = build_method(method, options)
     res = _align(arr, impl, spacing_xy=sp[:2], origin_xy=org[:2], progress=progress,
                  **stack_opts)
     aligned = np.ascontiguousarray(np.asarray(res.aligned), dtype=np.float32)
     image = to_itk(aligned, spacing=sp, origin=org)
-    transforms = [to_itk_transform(u, spacing_xy=sp[:2], origin_xy=org[:2])
-                  for u in res.fields]
-    return StackRegistration(image=image, transforms=transforms, fields=res.fields,
+    # each a displacement-field transform of the section's coarse map (nodes, their spacing
+    # and origin): ITK interpolates it as hybridreg does
+    transforms = [to_itk_transform(m, spacing_xy=res.grid.node_spacing_xy,
+                                   origin_xy=res.grid.origin_xy) for m in res.maps]
+    return StackRegistration(image=image, transforms=transforms,
+                             fields=np.asarray(res.fields),
                              table=res.table, alignment=res)

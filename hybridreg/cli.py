@@ -11,6 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+#: hybridreg.fields.DEFAULT_STRIDE, without importing numpy and scipy for --help (a test
+#: holds them equal)
+_DEFAULT_STRIDE = 32
+
 log = logging.getLogger("hybridreg")
 
 
@@ -119,7 +123,13 @@ def cmd_metrics(args) -> int:
 
     fields = true_fields = None
     if args.fields:
-        fields, spacing_xy, _ = io.read_fields(args.fields)
+        import numpy as np
+
+        from .outputs import read_transforms
+        from .stack import DenseFields
+
+        maps, grid = read_transforms(args.fields)
+        fields, spacing_xy = np.asarray(DenseFields(maps, grid)), grid.spacing_xy
     if args.truth:
         true_fields, truth_spacing, _ = io.read_fields(args.truth)
         if args.fields and tuple(truth_spacing) != tuple(spacing_xy):
@@ -326,19 +336,52 @@ def _method(args):
     return get_method(args.method, **options)
 
 
-def _tiled(args, method):
-    """Wrap ``method`` in a TiledMethod for --tile PX [--tile-overlap PX] [--no-coarse]."""
-    if not args.tile:
+def _tiled(args, method, stack=None):
+    """Wrap ``method`` in a TiledMethod for --tile PX [--tile-overlap PX] [--no-coarse].
+
+    With ``stack`` (align): --tile auto (the default) tiles sections too large for
+    --memory-limit, and a given --tile is checked against it before any work starts."""
+    import numpy as np
+
+    tile = args.tile
+    if stack is not None:
+        from .tiling import plan_tile
+
+        z, h, w = stack.shape
+        try:
+            tile = plan_tile((h, w), itemsize=np.dtype(stack.dtype).itemsize,
+                             method=method.name, limit_bytes=args.memory_limit * 1e9,
+                             tile_px=None if tile in (None, "auto") else tile,
+                             sections_held=args.neighbours + 2 if args.mode == "joint"
+                             else args.window + 2)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
+        if tile and args.tile in (None, "auto"):
+            log.info("sections of %dx%d px: registered over tiles of %d px (--tile auto, "
+                     "--memory-limit %g GB)", h, w, tile, args.memory_limit)
+    elif tile == "auto":
+        tile = None
+    if not tile:
         if args.tile_overlap is not None or args.no_coarse:
             raise CLIError("--tile-overlap and --no-coarse need --tile PX")
         return method
     from .tiling import TiledMethod
 
     try:
-        return TiledMethod(method, tile_px=args.tile, overlap_px=args.tile_overlap,
+        return TiledMethod(method, tile_px=tile, overlap_px=args.tile_overlap,
                            coarse=not args.no_coarse)
     except ValueError as exc:
-        raise CLIError(f"--tile {args.tile} --tile-overlap {args.tile_overlap}: {exc}") from None
+        raise CLIError(f"--tile {tile} --tile-overlap {args.tile_overlap}: {exc}") from None
+
+
+def _tile_arg(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a tile size in pixels or 'auto', got "
+                                         f"{text!r}") from None
 
 
 def _read_section(path):
@@ -403,7 +446,7 @@ def cmd_align(args) -> int:
     if (args.workers or args.scheduler) and args.mode != "joint":
         raise CLIError("--workers and --scheduler need --mode joint (sequential alignment "
                        "cannot run in parallel)")
-    method = _tiled(args, _method(args))
+    method = _tiled(args, _method(args), stack.data)
     t0 = time.perf_counter()
     with _dask_client(args) as client:
         result = align_stack(stack.data, method, spacing_xy=_spacing_xy(stack),
@@ -411,11 +454,12 @@ def cmd_align(args) -> int:
                              anchor=args.anchor, window=args.window,
                              drift_window=args.drift_window,
                              work_dir=work,
-                             progress=not args.no_progress, client=client)
+                             progress=not args.no_progress, client=client,
+                             stride=args.stride or _DEFAULT_STRIDE)
     save_alignment(result, out=args.out, fields_out=fields_out, overwrite=args.overwrite,
                    resume=resuming, inputs=[args.stack], dtype=stack.data.dtype,
                    spacing_xyz=stack.spacing_xyz, unit=stack.unit,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, dense_fields=args.dense_fields)
     shutil.rmtree(work, ignore_errors=True)
     flagged = [r["section"] for r in result.table if r.get("flagged")]
     print(f"aligned {stack.data.shape[0]} sections with {method.name} ({args.mode}) in "
@@ -458,23 +502,25 @@ def cmd_apply(args) -> int:
     from .outputs import write_stack_sections
     from .stack import AlignedSections, apply_fields
 
+    from .outputs import read_transforms
+
     stack = io.read_stack(args.stack, lazy=io.is_ome_zarr_target(args.out))
-    fields, spacing_xy, _ = io.read_fields(args.fields)
-    if fields.shape[0] != stack.data.shape[0] or fields.shape[2:] != stack.data.shape[1:]:
-        raise CLIError(f"{args.fields} holds {fields.shape[0]} fields of "
-                       f"{fields.shape[2]}x{fields.shape[3]}, the stack {args.stack} "
+    maps, grid = read_transforms(args.fields)
+    if len(maps) != stack.data.shape[0] or grid.shape_yx != stack.data.shape[1:]:
+        raise CLIError(f"{args.fields} holds the transforms of {len(maps)} sections of "
+                       f"{grid.shape_yx[0]}x{grid.shape_yx[1]}, the stack {args.stack} "
                        f"{stack.data.shape[0]} sections of "
                        f"{stack.data.shape[1]}x{stack.data.shape[2]}")
     order = 0 if args.nearest else 1
     if io.is_ome_zarr_target(args.out):  # section by section: never the whole volume
-        warped = AlignedSections(stack.data, fields, spacing_xy=spacing_xy, order=order)
+        warped = AlignedSections(stack.data, maps, grid, order=order)
     else:
-        warped = apply_fields(stack.data, fields, spacing_xy=spacing_xy, order=order)
+        warped = apply_fields(stack.data, maps, grid=grid, order=order)
     write_stack_sections(args.out, warped, shape_zyx=stack.data.shape, dtype=stack.data.dtype,
                          spacing_xyz=stack.spacing_xyz, unit=stack.unit,
                          overwrite=args.overwrite, inputs=[args.stack])
     kind = "nearest neighbour" if args.nearest else "linear"
-    print(f"applied {fields.shape[0]} fields ({kind}) -> {args.out}")
+    print(f"applied {len(maps)} transforms ({kind}) -> {args.out}")
     return 0
 
 
@@ -619,10 +665,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, help="CPU threads of the method")
         p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
-    def tile_options(p):
-        p.add_argument("--tile", type=int, metavar="PX",
+    def tile_options(p, auto=False):
+        p.add_argument("--tile", type=_tile_arg, metavar="PX",
                        help="register large sections coarse-then-fine over tiles of PX "
-                            "pixels, blending the tiles' fields (hybridreg.tiling)")
+                            "pixels, blending the tiles' fields (hybridreg.tiling)"
+                            + ("; auto (default): tiles only for sections too large for "
+                               "--memory-limit" if auto else ""))
+        if auto:
+            p.add_argument("--memory-limit", type=float, default=4.0, metavar="GB",
+                           help="refuse before starting a run that would need more memory "
+                                "than this (default 4 GB); --tile auto picks the largest "
+                                "tile that fits")
         p.add_argument("--tile-overlap", type=int, metavar="PX",
                        help="least overlap of neighbouring tiles (default: PX / 4)")
         p.add_argument("--no-coarse", action="store_true",
@@ -673,9 +726,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                "cluster of this many worker processes")
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="joint: register the pairs on an existing Dask scheduler")
+    p.add_argument("--stride", type=int, metavar="PX",
+                   help="pixels between the nodes of the coarse maps that hold every "
+                        f"transform (default {_DEFAULT_STRIDE}; 1 = dense fields, 8 bytes a "
+                        "pixel per section in memory and on disk)")
+    p.add_argument("--dense-fields", action="store_true",
+                   help="also write every dense field to FIELDS_OUT/dense/ (large: 8 bytes "
+                        "a pixel before compression)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     method_options(p)
-    tile_options(p)
+    tile_options(p, auto=True)
     p.set_defaults(func=cmd_align)
 
     p = sub.add_parser("apply", help="apply saved fields to a stack",

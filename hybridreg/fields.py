@@ -38,10 +38,26 @@ To torch
     pixel displacements to normalised sampling coordinates is :func:`sampling_grid`, and
     nowhere else.
 
+Coarse maps
+    A stack's transforms are coarse maps: a field on nodes every ``S`` pixels of the section
+    grid (:class:`MapGrid`: spacing ``S * spacing_xy``, origin the section's origin, enough
+    nodes to cover the last pixel), bilinear between nodes. That is how ITK's
+    ``DisplacementFieldTransform`` and transformix's ``DeformationFieldTransform`` (order 1)
+    interpolate a displacement image, so a map is itself an ITK/elastix field: written with
+    its own spacing and origin, it warps exactly as its dense upsampling. Methods register a
+    pair (or a tile) densely; the dense field is projected on the nodes (least squares,
+    :meth:`MapGrid.project`, or tile by tile with :meth:`MapGrid.rhs`) and exists only while
+    its tile is used. The joint solve, composition along the stack, rendering (chunk by chunk,
+    :meth:`MapGrid.dense` of a window) and export work on maps. The default stride is
+    :data:`DEFAULT_STRIDE` = 32 px (chosen by measurement, benchmarks/RESULTS.md "Coarse maps:
+    the stride": within 0.05 px of the dense fields' accuracy for every method, and with
+    maps kept to 1/1024 px the files of a section under 1% of its uint8 bytes); ``S = 1``
+    is the dense field.
+
 On disk
-    One ITK vector image per section (``DIR/section_0000.mha``) in physical units carrying the
-    fixed grid's spacing and origin (see :mod:`hybridreg.io`), plus, where there is one, the
-    section's ITK transform (``.h5``).
+    One ITK vector image per section (``DIR/section_0000.mha``) in physical units carrying its
+    grid's spacing and origin (a map's nodes, or a dense field's pixels; see
+    :mod:`hybridreg.io`), plus, where there is one, the section's ITK transform (``.h5``).
 
 Composition
     ``compose(first, second)`` is the field of the point map ``p -> q = p + first(p) ->
@@ -81,6 +97,8 @@ __all__ = [
     "to_itk_transform",
     "from_itk_transform",
     "sampling_grid",
+    "MapGrid",
+    "DEFAULT_STRIDE",
 ]
 
 
@@ -332,10 +350,26 @@ def from_itk(image) -> tuple[np.ndarray, tuple[float, float], tuple[float, float
     return np.moveaxis(arr, -1, 0).astype(np.float32), spacing, origin
 
 
-def to_itk_transform(u: np.ndarray, *, spacing_xy=(1.0, 1.0), origin_xy=(0.0, 0.0)):
-    """Field to ``itk.DisplacementFieldTransform[itk.D, 2]`` (linear interpolation of the field)."""
+def to_itk_transform(u: np.ndarray, *, spacing_xy=(1.0, 1.0), origin_xy=(0.0, 0.0),
+                     single: bool = False):
+    """Field to ``itk.DisplacementFieldTransform[itk.D, 2]`` (linear interpolation of the field).
+
+    ``single=True`` gives ``DisplacementFieldTransform[itk.F, 2]`` (float32, as fields are
+    kept): written to ``.h5`` it takes half the bytes, and ``itk.transformread`` reads it
+    back as a double transform with the same values.
+    """
     import itk  # lazy: importing hybridreg must not import itk
 
+    if single:
+        from .itkimage import to_itk as image_to_itk
+
+        u = validate_field(u)
+        image = image_to_itk(np.moveaxis(u, 0, -1).astype(np.float32),
+                             spacing=as_spacing_xy(spacing_xy),
+                             origin=as_xy(origin_xy, "origin_xy"), is_vector=True)
+        transform = itk.DisplacementFieldTransform[itk.F, 2].New()
+        transform.SetDisplacementField(image)
+        return transform
     transform = itk.DisplacementFieldTransform[itk.D, 2].New()
     transform.SetDisplacementField(to_itk(u, spacing_xy=spacing_xy, origin_xy=origin_xy))
     return transform
@@ -406,3 +440,218 @@ def sampling_grid(u_px: "torch.Tensor", *, align_corners: bool) -> "torch.Tensor
         xn = (2.0 * x + 1.0) / w - 1.0
         yn = (2.0 * y + 1.0) / h - 1.0
     return torch.stack([xn, yn], dim=-1)
+
+
+# --- coarse maps -----------------------------------------------------------------------------
+
+#: Default stride of coarse maps, in pixels between nodes (chosen by measurement: see
+#: benchmarks/RESULTS.md, "Coarse maps: the stride").
+DEFAULT_STRIDE = 32
+
+#: Maps are kept to 1/1024 pixel (:meth:`MapGrid.quantize`): 0.0005 px at most, and the
+#: files compress to about half.
+QUANTUM_PX = 2.0 ** -10
+
+
+def _hat_matrix(start: int, stop: int, stride: int, n_nodes: int):
+    """Sparse ``(stop - start, n_nodes)`` matrix of the linear ("hat") basis: row ``i`` holds
+    the weights of the two nodes around pixel ``start + i`` (node ``n`` at pixel ``n * S``)."""
+    from scipy import sparse
+
+    px = np.arange(start, stop, dtype=np.float64)
+    t = px / stride
+    i0 = np.minimum(np.floor(t).astype(np.int64), n_nodes - 1)
+    f = t - i0
+    i1 = np.minimum(i0 + 1, n_nodes - 1)
+    rows = np.arange(stop - start)
+    return sparse.csr_matrix(
+        (np.concatenate([1.0 - f, f]), (np.concatenate([rows, rows]),
+                                        np.concatenate([i0, i1]))),
+        shape=(stop - start, n_nodes))
+
+
+class MapGrid:
+    """The grid of a coarse map: nodes every ``stride`` pixels of a section's grid.
+
+    A coarse map ``m`` is a field ``(2, h, w)`` (physical units, pull direction) on the nodes
+    ``(i * S, j * S)`` (pixel row, column) of a section of ``shape_yx``: its spacing is
+    ``S * spacing_xy`` and its origin the section's ``origin_xy``; there are enough nodes to
+    cover the last pixel (``h = ceil((H - 1) / S) + 1``). Between nodes the field is
+    bilinear, as ITK's ``DisplacementFieldTransform`` and transformix's
+    ``DeformationFieldTransform`` (order 1) interpolate it, so the map *is* an ITK
+    displacement field with that spacing and origin, and it warps exactly as its dense
+    upsampling (:meth:`dense`). ``stride=1`` is the dense field itself.
+
+    Parameters
+    ----------
+    shape_yx : (int, int)
+        The section's grid ``(H, W)``.
+    stride : int
+        Pixels between nodes (>= 1).
+    spacing_xy, origin_xy : (float, float)
+        The section's spacing and origin.
+    """
+
+    def __init__(self, shape_yx, *, stride: int = DEFAULT_STRIDE, spacing_xy=(1.0, 1.0),
+                 origin_xy=(0.0, 0.0)):
+        h, w = (int(s) for s in shape_yx)
+        if h < 2 or w < 2:
+            raise ValueError(f"a section grid must be at least 2x2 pixels, got {h}x{w}")
+        if isinstance(stride, bool) or int(stride) != stride or stride < 1:
+            raise ValueError(f"stride must be an integer >= 1 (pixels between nodes), got "
+                             f"{stride!r}")
+        self.shape_yx = (h, w)
+        self.stride = int(stride)
+        self.spacing_xy = as_spacing_xy(spacing_xy)
+        self.origin_xy = tuple(float(o) for o in as_xy(origin_xy, "origin_xy"))
+        s = self.stride
+        self.node_shape = (-(-(h - 1) // s) + 1, -(-(w - 1) // s) + 1)
+
+    def __repr__(self) -> str:
+        return (f"MapGrid({self.shape_yx}, stride={self.stride}, spacing_xy={self.spacing_xy}, "
+                f"origin_xy={self.origin_xy})")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, MapGrid) and self.key() == other.key()
+
+    def __hash__(self) -> int:
+        return hash(self.key())
+
+    def key(self) -> tuple:
+        return (self.shape_yx, self.stride, self.spacing_xy, self.origin_xy)
+
+    def to_dict(self) -> dict:
+        """JSON-able description (``grid.json`` of a run's transforms)."""
+        return {"shape_yx": list(self.shape_yx), "stride": self.stride,
+                "spacing_xy": list(self.spacing_xy), "origin_xy": list(self.origin_xy)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MapGrid":
+        return cls(d["shape_yx"], stride=d["stride"], spacing_xy=d["spacing_xy"],
+                   origin_xy=d["origin_xy"])
+
+    @property
+    def node_spacing_xy(self) -> tuple[float, float]:
+        """Physical distance between nodes: ``stride * spacing_xy``."""
+        return (self.spacing_xy[0] * self.stride, self.spacing_xy[1] * self.stride)
+
+    @property
+    def node_origin_xy(self) -> tuple[float, float]:
+        """Physical position of node (0, 0): the section's first pixel."""
+        return self.origin_xy
+
+    def zeros(self) -> np.ndarray:
+        """The identity map, ``(2, h, w)`` float32 zeros."""
+        return np.zeros((2,) + self.node_shape, np.float32)
+
+    def validate(self, m, *, name: str = "map") -> np.ndarray:
+        """Check that ``m`` is a finite map on these nodes; return it as float32."""
+        return validate_field(m, name=name, shape_yx=self.node_shape)
+
+    def _hats(self, y0, y1, x0, x1):
+        h, w = self.shape_yx
+        if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w):
+            raise ValueError(f"window y {y0}:{y1}, x {x0}:{x1} is not inside the {h}x{w} grid")
+        return (_hat_matrix(y0, y1, self.stride, self.node_shape[0]),
+                _hat_matrix(x0, x1, self.stride, self.node_shape[1]))
+
+    def dense(self, m: np.ndarray, y0: int = 0, y1: int | None = None, x0: int = 0,
+              x1: int | None = None) -> np.ndarray:
+        """The map's dense field on the pixels ``[y0:y1, x0:x1]`` (bilinear between nodes).
+
+        Cost and memory are those of the window: a tile's dense field, never the section's
+        unless asked for.
+
+        Returns
+        -------
+        ndarray, shape (2, y1 - y0, x1 - x0), float32, physical units
+        """
+        h, w = self.shape_yx
+        y1 = h if y1 is None else int(y1)
+        x1 = w if x1 is None else int(x1)
+        if self.stride == 1:
+            return np.ascontiguousarray(np.asarray(m, np.float32)[:, y0:y1, x0:x1])
+        hy, hx = self._hats(int(y0), y1, int(x0), x1)
+        m = np.asarray(m, np.float64)
+        return np.stack([(hy @ (hx @ c.T).T) for c in m]).astype(np.float32)
+
+    def rhs(self, u: np.ndarray, y0: int = 0, x0: int = 0, weight=None) -> np.ndarray:
+        """A dense window's contribution to :meth:`project`: ``H_y^T (w u) H_x`` on the nodes.
+
+        ``u`` (2, th, tw) is the field on pixels ``[y0:y0+th, x0:x0+tw]``; ``weight``
+        (th, tw), or a pair of 1-D weights ``(wy, wx)`` whose outer product it is, blends
+        overlapping windows (their weights summing to one on every pixel). Sums of the
+        contributions of windows covering the grid, given to :meth:`solve`, give the map.
+
+        Returns
+        -------
+        ndarray, shape (2, h, w), float64
+        """
+        th, tw = u.shape[1:]
+        hy, hx = self._hats(int(y0), int(y0) + th, int(x0), int(x0) + tw)
+        if weight is not None:
+            if isinstance(weight, tuple):
+                weight = np.outer(weight[0], weight[1])
+            u = u * weight
+        return np.stack([np.asarray(hy.T @ (hx.T @ np.asarray(c, np.float64).T).T)
+                         for c in u])
+
+    def _gram(self, axis: int):
+        """The 1-D Gram matrix of the hat basis over the section's pixels, banded (l=u=1)."""
+        n_px, n = self.shape_yx[axis], self.node_shape[axis]
+        hat = _hat_matrix(0, n_px, self.stride, n)
+        g = (hat.T @ hat).tocsr()
+        ab = np.zeros((3, n))
+        ab[1] = g.diagonal()
+        ab[0, 1:] = g.diagonal(1)
+        ab[2, :-1] = g.diagonal(-1)
+        return ab
+
+    def solve(self, rhs: np.ndarray) -> np.ndarray:
+        """Nodes from summed :meth:`rhs` contributions: the least-squares (L2) fit."""
+        from scipy.linalg import solve_banded
+
+        gy, gx = self._gram(0), self._gram(1)
+        out = np.empty(rhs.shape, np.float64)
+        for c in range(rhs.shape[0]):
+            t = solve_banded((1, 1), gx, rhs[c].T)        # along x, all node rows at once
+            out[c] = solve_banded((1, 1), gy, t.T)        # along y
+        return out.astype(np.float32)
+
+    def project(self, u: np.ndarray) -> np.ndarray:
+        """The map closest to a dense field (least squares over the section's pixels).
+
+        Parameters
+        ----------
+        u : ndarray, shape (2, H, W)
+            Dense field on the section grid, physical units.
+
+        Returns
+        -------
+        ndarray, shape (2, h, w), float32
+            ``dense(project(u))`` is the bilinear field nearest ``u`` (mean squared error);
+            with ``stride=1`` it is ``u``.
+        """
+        u = validate_field(u, name="field", shape_yx=self.shape_yx)
+        if self.stride == 1:
+            return u.copy()
+        return self.solve(self.rhs(u))
+
+    def quantum(self) -> float:
+        """The step maps are kept to: the largest power of two (physical units) at most
+        :data:`QUANTUM_PX` of the smaller pixel spacing."""
+        return float(2.0 ** np.floor(np.log2(min(self.spacing_xy) * QUANTUM_PX)))
+
+    def quantize(self, m: np.ndarray) -> np.ndarray:
+        """``m`` rounded to :meth:`quantum` (at most 0.0005 px away): multiples of a power
+        of two leave the low bits of the float32 values zero, and the map's files compress
+        to about half (benchmarks/RESULTS.md, "Coarse maps: the stride"). Dense fields
+        (``stride=1``) are kept as they are."""
+        if self.stride == 1:
+            return np.asarray(m, np.float32)
+        q = self.quantum()
+        return (np.round(np.asarray(m, np.float64) / q) * q).astype(np.float32)
+
+    def pixels_of(self, m: np.ndarray) -> np.ndarray:
+        """The map's displacements in the section's pixels (``to_pixels`` of the section)."""
+        return to_pixels(m, self.spacing_xy)

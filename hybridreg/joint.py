@@ -116,7 +116,8 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
                 prior: float = 0.3, spacing_xy=(1.0, 1.0), mask=None,
                 robust_scale_px: float | None = None, iterations: int = 4,
                 anchor: int | None = None,
-                pair_weights: Mapping[tuple[int, int], float] | None = None) -> JointSolution:
+                pair_weights: Mapping[tuple[int, int], float] | None = None,
+                stride: int = 1) -> JointSolution:
     """Find every section's field from pairwise fields (see the module docstring).
 
     Parameters
@@ -141,6 +142,10 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
     pair_weights : mapping ``(i, j) -> float`` in [0, 1], optional
         Prior confidence in each pair (e.g. from its similarity after registration),
         multiplied into the robust weights.
+    stride : int
+        The fields are coarse maps with nodes every ``stride`` section pixels
+        (:class:`hybridreg.fields.MapGrid`; ``spacing_xy`` is then the nodes' spacing):
+        residuals and ``robust_scale_px`` are in section pixels all the same.
 
     Returns
     -------
@@ -195,7 +200,7 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
         # robust pair weights from the residuals at this solution
         for (i, j), t in target.items():
             r = u[j] - u[i] - t
-            resid[(i, j)] = float(np.sqrt((r ** 2).sum(axis=0))[m].mean())
+            resid[(i, j)] = float(np.sqrt((r ** 2).sum(axis=0))[m].mean()) * stride
         if robust_scale_px == 0:
             continue
         trusted = [resid[p] for p in pairs if prior_w[p] > 0.5] or list(resid.values())

@@ -103,43 +103,119 @@ def write_stack_sections(out, sections, *, shape_zyx, dtype=None, spacing_xyz=No
             writer.write(k, sections[k])
         writer.close()
         return
-    data = np.asarray(sections)
-    if dtype is not None:
-        data = io.cast_to_dtype(data, dtype)
+    from .io.tiff import TIFF_SUFFIXES
+
+    tiff = Path(str(out)).suffix.lower() in TIFF_SUFFIXES
+    if tiff and not isinstance(sections, np.ndarray):  # page by page
+        data = _CastSections(sections, shape_zyx, dtype)
+    else:
+        data = np.asarray(sections)
+        if dtype is not None:
+            data = io.cast_to_dtype(data, dtype)
     io.write_stack(out, data, spacing_xyz=spacing_xyz, unit=unit,
                    overwrite=overwrite or resume, inputs=inputs)
 
 
-def write_transforms(fields_out, k: int, u: np.ndarray, *, spacing_xy, origin_xy,
-                     order: int = 1) -> None:
-    """Section ``k``'s field as an ITK ``.h5`` transform and a transformix chain.
+class _CastSections:
+    """A lazy stack's sections cast to ``dtype`` (rounded and clipped) one at a time."""
+
+    def __init__(self, sections, shape_zyx, dtype):
+        self.sections, self.shape = sections, tuple(int(n) for n in shape_zyx)
+        self.dtype = np.dtype(sections.dtype if dtype is None else dtype)
+
+    def __getitem__(self, k):
+        return io.cast_to_dtype(np.asarray(self.sections[k]), self.dtype)
+
+
+def write_transforms(fields_out, k: int, u: np.ndarray, *, spacing_xy=None, origin_xy=None,
+                     order: int = 1, grid=None) -> None:
+    """Section ``k``'s transform as an ITK ``.h5`` transform and a transformix chain.
 
     Next to its ``section_kkkk.mha`` (which must exist): ``section_kkkk.h5`` (a
-    ``DisplacementFieldTransform``) and ``transformix/section_kkkk/``.
+    ``DisplacementFieldTransform`` of the map, compressed) and ``transformix/section_kkkk/``.
+    ``u`` is a coarse map on ``grid`` (its nodes' spacing and origin go into both files), or
+    without ``grid`` a dense field on ``spacing_xy``, ``origin_xy``.
     """
     from .elastix import export_field_chain, write_itk_transform
-    from .fields import to_itk_transform
+    from .fields import MapGrid, to_itk_transform
 
+    if grid is None:
+        grid = MapGrid(u.shape[1:], stride=1, spacing_xy=spacing_xy, origin_xy=origin_xy)
     fields_out = Path(fields_out)
     field_file = io.field_path(fields_out, k)
     write_itk_transform(field_file.with_suffix(".h5"),
-                        to_itk_transform(u, spacing_xy=spacing_xy, origin_xy=origin_xy))
-    export_field_chain(u, fields_out / "transformix" / field_file.stem, spacing_xy=spacing_xy,
-                       origin_xy=origin_xy, interpolation_order=order, field_file=field_file)
+                        to_itk_transform(u, spacing_xy=grid.node_spacing_xy,
+                                         origin_xy=grid.origin_xy, single=True))
+    export_field_chain(u, fields_out / "transformix" / field_file.stem, grid=grid,
+                       interpolation_order=order, field_file=field_file)
+
+
+#: The section grid of a run's maps, next to them (read by :func:`read_transforms`).
+GRID_FILE = "grid.json"
+
+
+def write_maps(fields_out, maps, grid, *, overwrite: bool = False) -> None:
+    """A stack's maps as ``section_kkkk.mha`` (nodes, with their spacing and origin) and
+    ``grid.json`` (the section grid and stride: what :func:`read_transforms` needs)."""
+    fields_out = Path(fields_out)
+    io.write_fields(fields_out, maps, spacing_xy=grid.node_spacing_xy,
+                    origin_xy=grid.origin_xy, overwrite=overwrite)
+    write_json(grid.to_dict(), fields_out / GRID_FILE, overwrite=True)
+
+
+def read_transforms(fields_dir, *, shape_yx=None, spacing_xy=None):
+    """A run's maps and their grid: ``(maps (Z, 2, h, w), MapGrid)``.
+
+    A folder with ``grid.json`` holds coarse maps; one without it (older runs, or fields
+    written by :func:`hybridreg.io.write_fields`) holds dense fields, whose grid is their
+    own (stride 1). ``shape_yx`` (the sections the maps are for) is checked when given.
+    """
+    import json
+
+    from .fields import MapGrid
+
+    fields_dir = Path(fields_dir)
+    maps, sp, org = io.read_fields(fields_dir)
+    meta = fields_dir / GRID_FILE
+    if meta.is_file():
+        grid = MapGrid.from_dict(json.loads(meta.read_text()))
+        if maps.shape[2:] != grid.node_shape:
+            raise io.StackError(f"'{fields_dir}': the maps have {maps.shape[2]}x"
+                                f"{maps.shape[3]} nodes but {GRID_FILE} says {grid}")
+    else:
+        grid = MapGrid(maps.shape[2:], stride=1, spacing_xy=sp, origin_xy=org)
+    if shape_yx is not None and tuple(shape_yx) != grid.shape_yx:
+        raise io.StackError(f"'{fields_dir}' holds transforms of {grid.shape_yx[0]}x"
+                            f"{grid.shape_yx[1]} sections, not {shape_yx[0]}x{shape_yx[1]}")
+    return maps, grid
+
+
+def write_dense_fields(fields_out, maps, grid, *, overwrite: bool = False) -> None:
+    """The dense fields too, one section at a time: ``fields_out/dense/section_kkkk.mha``
+    (``Z * 8`` bytes a pixel before compression: on request only)."""
+    directory = Path(fields_out) / "dense"
+    directory.mkdir(parents=True, exist_ok=True)
+    for k in range(len(maps)):
+        io.write_field(io.field_path(directory, k), grid.dense(maps[k]),
+                       spacing_xy=grid.spacing_xy, origin_xy=grid.origin_xy,
+                       overwrite=overwrite)
 
 
 def save_alignment(result, *, out=None, fields_out=None, transforms: bool = True,
                    overwrite: bool = False, inputs=(), dtype=None, spacing_xyz=None,
                    unit: str | None = None, resume: bool = False,
-                   progress: bool = False) -> None:
+                   progress: bool = False, dense_fields: bool = False) -> None:
     """Write an alignment: the aligned stack, and the per-section transforms and tables.
 
     ``fields_out`` receives, for every section k:
 
-    - ``section_kkkk.mha``: the field (the contract's on-disk form);
+    - ``section_kkkk.mha``: the section's coarse map (nodes with their spacing and origin;
+      the contract's on-disk form, :mod:`hybridreg.fields`), and once ``grid.json`` (the
+      section grid and stride);
     - ``section_kkkk.h5``: the same as an ITK ``DisplacementFieldTransform`` (``transforms``);
     - ``transformix/section_kkkk/TransformParameters.0.txt``: a transformix chain that
       reproduces the aligned section (``transformix -in raw_section.mha -tp ...``);
+    - with ``dense_fields``, ``dense/section_kkkk.mha``: the dense field;
 
     plus ``sections.csv`` (per section) and, in joint mode, ``pairs.csv``.
 
@@ -169,24 +245,31 @@ def save_alignment(result, *, out=None, fields_out=None, transforms: bool = True
     if spacing_xyz is None:
         spacing_xyz = tuple(result.spacing_xy) + (1.0,)
     if out is not None:
-        z, h, w = result.fields.shape[0], *result.fields.shape[2:]
-        write_stack_sections(out, result.aligned, shape_zyx=(z, h, w), dtype=dtype,
+        z, (h, w) = len(result.maps), result.grid.shape_yx
+        aligned = result.aligned
+        if dtype is not None and hasattr(aligned, "maps") and hasattr(aligned, "stack"):
+            # rendered straight into the output's dtype, a chunk at a time
+            from .stack import AlignedSections
+
+            aligned = AlignedSections(aligned.stack, aligned.maps, aligned.grid,
+                                      order=aligned.order, dtype=dtype)
+        write_stack_sections(out, aligned, shape_zyx=(z, h, w), dtype=dtype,
                              spacing_xyz=spacing_xyz, unit=unit, overwrite=overwrite,
                              resume=resume, inputs=inputs, progress=progress)
     overwrite = overwrite or resume
     if fields_out is None:
         return
     fields_out = Path(fields_out)
-    io.write_fields(fields_out, result.fields, spacing_xy=result.spacing_xy,
-                    origin_xy=result.origin_xy, overwrite=overwrite)
+    write_maps(fields_out, result.maps, result.grid, overwrite=overwrite)
+    if dense_fields:
+        write_dense_fields(fields_out, result.maps, result.grid, overwrite=overwrite)
     write_table_csv(result.table, fields_out / "sections.csv", overwrite=True)
     if result.pairs:
         write_table_csv(result.pairs, fields_out / "pairs.csv", overwrite=True)
     if not transforms:
         return
-    for k, u in enumerate(result.fields):
-        write_transforms(fields_out, k, u, spacing_xy=result.spacing_xy,
-                         origin_xy=result.origin_xy, order=result.order)
+    for k, m in enumerate(result.maps):
+        write_transforms(fields_out, k, m, grid=result.grid, order=result.order)
 
 
 def write_registration(result, *, out, moving, fields_out=None, spacing_xy=(1.0, 1.0),

@@ -54,16 +54,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .fields import validate_field
+from .fields import DEFAULT_STRIDE, MapGrid, validate_field
 from .io import SectionSequence
 from .joint import check_anchor, check_prior, pair_list, solve_joint
 from .methods.base import Method
 from .outputs import save_alignment
-from .warp import warp
+from .warp import render, warp
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StackAlignment", "AlignedSections", "align_stack", "apply_fields",
+__all__ = ["StackAlignment", "AlignedSections", "DenseFields", "align_stack", "apply_fields",
            "save_alignment"]
 
 #: pairs whose final weight in the joint solve falls below this are flagged
@@ -80,8 +80,11 @@ class StackAlignment:
         An ndarray when the input stack was one; for a lazy input stack an
         :class:`AlignedSections`, which warps a section when it is indexed
         (``np.asarray(result.aligned)`` computes them all).
-    fields : ndarray, shape (Z, 2, H, W), float32
-        Pull fields (physical units): ``aligned[k] = warp(stack[k], fields[k])``.
+    maps : ndarray, shape (Z, 2, h, w), float32
+        Every section's transform, a coarse map on ``grid`` (:mod:`hybridreg.fields`):
+        ``aligned[k] = render(stack[k], maps[k], grid)``.
+    grid : hybridreg.fields.MapGrid
+        The maps' nodes (stride, spacing, origin) and the section grid.
     table : list of dict
         One row per section: ``section``, ``seconds`` (registration time of the pairs whose
         moving section it is), ``metric``, ``flagged``, ``warnings``, and in joint mode
@@ -95,50 +98,107 @@ class StackAlignment:
     """
 
     aligned: np.ndarray
-    fields: np.ndarray
+    maps: np.ndarray
     table: list
     pairs: list
     spacing_xy: tuple[float, float]
     origin_xy: tuple[float, float]
     order: int = 1
+    grid: MapGrid | None = None
+
+    @property
+    def fields(self) -> "DenseFields":
+        """The dense pull fields ``(Z, 2, H, W)`` (physical units), computed from the maps
+        when indexed (``np.asarray`` computes them all: ``Z * 8`` bytes a pixel):
+        ``aligned[k] = warp(stack[k], fields[k])``."""
+        return DenseFields(self.maps, self.grid)
+
+
+class DenseFields(SectionSequence):
+    """A stack's coarse maps seen as dense fields, upsampled one section at a time.
+
+    Array-like of shape ``(Z, 2, H, W)``, float32: ``fields[k]`` is
+    ``grid.dense(maps[k])``.
+    """
+
+    ndim = 4
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, maps: np.ndarray, grid: MapGrid):
+        self.maps, self.grid = maps, grid
+        self.shape = (len(maps), 2) + grid.shape_yx
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def section(self, k: int) -> np.ndarray:
+        return self.grid.dense(self.maps[int(k)])
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            return self.section(range(self.shape[0])[key])
+        rest = ()
+        if isinstance(key, tuple):
+            key, rest = (key[0], key[1:]) if key else (slice(None), ())
+        if isinstance(key, (int, np.integer)):
+            return self.section(range(self.shape[0])[key])[rest]
+        ks = range(self.shape[0])[slice(None) if key is Ellipsis else key]
+        return np.stack([self.section(k)[rest] for k in ks]) if len(ks) else np.zeros(
+            (0, 2) + self.grid.shape_yx, np.float32)
+
+    def __iter__(self):
+        return (self.section(k) for k in range(self.shape[0]))
 
 
 class AlignedSections(SectionSequence):
     """The aligned stack of a lazy input, warped one section at a time on demand.
 
     Array-like of shape ``(Z, H, W)``, dtype float32: ``aligned[k]`` is
-    ``warp(stack[k], fields[k], spacing_xy=spacing_xy, order=order)[0]``, computed when asked
-    for; slices and ``np.asarray`` compute the sections they select.
+    ``render(stack[k], maps[k], grid, order=order)`` (the same as
+    ``warp(stack[k], fields[k], order=order)[0]`` with the dense field), computed chunk by
+    chunk when asked for; slices and ``np.asarray`` compute the sections they select.
 
     Parameters
     ----------
     stack : array-like, shape (Z, H, W)
         The raw sections (read with ``stack[k]``).
-    fields : ndarray, shape (Z, 2, H, W)
-        Pull fields, physical units.
+    maps : ndarray, shape (Z, 2, h, w)
+        Coarse maps on ``grid``, or dense fields ``(Z, 2, H, W)`` when ``grid`` is None.
+    grid : hybridreg.fields.MapGrid, optional
+        The maps' grid; default: dense fields on a grid of ``spacing_xy``.
     spacing_xy : (float, float)
+        The section spacing (used when ``grid`` is None).
     order : int
         Interpolation order.
+    dtype : numpy dtype, optional
+        Output dtype (integers rounded and clipped); default float32.
     """
 
     ndim = 3
     dtype = np.dtype(np.float32)
 
-    def __init__(self, stack, fields: np.ndarray, *, spacing_xy=(1.0, 1.0), order: int = 1):
-        self.stack, self.fields = stack, fields
-        self.spacing_xy, self.order = tuple(spacing_xy), order
+    def __init__(self, stack, maps: np.ndarray, grid: MapGrid | None = None, *,
+                 spacing_xy=(1.0, 1.0), order: int = 1, dtype=None):
+        self.stack, self.maps = stack, maps
         self.shape = tuple(int(n) for n in stack.shape)
-        if fields.shape != (self.shape[0], 2) + self.shape[1:]:
-            raise ValueError(f"fields {fields.shape} do not match the stack {self.shape}")
+        if grid is None:
+            grid = MapGrid(self.shape[1:], stride=1, spacing_xy=spacing_xy)
+        self.grid = grid
+        self.spacing_xy, self.order = grid.spacing_xy, order
+        if dtype is not None:
+            self.dtype = np.dtype(dtype)
+        if (len(maps) != self.shape[0] or tuple(maps.shape[1:]) != (2,) + grid.node_shape
+                or grid.shape_yx != self.shape[1:]):
+            raise ValueError(f"maps {tuple(maps.shape)} on {grid} do not match the stack "
+                             f"{self.shape}")
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def section(self, k: int) -> np.ndarray:
         """Aligned section ``k``: ndarray (H, W), float32."""
-        raw = np.asarray(self.stack[int(k)], dtype=np.float32)
-        return warp(raw, self.fields[int(k)], spacing_xy=self.spacing_xy,
-                    order=self.order)[0].astype(np.float32, copy=False)
+        raw = np.asarray(self.stack[int(k)])
+        return render(raw, self.maps[int(k)], self.grid, order=self.order, dtype=self.dtype)
 
     def __getitem__(self, key):
         if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
@@ -166,20 +226,27 @@ class _SectionCache:
         self._cache: dict = {}
 
     def __getitem__(self, k: int) -> np.ndarray:
+        # in the stack's own dtype: a 16384^2 uint8 section is 268 MB, 1 GB as float32
         if k not in self._cache:
             if len(self._cache) >= self.size:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[k] = np.asarray(self.stack[k]).astype(np.float32, copy=False)
+            self._cache[k] = np.asarray(self.stack[k])
         return self._cache[k]
 
 
 def apply_fields(stack: np.ndarray, fields: np.ndarray, *, spacing_xy=(1.0, 1.0),
-                 order: int = 1) -> np.ndarray:
+                 order: int = 1, grid: MapGrid | None = None) -> np.ndarray:
     """Warp every section with its field: ``out[k] = warp(stack[k], fields[k])``.
 
-    ``order=0`` (nearest neighbour) keeps the dtype, for labels.
+    ``fields`` are dense ``(Z, 2, H, W)``, or coarse maps on ``grid``. ``order=0`` (nearest
+    neighbour) keeps the dtype, for labels.
     """
     stack = np.asarray(stack)
+    if grid is not None:
+        if stack.ndim != 3 or grid.shape_yx != stack.shape[1:] or len(fields) != len(stack):
+            raise ValueError(f"maps on {grid} do not match the stack {stack.shape}")
+        return np.stack([render(stack[k], fields[k], grid, order=order)
+                         for k in range(stack.shape[0])])
     fields = np.asarray(fields)
     if stack.ndim != 3 or fields.shape != (stack.shape[0], 2) + stack.shape[1:]:
         expected = (stack.shape[0], 2) + stack.shape[1:] if stack.ndim == 3 else "(Z, 2, H, W)"
@@ -232,14 +299,14 @@ def _differences(saved: dict, now: dict) -> list[str]:
 
 
 class _WorkDir:
-    """Checkpoints: ``<name>.mha`` (a field) and ``<name>.json`` (its row), one per item."""
+    """Checkpoints: ``<name>.mha`` (a coarse map) and ``<name>.json`` (its row), one per item."""
 
-    def __init__(self, path, fingerprint: dict, spacing_xy, origin_xy):
+    def __init__(self, path, fingerprint: dict, grid: MapGrid):
         from . import io
 
         self.io = io
         self.path = Path(path)
-        self.spacing_xy, self.origin_xy = spacing_xy, origin_xy
+        self.spacing_xy, self.origin_xy = grid.node_spacing_xy, grid.node_origin_xy
         self.path.mkdir(parents=True, exist_ok=True)
         manifest = self.path / "manifest.json"
         if manifest.exists():
@@ -279,14 +346,36 @@ def _one_line(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _register(method: Method, fixed, moving, refs, *, shape_yx, spacing_xy, origin_xy, what,
+def register_map(method: Method, fixed, moving, refs, grid: MapGrid, *, what: str = "pair"):
+    """Register a pair and give its transform as a coarse map on ``grid``.
+
+    A method with ``register_map`` (:class:`hybridreg.tiling.TiledMethod`: large sections,
+    tile by tile) makes the map itself, never holding a dense field of the section; any
+    other registers the pair densely and the field is projected on the nodes.
+
+    Returns
+    -------
+    (ndarray (2, h, w), RegistrationResult)
+        The map, and the method's result (``field`` may be the map itself).
+    """
+    if hasattr(method, "register_map"):
+        res = method.register_map(fixed, moving, grid, references=refs)
+        return grid.validate(res.field, name=f"map of {what}"), res
+    res = method.register(fixed, moving, references=refs, spacing_xy=grid.spacing_xy,
+                          origin_xy=grid.origin_xy)
+    u = validate_field(res.field, name=f"field of {what}", shape_yx=grid.shape_yx)
+    return grid.project(u), res
+
+
+def _register(method: Method, fixed, moving, refs, *, grid: MapGrid, what,
               pair_ncc: bool = True, keep_warped: bool = False):
     """Run one registration; never raises: a failure comes back as (None, row).
 
+    The transform comes back as a coarse map on ``grid`` (:func:`register_map`).
     ``pair_ncc``: measure the registered pair's NCC (the joint solve's similarity weights
     use it; the sequential chain does not, and skips its warp). ``keep_warped``: put the
-    method's own warped section in ``row["warped"]``; a method with ``warped_order = n``
-    promises it is ``warp(moving, field, order=n)``.
+    method's own warped section in ``row["warped"]`` (dense maps only, ``grid.stride == 1``;
+    a method with ``warped_order = n`` promises it is ``warp(moving, field, order=n)``).
     """
     t0 = time.perf_counter()
     warnings: list[str] = []
@@ -294,19 +383,16 @@ def _register(method: Method, fixed, moving, refs, *, shape_yx, spacing_xy, orig
     u = None
     warped = None
     try:
-        res = method.register(fixed, moving, references=refs, spacing_xy=spacing_xy,
-                              origin_xy=origin_xy)
-        u = validate_field(res.field, name=f"field of {what}", shape_yx=shape_yx)
+        u, res = register_map(method, fixed, moving, refs, grid, what=what)
         metric = res.metric
-        warped = res.warped
+        warped = res.warped if grid.stride == 1 else None
         warnings += list(res.warnings)
     except Exception as exc:  # one bad section must not end a long run
         log.warning("%s: %s failed (%s: %s)", what, method.name, type(exc).__name__, exc)
         warnings.append(f"registration failed: {type(exc).__name__}: {_one_line(exc)}")
     seconds = round(time.perf_counter() - t0, 4)
     row = {"metric": None if metric is None else float(metric), "seconds": seconds,
-           "ncc": None if u is None or not pair_ncc else _pair_ncc(fixed, moving, u,
-                                                                    spacing_xy),
+           "ncc": None if u is None or not pair_ncc else _pair_ncc(fixed, moving, u, grid),
            "failed": u is None, "warnings": "; ".join(warnings)}
     if keep_warped:
         row["warped"] = warped  # None whenever u is: it is set after the field is valid
@@ -316,17 +402,41 @@ def _register(method: Method, fixed, moving, refs, *, shape_yx, spacing_xy, orig
 def _register_sections(method: Method, stack, i: int, j: int, **kwargs):
     """:func:`_register` of sections ``i`` (fixed) and ``j`` (moving), read here (on a
     Dask worker: by the worker, from the file of a lazy stack)."""
-    fixed = np.asarray(stack[i]).astype(np.float32, copy=False)
-    moving = np.asarray(stack[j]).astype(np.float32, copy=False)
-    return _register(method, fixed, moving, [], **kwargs)
+    return _register(method, np.asarray(stack[i]), np.asarray(stack[j]), [], **kwargs)
 
 
-def _pair_ncc(fixed, moving, u, spacing_xy) -> float | None:
-    """NCC of the fixed section and the registered moving one, on content both share."""
+#: Sections larger than this many pixels have their pair NCC measured on a reduced copy.
+NCC_MAX_PX = 2048 * 2048
+
+
+def _pair_ncc(fixed, moving, m, grid: MapGrid) -> float | None:
+    """NCC of the fixed section and the registered moving one, on content both share.
+
+    Sections over :data:`NCC_MAX_PX` pixels are reduced by block means first (the NCC is
+    only a pair's weight in the joint solve, relative to the stack's other pairs, which are
+    measured alike), so that its memory stays bounded at any section size.
+    """
+    from .fields import resample
     from .methods.base import content_mask
     from .metrics import ncc
+    from .tiling import downsample
 
-    warped, valid = warp(moving, u, spacing_xy=spacing_xy)
+    h, w = grid.shape_yx
+    if h * w > NCC_MAX_PX:
+        f = int(np.ceil(np.sqrt(h * w / NCC_MAX_PX)))
+        fixed, moving = downsample(fixed, f), downsample(moving, f)
+        sx, sy = grid.spacing_xy
+        spacing = (sx * f, sy * f)
+        origin = (grid.origin_xy[0] + (f - 1) / 2 * sx, grid.origin_xy[1] + (f - 1) / 2 * sy)
+        u = resample(m, spacing_xy=grid.node_spacing_xy, origin_xy=grid.node_origin_xy,
+                     to_shape_yx=fixed.shape, to_spacing_xy=spacing, to_origin_xy=origin)
+        warped, valid = warp(moving, u, spacing_xy=spacing)
+    else:
+        fixed = np.asarray(fixed, np.float32)
+        warped = render(moving, m, grid)
+        u = grid.dense(m)
+        valid = warp_valid(u, grid.spacing_xy)
+        del u
     mask = valid
     for section in (fixed, warped):
         m = content_mask(section)
@@ -367,13 +477,20 @@ def _similarity_weights(rows: dict) -> dict:
     return weights
 
 
+def warp_valid(u, spacing_xy):
+    from .warp import valid_mask
+
+    return valid_mask(u, spacing_xy=spacing_xy)
+
+
 # --- alignment -------------------------------------------------------------------------------
 
 def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
                 origin_xy=(0.0, 0.0), mode: str = "joint", neighbours: int = 1,
                 prior: float = 0.3, window: int = 1, drift_window: int = 0,
                 anchor: int | None = None, work_dir=None, order: int = 1,
-                progress: bool = False, client=None) -> StackAlignment:
+                progress: bool = False, client=None,
+                stride: int = DEFAULT_STRIDE) -> StackAlignment:
     """Align a stack section by section with ``method``.
 
     Parameters
@@ -413,6 +530,10 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
         Show a progress bar (tqdm) on stderr.
     client : dask.distributed.Client, optional
         Joint mode: run the pair registrations on this client's workers.
+    stride : int
+        Pixels between the nodes of the coarse maps that hold every transform (default
+        :data:`hybridreg.fields.DEFAULT_STRIDE`; 1 keeps dense fields, ``Z * 8`` bytes a
+        pixel in memory). See :mod:`hybridreg.fields`.
 
     Returns
     -------
@@ -466,27 +587,32 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
                     "keeps its place (the identity transform)")
     spacing_xy = tuple(float(s) for s in spacing_xy)
     origin_xy = tuple(float(o) for o in origin_xy)
-    settings = {"mode": mode, "spacing_xy": spacing_xy, "origin_xy": origin_xy}
+    grid = MapGrid(shape[1:], stride=stride, spacing_xy=spacing_xy, origin_xy=origin_xy)
+    settings = {"mode": mode, "spacing_xy": spacing_xy, "origin_xy": origin_xy,
+                "stride": grid.stride}
     settings.update({"neighbours": neighbours} if mode == "joint" else {"window": window})
     work = None
     if work_dir is not None:
-        work = _WorkDir(work_dir, _fingerprint(stack, method, settings), spacing_xy, origin_xy)
+        work = _WorkDir(work_dir, _fingerprint(stack, method, settings), grid)
     if lazy:
-        raw = _SectionCache(stack, 2 * (neighbours if mode == "joint" else window) + 2)
+        raw = _SectionCache(stack, (neighbours if mode == "joint" else window) + 2)
     else:
         raw = stack.astype(np.float32, copy=False)
     run = _align_joint if mode == "joint" else _align_sequential
     kw = ({"neighbours": neighbours, "prior": prior, "anchor": anchor, "client": client}
           if mode == "joint"
           else {"window": window, "drift_window": drift_window})
-    result = run(raw, method, shape=shape, spacing_xy=spacing_xy, origin_xy=origin_xy,
-                 work=work, order=order, progress=progress, **kw)
+    result = run(raw, method, grid=grid, work=work, order=order, progress=progress, **kw)
     if lazy:
         from dataclasses import replace
 
-        result = replace(result, aligned=AlignedSections(stack, result.fields,
-                                                         spacing_xy=spacing_xy, order=order))
+        result = replace(result, aligned=AlignedSections(stack, result.maps, result.grid,
+                                                         order=order))
     return result
+
+
+def _depth(raw) -> int:
+    return int((raw.stack if isinstance(raw, _SectionCache) else raw).shape[0])
 
 
 def _finite(stack, k: int) -> bool:
@@ -532,10 +658,9 @@ def drift_corrected(fields: np.ndarray, window: int) -> np.ndarray:
     return out
 
 
-def _align_sequential(raw, method, *, shape, spacing_xy, origin_xy, work, order, progress,
-                      window, drift_window=0):
-    z, h, w = shape
-    fields = np.zeros((z, 2, h, w), np.float32)
+def _align_sequential(raw, method, *, grid, work, order, progress, window, drift_window=0):
+    z, (h, w) = _depth(raw), grid.shape_yx
+    fields = np.zeros((z, 2) + grid.node_shape, np.float32)
     # the last `window` aligned sections, the rest only when the input is an ndarray
     keep_all = isinstance(raw, np.ndarray)
     aligned = np.empty((z, h, w), np.float32) if keep_all else {}
@@ -550,11 +675,10 @@ def _align_sequential(raw, method, *, shape, spacing_xy, origin_xy, work, order,
             fields[k], row = loaded
         else:
             refs = [aligned[j] for j in range(max(0, k - window), k - 1)]
-            u, row = _register(method, aligned[k - 1], raw[k], refs, shape_yx=(h, w),
-                               spacing_xy=spacing_xy, origin_xy=origin_xy,
+            u, row = _register(method, aligned[k - 1], raw[k], refs, grid=grid,
                                what=f"section {k}", pair_ncc=False, keep_warped=True)
             # a failed section keeps the transform of the one before it
-            fields[k] = fields[k - 1] if u is None else u
+            fields[k] = fields[k - 1] if u is None else grid.quantize(u)
             warped = row["warped"]
             row = {"section": k, "metric": row["metric"], "seconds": row["seconds"],
                    "flagged": bool(row["warnings"]), "warnings": row["warnings"]}
@@ -566,23 +690,24 @@ def _align_sequential(raw, method, *, shape, spacing_xy, origin_xy, work, order,
             # the method resampled the section as this chain would: reuse it
             aligned[k] = warped
         else:
-            aligned[k] = warp(raw[k], fields[k], spacing_xy=spacing_xy, order=order)[0]
+            aligned[k] = render(raw[k], fields[k], grid, order=order)
         if not keep_all:
             aligned.pop(k - window, None)
     if drift_window:
-        fields = drift_corrected(fields, drift_window)
+        fields = grid.quantize(drift_corrected(fields, drift_window))
         if keep_all:
             for k in range(z):
-                aligned[k] = warp(raw[k], fields[k], spacing_xy=spacing_xy, order=order)[0]
+                aligned[k] = render(raw[k], fields[k], grid, order=order)
     if not keep_all:
         aligned = None  # align_stack makes the lazy AlignedSections
-    return StackAlignment(aligned=aligned, fields=fields, table=table, pairs=[],
-                          spacing_xy=spacing_xy, origin_xy=origin_xy, order=order)
+    return StackAlignment(aligned=aligned, maps=fields, table=table, pairs=[],
+                          spacing_xy=grid.spacing_xy, origin_xy=grid.origin_xy, order=order,
+                          grid=grid)
 
 
-def _align_joint(raw, method, *, shape, spacing_xy, origin_xy, work, order, progress,
-                 neighbours, prior, anchor=None, client=None):
-    z, h, w = shape
+def _align_joint(raw, method, *, grid, work, order, progress, neighbours, prior, anchor=None,
+                 client=None):
+    z, (h, w) = _depth(raw), grid.shape_yx
     pair_fields: dict = {}
     pair_rows: dict = {}
     todo = []
@@ -594,7 +719,7 @@ def _align_joint(raw, method, *, shape, spacing_xy, origin_xy, work, order, prog
             pair_fields[(i, j)], pair_rows[(i, j)] = loaded
     if len(todo) < len(pair_list(z, neighbours=neighbours)):
         log.info("resumed %d finished pairs", len(pair_list(z, neighbours=neighbours)) - len(todo))
-    kwargs = {"shape_yx": (h, w), "spacing_xy": spacing_xy, "origin_xy": origin_xy}
+    kwargs = {"grid": grid}
 
     def finished(pair, u, row):
         if work is not None and u is not None:
@@ -613,7 +738,7 @@ def _align_joint(raw, method, *, shape, spacing_xy, origin_xy, work, order, prog
                        bar=_bar(None, desc=desc, progress=progress, total=len(todo)))
     pair_rows = dict(sorted(pair_rows.items()))
     if z == 1:
-        fields = np.zeros((1, 2, h, w), np.float32)
+        fields = grid.zeros()[None]
         solution = None
     elif not pair_fields:
         raise RuntimeError(f"every registration of the {z}-section stack failed; "
@@ -621,14 +746,16 @@ def _align_joint(raw, method, *, shape, spacing_xy, origin_xy, work, order, prog
     else:
         from .metrics import interior_mask
 
-        margin = max(1, min(h, w) // 16)
+        # residuals are measured away from the edges: 1/16 of the section, in nodes
+        margin = -(-max(1, min(h, w) // 16) // grid.stride)
+        margin = min(margin, (min(grid.node_shape) - 1) // 2)
         similarity = _similarity_weights({p: r for p, r in pair_rows.items()
                                           if p in pair_fields})
         solution = solve_joint(pair_fields, z, prior=prior, anchor=anchor,
-                               spacing_xy=spacing_xy,
-                               mask=interior_mask((h, w), margin_px=margin),
-                               pair_weights=similarity)
-        fields = solution.fields
+                               spacing_xy=grid.node_spacing_xy,
+                               mask=interior_mask(grid.node_shape, margin_px=margin),
+                               pair_weights=similarity, stride=grid.stride)
+        fields = grid.quantize(solution.fields)
     pairs = []
     for (i, j), row in pair_rows.items():
         ok = solution is not None and (i, j) in solution.pair_weight
@@ -664,10 +791,11 @@ def _align_joint(raw, method, *, shape, spacing_xy, origin_xy, work, order, prog
         })
     aligned = None  # a lazy input: align_stack makes the lazy AlignedSections
     if isinstance(raw, np.ndarray):
-        aligned = np.stack([warp(raw[k], fields[k], spacing_xy=spacing_xy, order=order)[0]
+        aligned = np.stack([render(raw[k], fields[k], grid, order=order)
                             for k in range(z)]).astype(np.float32)
-    return StackAlignment(aligned=aligned, fields=fields, table=table, pairs=pairs,
-                          spacing_xy=spacing_xy, origin_xy=origin_xy, order=order)
+    return StackAlignment(aligned=aligned, maps=fields, table=table, pairs=pairs,
+                          spacing_xy=grid.spacing_xy, origin_xy=grid.origin_xy, order=order,
+                          grid=grid)
 
 
 def _run_on_client(client, method, raw, todo, kwargs, finished, *, bar) -> None:

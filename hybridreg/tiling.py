@@ -47,7 +47,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .fields import compose, resample, validate_field
+from .fields import compose, physical_grid, resample, validate_field
 from .methods.base import RegistrationResult, check_pair
 from .warp import warp
 
@@ -102,6 +102,32 @@ def tile_weights(starts: Sequence[int], size: int, length: int) -> list[np.ndarr
     return out
 
 
+def _normalised(weights: list[np.ndarray], starts: Sequence[int], length: int
+                ) -> list[np.ndarray]:
+    """Tile weights along one axis divided by their sum at every pixel (so that the
+    separable 2-D weights of all tiles sum to one everywhere)."""
+    total = np.zeros(length, np.float64)
+    for s, wt in zip(starts, weights):
+        total[s:s + len(wt)] += wt
+    return [wt / total[s:s + len(wt)] for s, wt in zip(starts, weights)]
+
+
+def _fill_means(means: dict, tiles: list) -> dict:
+    """Mean fields of tiles without one: their registered neighbours', ring by ring."""
+    means = dict(means)
+    while len(means) < len(tiles):
+        new = {}
+        for (a, b) in tiles:
+            if (a, b) in means:
+                continue
+            near = [means[(a + da, b + db)] for da in (-1, 0, 1) for db in (-1, 0, 1)
+                    if (a + da, b + db) in means]
+            if near:
+                new[(a, b)] = np.mean(near, axis=0)
+        means.update(new)
+    return means
+
+
 def _has_content(section: np.ndarray, min_content: float) -> bool:
     """Not blank (one value everywhere) and at least ``min_content`` of it non-zero."""
     if not np.ptp(section) > 0:
@@ -109,15 +135,32 @@ def _has_content(section: np.ndarray, min_content: float) -> bool:
     return float(np.count_nonzero(section)) / section.size >= min_content
 
 
-def _downsample(section: np.ndarray, f: int) -> np.ndarray:
-    """Block means of ``f x f`` pixels (the section padded at its far edges by repetition)."""
+def downsample(section: np.ndarray, f: int, *, chunk_px: int = 1 << 22) -> np.ndarray:
+    """Block means of ``f x f`` pixels (the section padded at its far edges by repetition).
+
+    Computed in strips of rows (about ``chunk_px`` pixels): a large integer section is never
+    copied whole to float.
+
+    Returns
+    -------
+    ndarray, shape (ceil(H / f), ceil(W / f)), float32
+    """
+    section = np.asarray(section)
     if f == 1:
         return section.astype(np.float32, copy=False)
     h, w = section.shape
     hp, wp = -(-h // f) * f, -(-w // f) * f
-    padded = np.pad(section.astype(np.float32, copy=False), ((0, hp - h), (0, wp - w)),
-                    mode="edge")
-    return padded.reshape(hp // f, f, wp // f, f).mean(axis=(1, 3)).astype(np.float32)
+    out = np.empty((hp // f, wp // f), np.float32)
+    rows = max(1, int(chunk_px) // max(1, wp * f)) * f
+    for r0 in range(0, hp, rows):
+        r1 = min(hp, r0 + rows)
+        strip = section[r0:min(r1, h)].astype(np.float32)
+        strip = np.pad(strip, ((0, r1 - r0 - strip.shape[0]), (0, wp - w)), mode="edge")
+        out[r0 // f:r1 // f] = strip.reshape((r1 - r0) // f, f, wp // f, f).mean(axis=(1, 3))
+    return out
+
+
+_downsample = downsample
 
 
 class TiledMethod:
@@ -295,6 +338,153 @@ class TiledMethod:
             total[crop] += weight
         return (acc / total).astype(np.float32)
 
+    # --- coarse maps, tile by tile (sections of any size) ------------------------------------
+
+    def _coarse_small(self, fixed, moving, refs, spacing, origin):
+        """The coarse pass on its own grid: ``(u_c, c_spacing, c_origin, info, warnings)``,
+        ``u_c`` None when it failed."""
+        h, w = fixed.shape
+        f = max(1, math.ceil(max(h, w) / self.coarse_px))
+        sx, sy = spacing
+        c_spacing = (sx * f, sy * f)
+        c_origin = (origin[0] + (f - 1) / 2 * sx, origin[1] + (f - 1) / 2 * sy)
+        small = [downsample(a, f) for a in (fixed, moving, *refs)]
+        info = {"factor": f, "shape_yx": small[0].shape}
+        try:
+            res = self.method.register(small[0], small[1], references=small[2:],
+                                       spacing_xy=c_spacing, origin_xy=c_origin)
+            u_c = validate_field(res.field, name="coarse field", shape_yx=small[0].shape)
+        except Exception as exc:
+            msg = f"coarse pass (1/{f}) failed: {type(exc).__name__}: {exc}"
+            log.warning("%s", msg)
+            return None, c_spacing, c_origin, dict(info, status="failed", warnings=msg), [msg]
+        info.update(status="ok", metric=res.metric, warnings="; ".join(res.warnings))
+        return u_c, c_spacing, c_origin, info, [f"coarse: {x}" for x in res.warnings]
+
+    def register_map(self, fixed: np.ndarray, moving: np.ndarray, grid, *,
+                     references: Sequence[np.ndarray] = ()) -> RegistrationResult:
+        """Register ``moving`` onto ``fixed`` and give the transform as a coarse map.
+
+        The same registration as :meth:`register` (coarse pass, tiles, blending), but the
+        result is a map on ``grid`` (:class:`hybridreg.fields.MapGrid`) built tile by tile:
+        each tile's field (its residual composed with the coarse field) is projected on the
+        nodes with its blending weight, and the nodes are solved once at the end. No dense
+        field, float copy or warped copy of the whole section is made: memory is the two
+        sections in their own dtype and one tile's work, at any section size.
+
+        Returns
+        -------
+        RegistrationResult
+            ``field``: the map ``(2, h, w)`` (physical units; ``spacing_xy`` the nodes'),
+            ``warped`` None; ``metric``, ``warnings`` and ``info`` as :meth:`register`.
+        """
+        from scipy import ndimage
+
+        from .fields import sample_field
+
+        t0 = time.perf_counter()
+        fixed, moving, refs = check_pair(fixed, moving, references)
+        h, w = fixed.shape
+        if grid.shape_yx != (h, w):
+            raise ValueError(f"the map grid {grid} is not the sections' {h}x{w}")
+        spacing, origin = grid.spacing_xy, grid.origin_xy
+        f32 = np.float32
+        if h <= self.tile_px and w <= self.tile_px:  # one tile: the section, whole
+            res = self.method.register(fixed.astype(f32, copy=False),
+                                       moving.astype(f32, copy=False),
+                                       references=[r.astype(f32, copy=False) for r in refs],
+                                       spacing_xy=spacing, origin_xy=origin)
+            m = grid.project(validate_field(res.field, name="field", shape_yx=(h, w)))
+            return RegistrationResult(
+                field=m, warped=None, spacing_xy=grid.node_spacing_xy, origin_xy=origin,
+                metric=res.metric, seconds=time.perf_counter() - t0, warnings=res.warnings,
+                info=dict(res.info, tiles=[], grid=(1, 1), coarse=None))
+        warnings: list[str] = []
+        u_c, coarse_info = None, None
+        if self.coarse:
+            u_c, c_spacing, c_origin, coarse_info, msgs = self._coarse_small(
+                fixed, moving, refs, spacing, origin)
+            warnings += msgs
+
+        def coarse_at(points_phys):
+            """u_c at physical points (2, ...) (constant past its edges)."""
+            px = np.stack([(points_phys[0] - c_origin[0]) / c_spacing[0],
+                           (points_phys[1] - c_origin[1]) / c_spacing[1]])
+            return sample_field(u_c, px)
+
+        t = self.tile_px
+        ys, xs = tile_starts(h, t, self.overlap_px), tile_starts(w, t, self.overlap_px)
+        wy, wx = _normalised(tile_weights(ys, t, h), ys, h), _normalised(
+            tile_weights(xs, t, w), xs, w)
+        rhs = np.zeros((2,) + grid.node_shape, np.float64)
+        rows, means, missing = [], {}, []
+        for a, y0 in enumerate(ys):
+            for b, x0 in enumerate(xs):
+                y1, x1 = min(y0 + t, h), min(x0 + t, w)
+                crop = (slice(y0, y1), slice(x0, x1))
+                row = {"tile": (a, b), "y0": y0, "y1": y1, "x0": x0, "x1": x1,
+                       "metric": None, "warnings": ""}
+                rows.append(row)
+                sx, sy = spacing
+                p = physical_grid((y1 - y0, x1 - x0), spacing_xy=spacing,
+                                  origin_xy=(origin[0] + x0 * sx, origin[1] + y0 * sy))
+                f_t = fixed[crop].astype(f32)
+                if u_c is not None:  # the moving tile warped by the coarse field
+                    uc_t = coarse_at(p)
+                    coords = np.stack([(p[1] + uc_t[1] - origin[1]) / sy,
+                                       (p[0] + uc_t[0] - origin[0]) / sx])
+                    m_t = ndimage.map_coordinates(moving, coords, order=1, mode="constant",
+                                                  cval=0.0, output=f32)
+                    del coords
+                else:
+                    m_t = moving[crop].astype(f32)
+                if not (_has_content(f_t, self.min_content)
+                        and _has_content(m_t, self.min_content)):
+                    row["status"] = "blank"
+                    warnings.append(f"tile {a},{b} (y {y0}:{y1}, x {x0}:{x1}) blank or mostly "
+                                    f"empty: filled in")
+                    missing.append((row, None if u_c is None else uc_t))
+                    continue
+                try:
+                    res = self.method.register(
+                        f_t, m_t, references=[r[crop].astype(f32) for r in refs],
+                        spacing_xy=spacing, origin_xy=(origin[0] + x0 * sx,
+                                                       origin[1] + y0 * sy))
+                    r_t = validate_field(res.field, name=f"field of tile {a},{b}",
+                                         shape_yx=f_t.shape)
+                    row.update(status="ok", metric=res.metric,
+                               warnings="; ".join(res.warnings))
+                except Exception as exc:
+                    row["status"] = "failed"
+                    row["warnings"] = f"{type(exc).__name__}: {exc}"
+                    warnings.append(f"tile {a},{b} (y {y0}:{y1}, x {x0}:{x1}) failed "
+                                    f"({type(exc).__name__}): filled in")
+                    log.warning("tile %d,%d failed: %s: %s", a, b, type(exc).__name__, exc)
+                    missing.append((row, None if u_c is None else uc_t))
+                    continue
+                means[(a, b)] = r_t.mean(axis=(1, 2))
+                # u = compose(r, u_c) on the tile: r(p) + u_c(p + r(p))
+                u_t = r_t if u_c is None else r_t + coarse_at(p + r_t)
+                rhs += grid.rhs(u_t, y0, x0, weight=(wy[a], wx[b]))
+        if missing:
+            if u_c is None and not means:
+                raise RuntimeError("no tile could be registered (all blank, mostly empty or "
+                                   "failed) and there is no coarse pass to fall back on")
+            fill = _fill_means(means, [r["tile"] for r in rows]) if u_c is None else {}
+            for row, uc_t in missing:
+                a, b = row["tile"]
+                shape = (row["y1"] - row["y0"], row["x1"] - row["x0"])
+                u_t = (uc_t if u_c is not None else np.broadcast_to(
+                    fill[(a, b)].astype(f32)[:, None, None], (2,) + shape))
+                rhs += grid.rhs(u_t, row["y0"], row["x0"], weight=(wy[a], wx[b]))
+        m = grid.solve(rhs)
+        metrics = [r["metric"] for r in rows if r["status"] == "ok" and r["metric"] is not None]
+        return RegistrationResult(
+            field=m, warped=None, spacing_xy=grid.node_spacing_xy, origin_xy=origin,
+            metric=float(np.mean(metrics)) if metrics else None,
+            seconds=time.perf_counter() - t0, warnings=tuple(warnings),
+            info={"tiles": rows, "grid": (len(ys), len(xs)), "coarse": coarse_info})
+
     # --- the interface -----------------------------------------------------------------------
 
     def register(self, fixed: np.ndarray, moving: np.ndarray, *,
@@ -361,3 +551,70 @@ class TiledMethod:
             origin_xy=origin, metric=float(np.mean(metrics)) if metrics else None,
             seconds=time.perf_counter() - t0, warnings=tuple(warnings),
             info={"tiles": tiles, "grid": (len(ys), len(xs)), "coarse": coarse_info})
+
+
+# --- the memory plan -------------------------------------------------------------------------
+
+#: Peak bytes per pixel of one registration (a whole section or one tile, its inputs
+#: included) above the process's baseline, and the baseline (imports, weights, itk's elastix
+#: wrapping), measured by benchmarks/memory_per_px.py (RESULTS.md, "Memory per registered
+#: pixel"); rounded up.
+BYTES_PER_PX = {"learned": 260, "elastix": 120, "hybrid": 700, "ssemnet": 400}
+BASELINE_BYTES = {"learned": 0.35e9, "elastix": 1.1e9, "hybrid": 1.2e9, "ssemnet": 0.5e9}
+#: the tiles :func:`plan_tile` chooses from, largest first
+TILE_CHOICES = (8192, 4096, 2048, 1024, 512)
+
+
+def memory_plan(shape_yx, *, itemsize: int, method: str, tile_px: int | None,
+                sections_held: int = 3) -> dict:
+    """What aligning a stack of ``shape_yx`` sections needs at its peak, in bytes.
+
+    The parts: ``baseline`` (the method loaded), ``sections`` (the raw sections a pair
+    alignment holds in their own dtype), ``registration`` (one whole section, or one tile
+    and the coarse pass's reduced section with ``tile_px``), ``render`` (one output section
+    and a chunk), and ``total`` (the larger phase: registering or rendering).
+    """
+    from .stack import NCC_MAX_PX
+
+    h, w = (int(s) for s in shape_yx)
+    name = method.split("+")[0]
+    per_px = BYTES_PER_PX.get(name, max(BYTES_PER_PX.values()))
+    base = BASELINE_BYTES.get(name, max(BASELINE_BYTES.values()))
+    unit = h * w if not tile_px or (h <= tile_px and w <= tile_px) else tile_px ** 2
+    sections = sections_held * h * w * itemsize
+    registration = per_px * unit + 40 * min(h * w, NCC_MAX_PX)  # and the pair's NCC
+    render = 2 * h * w * max(itemsize, 4) + 0.2e9
+    return {"baseline": base, "sections": sections, "registration": registration,
+            "render": render, "total": base + max(sections + registration, render)}
+
+
+def plan_tile(shape_yx, *, itemsize: int, method: str, limit_bytes: float,
+              tile_px: int | None = None, sections_held: int = 3) -> int | None:
+    """The tile for a stack of ``shape_yx`` sections under ``limit_bytes``.
+
+    With ``tile_px`` None: None (whole sections) when they fit, else the largest of
+    :data:`TILE_CHOICES` that does. A given ``tile_px`` is checked. Raises ValueError,
+    before any work, when nothing fits, naming the tile that would (or what else to change).
+    """
+    def total(t):
+        return memory_plan(shape_yx, itemsize=itemsize, method=method, tile_px=t,
+                           sections_held=sections_held)["total"]
+
+    gb = 1e9
+    fits = [t for t in TILE_CHOICES if total(t) <= limit_bytes and t < max(shape_yx)]
+    if tile_px is None:
+        if total(None) <= limit_bytes:
+            return None
+        if fits:
+            return fits[0]
+    elif total(tile_px) <= limit_bytes:
+        return tile_px
+    need = total(tile_px)
+    what = f"tiles of {tile_px} px" if tile_px else "whole sections"
+    hint = (f"use --tile {fits[0]} (about {total(fits[0]) / gb:.1f} GB)" if fits else
+            f"even tiles of {TILE_CHOICES[-1]} px need {total(TILE_CHOICES[-1]) / gb:.1f} GB "
+            f"(the sections themselves take "
+            f"{sections_held * shape_yx[0] * shape_yx[1] * itemsize / gb:.1f} GB)")
+    raise ValueError(f"{method} on {shape_yx[0]}x{shape_yx[1]} sections with {what} needs "
+                     f"about {need / gb:.1f} GB, over the memory limit of "
+                     f"{limit_bytes / gb:.1f} GB: {hint}, or raise --memory-limit")

@@ -16,7 +16,11 @@ from .fields import index_grid, sampling_grid, to_pixels, validate_field
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["warp", "warp_torch", "valid_mask"]
+__all__ = ["warp", "warp_torch", "valid_mask", "render", "CHUNK_PX"]
+
+#: Pixels per chunk when a section is rendered from a coarse map (about 4 Mpx: the dense
+#: field and coordinates of one chunk take about 100 MB, whatever the section's size).
+CHUNK_PX = 1 << 22
 
 
 def valid_mask(u: np.ndarray, *, spacing_xy=(1.0, 1.0), margin_px: float = 0.0) -> np.ndarray:
@@ -126,3 +130,66 @@ def warp_torch(moving: "torch.Tensor", u_px: "torch.Tensor", *, align_corners: b
         valid = ((grid[..., 0].abs() <= lim_x + eps)
                  & (grid[..., 1].abs() <= lim_y + eps)).unsqueeze(1)
     return warped, valid
+
+
+def render(moving: np.ndarray, m: np.ndarray, grid, *, order: int = 1, cval: float = 0.0,
+           dtype=None, rows: tuple[int, int] | None = None, chunk_px: int = CHUNK_PX
+           ) -> np.ndarray:
+    """Warp a section with a coarse map, chunk by chunk: ``warp(moving, grid.dense(m))``.
+
+    The dense field exists one chunk of rows at a time (about ``chunk_px`` pixels), so the
+    memory is the output and the moving section (in its own dtype, never copied to float)
+    plus one chunk, at any section size.
+
+    Parameters
+    ----------
+    moving : ndarray, shape (H, W)
+        The raw section on ``grid``'s section grid, any dtype.
+    m : ndarray, shape (2, h, w)
+        The map (:class:`hybridreg.fields.MapGrid`), physical units.
+    grid : hybridreg.fields.MapGrid
+    order : int
+        0 (nearest; keeps the dtype: labels), 1 (bilinear) or 3 (cubic: prefiltered once).
+    dtype : numpy dtype, optional
+        Output dtype (rounded and clipped to its range for integers); default float32
+        (``moving``'s dtype with ``order=0``).
+    rows : (int, int), optional
+        Render only rows ``[y0, y1)`` (an output chunk).
+
+    Returns
+    -------
+    ndarray, shape (y1 - y0, W)
+    """
+    moving = np.asarray(moving)
+    h, w = grid.shape_yx
+    if moving.shape != (h, w):
+        raise ValueError(f"moving has grid {moving.shape} but the map is for {h}x{w} sections")
+    y_lo, y_hi = (0, h) if rows is None else (int(rows[0]), int(rows[1]))
+    if dtype is None:
+        dtype = moving.dtype if order == 0 else np.float32
+    dtype = np.dtype(dtype)
+    out = np.empty((y_hi - y_lo, w), dtype)
+    src = moving
+    if order > 1:
+        src = ndimage.spline_filter(moving.astype(np.float32), order=order)
+    step = max(1, int(chunk_px) // w)
+    sx, sy = grid.spacing_xy
+    xs = np.arange(w, dtype=np.float64)
+    for y0 in range(y_lo, y_hi, step):
+        y1 = min(y_hi, y0 + step)
+        u = grid.dense(m, y0, y1)
+        coords = np.empty((2, y1 - y0, w), np.float64)  # as warp(): the same values
+        coords[0] = to_pixels(u[1:2], (sy, sy))[0] + np.arange(y0, y1, dtype=np.float64)[:, None]
+        coords[1] = to_pixels(u[0:1], (sx, sx))[0] + xs[None, :]
+        del u
+        if order == 0:
+            block = ndimage.map_coordinates(src, coords, order=0, mode="constant", cval=cval)
+        else:
+            block = ndimage.map_coordinates(src, coords, order=order, mode="constant",
+                                            cval=cval, prefilter=False,
+                                            output=np.float32)
+        if np.issubdtype(dtype, np.integer) and block.dtype != dtype:
+            info = np.iinfo(dtype)
+            block = np.clip(np.rint(block), info.min, info.max)
+        out[y0 - y_lo:y1 - y_lo] = block
+    return out

@@ -86,15 +86,18 @@ def test_apply_reproduces_the_aligned_stack(aligned, capsys):
 def test_transformix_reproduces_every_section(aligned, tmp_path):
     d = aligned
     raw = io.read_stack(d / "def.tif").data.astype(np.float32)
-    fields, _, _ = io.read_fields(d / "fields")
-    from hybridreg.warp import warp
+    from hybridreg.outputs import read_transforms
+    from hybridreg.warp import render
 
+    maps, grid = read_transforms(d / "fields", shape_yx=(96, 96))
+    assert grid.stride == 32 and maps.shape[2:] == (4, 4)  # the default: coarse maps
     for k in range(4):
         tp = d / "fields" / "transformix" / f"section_{k:04d}" / "TransformParameters.0.txt"
         result = transformix(raw[k], tp, tmp_path / f"s{k}")
-        ours = warp(raw[k], fields[k])[0]
+        ours = render(raw[k], maps[k], grid)
         mask = metrics.interior_mask((96, 96), margin_px=8)
-        assert metrics.ncc(result, ours, mask=mask) > 0.999
+        # transformix interpolates the map between its nodes as hybridreg does
+        assert np.abs(result - ours)[mask].max() < 0.05, np.abs(result - ours)[mask].max()
 
 
 def test_align_refuses_to_overwrite_and_resumes(aligned, capsys):

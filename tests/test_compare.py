@@ -5,6 +5,8 @@ import csv
 import json
 
 import numpy as np
+
+from hybridreg.stack import DenseFields
 import pytest
 
 from helpers import PhaseCorrelation, smooth_texture
@@ -203,8 +205,12 @@ def test_write_comparison_and_nothing_is_overwritten(tmp_path):
     for key in ("csv", "json", "report", "aligned_phasecorr"):
         assert written[key].is_file(), key
     assert io.read_stack(out / "aligned_phasecorr.tif").data.dtype == ph.stack.dtype
-    fields, _, _ = io.read_fields(out / "fields_phasecorr")
-    np.testing.assert_allclose(fields, result.run("phasecorr").fields)
+    from hybridreg.outputs import read_transforms
+
+    maps, grid = read_transforms(out / "fields_phasecorr")
+    np.testing.assert_allclose(maps, result.run("phasecorr").alignment.maps)
+    np.testing.assert_allclose(np.asarray(DenseFields(maps, grid)),
+                               np.asarray(result.run("phasecorr").fields))
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["method"], r["section"]) for r in rows] == [

@@ -191,7 +191,7 @@ def export_transformix_chain(result: ElastixResult, directory, *, absolute_paths
 def export_field_chain(u: np.ndarray, directory, *, spacing_xy=(1.0, 1.0),
                        origin_xy=(0.0, 0.0), interpolation_order: int = 1,
                        absolute_paths: bool = True, field_name: str = "field.mha",
-                       field_file=None) -> Path:
+                       field_file=None, grid=None) -> Path:
     """Write any field as a one-file transformix chain (a ``DeformationFieldTransform``).
 
     ``transformix -in moving.mha -out OUT -tp <returned file>`` then gives
@@ -212,6 +212,11 @@ def export_field_chain(u: np.ndarray, directory, *, spacing_xy=(1.0, 1.0),
     field_file : path, optional
         An existing ``.mha`` holding ``u`` (e.g. written by :func:`hybridreg.io.write_field`):
         the chain links to it (by absolute path) instead of writing a copy.
+    grid : hybridreg.fields.MapGrid, optional
+        ``u`` is a coarse map on ``grid``'s nodes (``spacing_xy`` and ``origin_xy`` are then
+        ignored): the field file holds the nodes with their spacing and origin, the chain's
+        output grid is the section's, and transformix interpolates the map linearly, as
+        :meth:`~hybridreg.fields.MapGrid.dense` does.
 
     Returns
     -------
@@ -225,12 +230,17 @@ def export_field_chain(u: np.ndarray, directory, *, spacing_xy=(1.0, 1.0),
     directory.mkdir(parents=True, exist_ok=True)
     link = _linker(directory, absolute_paths)
     sp, org = as_xy(spacing_xy, "spacing_xy"), as_xy(origin_xy, "origin_xy")
+    out_shape, out_sp = u.shape[1:], sp
+    if grid is not None:
+        grid.validate(u)
+        sp, org, out_shape, out_sp = (grid.node_spacing_xy, grid.origin_xy, grid.shape_yx,
+                                      grid.spacing_xy)
     if field_file is None:
         _write_field_mha(directory / field_name, u, spacing_xy=sp, origin_xy=org)
         target = link(field_name)
     else:
         target = str(Path(field_file).resolve())
-    entry = _deformation_field_map(_grid_entries(u.shape[1:], sp, org), target)
+    entry = _deformation_field_map(_grid_entries(out_shape, out_sp, org), target)
     return _write_chain([entry], directory, link, order=_check_order(interpolation_order),
                         default_pixel=["0"])
 
@@ -251,5 +261,12 @@ def write_itk_transform(path, transform) -> Path:
     itk = load_itk()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    itk.transformwrite([transform], str(path))
+    if type(transform).__name__.endswith("F2"):  # single precision: keep it on disk
+        writer = itk.TransformFileWriterTemplate[itk.F].New()
+        writer.SetFileName(str(path))
+        writer.SetInput(transform)
+        writer.SetUseCompression(True)
+        writer.Update()
+    else:
+        itk.transformwrite([transform], str(path), compression=True)
     return path

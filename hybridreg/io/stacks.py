@@ -10,6 +10,8 @@ import logging
 import os
 from typing import Iterable
 
+import numpy as np
+
 from .atomic import atomic_output, existing, refuse_inputs, remove
 from .base import (LazySections, Stack, StackError, as_spacing_xyz, canonical_dtype,
                    check_shape, split_spec, validate_stack)
@@ -150,10 +152,13 @@ def write_stack(path, data, *, spacing_xyz=None, unit: str | None = None,
         if unit is None:
             unit = data.unit
         data = data.data
-    arr = validate_stack(data, f"data to write to '{text}'")
+    kind, file, inner = _write_kind(text)
+    lazy = (kind == "tiff" and not isinstance(data, np.ndarray) and hasattr(data, "shape")
+            and hasattr(data, "dtype") and len(data.shape) == 3)
+    # a lazy stack into a TIFF: computed and written one page at a time
+    arr = data if lazy else validate_stack(data, f"data to write to '{text}'")
     spacing = as_spacing_xyz((1.0, 1.0, 1.0) if spacing_xyz is None else spacing_xyz,
                              f"writing '{text}'")
-    kind, file, inner = _write_kind(text)
     refuse_inputs(file, inner, inputs, text)
     if kind == "tiff":
         with atomic_output(file, overwrite=overwrite) as tmp:
@@ -165,7 +170,7 @@ def write_stack(path, data, *, spacing_xyz=None, unit: str | None = None,
     else:
         write_zarr(file, inner, arr, spacing, overwrite=overwrite, unit=unit)
     log.info("wrote %s: %d sections of %dx%d (H x W) %s, spacing_xyz=%s", text, *arr.shape,
-             arr.dtype, spacing)
+             np.dtype(arr.dtype), spacing)
 
 
 def open_section_writer(path, *, shape_zyx, dtype, spacing_xyz=None, unit: str | None = None,

@@ -9,6 +9,7 @@ ignored. tifffile is imported on first use.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,7 @@ class TiffSource(SectionSource):
     """Sections of a TIFF: one page each (the whole series when pages are not sections)."""
 
     def __init__(self, file: Path, shape, dtype, per_page: bool):
-        self.file, self.shape, self.dtype = str(file), shape, dtype
+        self.file, self.shape, self.dtype = os.path.abspath(file), shape, dtype
         self.where, self.per_page = f"'{file}'", per_page
 
     @classmethod
@@ -124,9 +125,22 @@ class TiffSource(SectionSource):
 
 
 def write_tiff(path: Path, arr: np.ndarray, spacing) -> None:
-    """Write ``arr`` ((Z,) H, W) as an ImageJ TIFF with spacing ``(x, y, z)``, in place."""
+    """Write ``arr`` ((Z,) H, W) as an ImageJ TIFF with spacing ``(x, y, z)``, in place.
+
+    ``arr`` may be a lazy stack (``shape``, ``dtype``, ``arr[k]``, e.g. an aligned stack
+    computed on demand): its sections are then computed and written one page at a time.
+    """
     import tifffile
 
     sx, sy, sz = spacing
-    tifffile.imwrite(path, arr, imagej=True, resolution=(1.0 / sx, 1.0 / sy),
-                     metadata={"spacing": sz, "axes": "ZYX" if arr.ndim == 3 else "YX"})
+    kw = dict(resolution=(1.0 / sx, 1.0 / sy),
+              metadata={"spacing": sz, "axes": "ZYX" if len(arr.shape) == 3 else "YX"})
+    if isinstance(arr, np.ndarray):
+        tifffile.imwrite(path, arr, imagej=True, **kw)
+        return
+    shape, dtype = tuple(arr.shape), np.dtype(arr.dtype)
+    big = int(np.prod(shape)) * dtype.itemsize > 2 ** 32 - 2 ** 25
+    pages = (np.asarray(arr[k], dtype) for k in range(shape[0]))
+    # ImageJ's format ends at 4 GB: larger stacks are BigTIFF (one page per section)
+    tifffile.imwrite(path, data=pages, shape=shape, dtype=dtype, imagej=not big,
+                     bigtiff=big, **kw)
