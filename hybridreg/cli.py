@@ -365,11 +365,15 @@ def _tiled(args, method, stack=None):
         if args.tile_overlap is not None or args.no_coarse:
             raise CLIError("--tile-overlap and --no-coarse need --tile PX")
         return method
-    from .tiling import TiledMethod
+    from .tiling import AUTO_COARSE_PX, AUTO_OVERLAP_PX, TiledMethod
 
+    auto = stack is not None and args.tile in (None, "auto")
     try:
-        return TiledMethod(method, tile_px=tile, overlap_px=args.tile_overlap,
-                           coarse=not args.no_coarse)
+        return TiledMethod(method, tile_px=tile,
+                           overlap_px=(AUTO_OVERLAP_PX if auto and args.tile_overlap is None
+                                       else args.tile_overlap),
+                           coarse=not args.no_coarse,
+                           coarse_px=AUTO_COARSE_PX if auto else None)
     except ValueError as exc:
         raise CLIError(f"--tile {tile} --tile-overlap {args.tile_overlap}: {exc}") from None
 

@@ -456,18 +456,25 @@ QUANTUM_PX = 2.0 ** -10
 def _hat_matrix(start: int, stop: int, stride: int, n_nodes: int):
     """Sparse ``(stop - start, n_nodes)`` matrix of the linear ("hat") basis: row ``i`` holds
     the weights of the two nodes around pixel ``start + i`` (node ``n`` at pixel ``n * S``)."""
+    return interp_matrix(np.arange(start, stop, dtype=np.float64) / stride, n_nodes)
+
+
+def interp_matrix(t: np.ndarray, n: int):
+    """Sparse ``(len(t), n)`` matrix of linear interpolation at positions ``t`` (in samples
+    of a grid of ``n``), constant past both ends: ``interp_matrix(t, n) @ v`` interpolates
+    ``v``. Along both axes it samples a field on a regular grid separably, at the cost of
+    the samples (``A_y @ u @ A_x.T``), without a coordinate array."""
     from scipy import sparse
 
-    px = np.arange(start, stop, dtype=np.float64)
-    t = px / stride
-    i0 = np.minimum(np.floor(t).astype(np.int64), n_nodes - 1)
+    t = np.clip(np.asarray(t, np.float64), 0.0, n - 1)
+    i0 = np.minimum(np.floor(t).astype(np.int64), n - 1)
     f = t - i0
-    i1 = np.minimum(i0 + 1, n_nodes - 1)
-    rows = np.arange(stop - start)
+    i1 = np.minimum(i0 + 1, n - 1)
+    rows = np.arange(len(t))
     return sparse.csr_matrix(
         (np.concatenate([1.0 - f, f]), (np.concatenate([rows, rows]),
                                         np.concatenate([i0, i1]))),
-        shape=(stop - start, n_nodes))
+        shape=(len(t), n))
 
 
 class MapGrid:

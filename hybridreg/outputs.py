@@ -99,8 +99,12 @@ def write_stack_sections(out, sections, *, shape_zyx, dtype=None, spacing_xyz=No
         missing = writer.missing()
         if len(missing) < z:
             log.info("%s: %d of %d sections already written", out, z - len(missing), z)
-        for k in tqdm(missing, desc="write", unit="section", disable=not progress):
+        from .stack import show_rate
+
+        bar = tqdm(missing, desc="write", unit="section", disable=not progress)
+        for n, k in enumerate(bar, 1):
             writer.write(k, sections[k])
+            show_rate(bar, n, int(shape_zyx[1]) * int(shape_zyx[2]))
         writer.close()
         return
     from .io.tiff import TIFF_SUFFIXES

@@ -406,7 +406,7 @@ def _register_sections(method: Method, stack, i: int, j: int, **kwargs):
 
 
 #: Sections larger than this many pixels have their pair NCC measured on a reduced copy.
-NCC_MAX_PX = 2048 * 2048
+NCC_MAX_PX = 1024 * 1024
 
 
 def _pair_ncc(fixed, moving, m, grid: MapGrid) -> float | None:
@@ -628,6 +628,13 @@ def _bar(iterable, *, desc, progress, total=None, unit="pair"):
     return tqdm(iterable, desc=desc, unit=unit, total=total, disable=not progress)
 
 
+def show_rate(bar, done: int, px_per_item: int) -> None:
+    """Put the throughput in Mpx/s (pixels of the items done) after a progress bar's rate."""
+    elapsed = bar.format_dict.get("elapsed") or 0.0
+    if not bar.disable and elapsed > 0:
+        bar.set_postfix_str(f"{done * px_per_item / elapsed / 1e6:.2f} Mpx/s")
+
+
 def drift_corrected(fields: np.ndarray, window: int) -> np.ndarray:
     """Fields minus their centred moving mean along z (``window`` sections, fewer at the ends).
 
@@ -666,8 +673,9 @@ def _align_sequential(raw, method, *, grid, work, order, progress, window, drift
     aligned = np.empty((z, h, w), np.float32) if keep_all else {}
     aligned[0] = raw[0]
     table = [{"section": 0, "metric": None, "seconds": 0.0, "flagged": False, "warnings": ""}]
-    for k in _bar(range(1, z), desc=f"align ({method.name}, sequential)", progress=progress,
-                  unit="section"):
+    bar = _bar(range(1, z), desc=f"align ({method.name}, sequential)", progress=progress,
+               unit="section")
+    for k in bar:
         name = f"section_{k:04d}"
         loaded = work.load(name) if work is not None else None
         warped = None
@@ -685,6 +693,7 @@ def _align_sequential(raw, method, *, grid, work, order, progress, window, drift
             if work is not None:
                 work.save(name, fields[k], row)
         table.append(row)
+        show_rate(bar, k, h * w)
         if (warped is not None and getattr(method, "warped_order", None) == order
                 and np.shape(warped) == (h, w)):
             # the method resampled the section as this chain would: reuse it
@@ -730,9 +739,11 @@ def _align_joint(raw, method, *, grid, work, order, progress, neighbours, prior,
 
     desc = f"align ({method.name}, {neighbours} neighbour(s))"
     if client is None:
-        for (i, j) in _bar(todo, desc=desc, progress=progress):
+        bar = _bar(todo, desc=desc, progress=progress)
+        for n, (i, j) in enumerate(bar, 1):
             finished((i, j), *_register(method, raw[i], raw[j], [], what=f"pair {i}-{j}",
                                         **kwargs))
+            show_rate(bar, n, h * w)
     else:
         _run_on_client(client, method, raw, todo, kwargs, finished,
                        bar=_bar(None, desc=desc, progress=progress, total=len(todo)))
@@ -842,6 +853,8 @@ def _run_on_client(client, method, raw, todo, kwargs, finished, *, bar) -> None:
     for fut in done:
         finished(futures.pop(fut), *fut.result())
         bar.update(1)
+        show_rate(bar, bar.n, int(np.prod(raw.stack.shape[1:] if isinstance(raw, _SectionCache)
+                                          else raw.shape[1:])))
         room = limit() - len(futures)
         for pair in pending:
             submit(pair)

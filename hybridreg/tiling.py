@@ -47,7 +47,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .fields import compose, physical_grid, resample, validate_field
+from .fields import compose, interp_matrix, resample, validate_field
 from .methods.base import RegistrationResult, check_pair
 from .warp import warp
 
@@ -100,6 +100,56 @@ def tile_weights(starts: Sequence[int], size: int, length: int) -> list[np.ndarr
         after = (end - starts[n + 1]) if n + 1 < len(starts) else 0
         out.append(_ramp_1d(end - s, max(0, before), max(0, after)))
     return out
+
+
+def _coarse_ncc(fixed, moving, u, spacing) -> float | None:
+    """NCC of a reduced pair, ``moving`` warped by ``u`` (None: as it is), on the pixels
+    warped from inside the section (None when too few, or a constant image)."""
+    from .metrics import ncc
+
+    if u is None:
+        warped, valid = moving, np.ones(moving.shape, bool)
+    else:
+        warped, valid = warp(moving, u, spacing_xy=spacing)
+    if valid.sum() < 16:
+        return None
+    value = ncc(fixed, warped, mask=valid)
+    return float(value) if np.isfinite(value) else None
+
+
+def _bilinear(img: np.ndarray, tx: np.ndarray, ty: np.ndarray, *, border: bool
+              ) -> np.ndarray:
+    """``img`` (C, h, w) sampled bilinearly at index positions ``tx`` (column), ``ty`` (row)
+    of shape (H, W) (torch's ``grid_sample``, ``align_corners=True``): outside, the edge
+    value (``border``) or 0. Returns (C, H, W) float32."""
+    import torch
+    import torch.nn.functional as F
+
+    c, h, w = img.shape
+    grid = np.empty(tx.shape + (2,), np.float32)
+    grid[..., 0] = 2.0 * tx / max(w - 1, 1) - 1.0
+    grid[..., 1] = 2.0 * ty / max(h - 1, 1) - 1.0
+    with torch.inference_mode():
+        out = F.grid_sample(torch.from_numpy(np.ascontiguousarray(img, np.float32))[None],
+                            torch.from_numpy(grid)[None], mode="bilinear",
+                            padding_mode="border" if border else "zeros", align_corners=True)
+    return out[0].numpy()
+
+
+def _warp_region(moving: np.ndarray, tx: np.ndarray, ty: np.ndarray) -> np.ndarray:
+    """The section ``moving`` (any dtype, any size) sampled at index positions (tx, ty) of
+    one tile, 0 outside: only the bounding box of the positions is copied to float."""
+    h, w = moving.shape
+    x0 = int(np.clip(np.floor(tx.min()) - 1, 0, w - 1))
+    x1 = int(np.clip(np.ceil(tx.max()) + 2, x0 + 1, w))
+    y0 = int(np.clip(np.floor(ty.min()) - 1, 0, h - 1))
+    y1 = int(np.clip(np.ceil(ty.max()) + 2, y0 + 1, h))
+    region = moving[y0:y1, x0:x1].astype(np.float32)[None]
+    if region.shape[1] < 2 or region.shape[2] < 2:  # everything outside the section
+        return np.zeros(tx.shape, np.float32)
+    # zeros outside the section, not only outside the region: positions beyond the region's
+    # edge that are inside the section cannot occur (the region bounds them)
+    return _bilinear(region, tx - x0, ty - y0, border=False)[0]
 
 
 def _normalised(weights: list[np.ndarray], starts: Sequence[int], length: int
@@ -358,6 +408,17 @@ class TiledMethod:
             msg = f"coarse pass (1/{f}) failed: {type(exc).__name__}: {exc}"
             log.warning("%s", msg)
             return None, c_spacing, c_origin, dict(info, status="failed", warnings=msg), [msg]
+        # a method outside its range at this scale (a network trained at full resolution,
+        # on sections reduced 16 times) can return a field that matches worse than none:
+        # pre-warping every tile with it would throw the tiles out of their own range
+        before, after = _coarse_ncc(small[0], small[1], None, c_spacing), _coarse_ncc(
+            small[0], small[1], u_c, c_spacing)
+        info.update(ncc_before=before, ncc_after=after)
+        if before is not None and (after is None or after < before):
+            msg = (f"coarse pass (1/{f}) not used: it matched worse than no registration "
+                   f"(NCC {before:.3f} -> {after if after is None else round(after, 3)})")
+            log.info("%s", msg)
+            return None, c_spacing, c_origin, dict(info, status="rejected", warnings=msg), []
         info.update(status="ok", metric=res.metric, warnings="; ".join(res.warnings))
         return u_c, c_spacing, c_origin, info, [f"coarse: {x}" for x in res.warnings]
 
@@ -378,9 +439,7 @@ class TiledMethod:
             ``field``: the map ``(2, h, w)`` (physical units; ``spacing_xy`` the nodes'),
             ``warped`` None; ``metric``, ``warnings`` and ``info`` as :meth:`register`.
         """
-        from scipy import ndimage
 
-        from .fields import sample_field
 
         t0 = time.perf_counter()
         fixed, moving, refs = check_pair(fixed, moving, references)
@@ -406,11 +465,13 @@ class TiledMethod:
                 fixed, moving, refs, spacing, origin)
             warnings += msgs
 
-        def coarse_at(points_phys):
-            """u_c at physical points (2, ...) (constant past its edges)."""
-            px = np.stack([(points_phys[0] - c_origin[0]) / c_spacing[0],
-                           (points_phys[1] - c_origin[1]) / c_spacing[1]])
-            return sample_field(u_c, px)
+        def coarse_on(y0, y1, x0, x1):
+            """u_c on the pixels [y0:y1, x0:x1], separably (as coarse_at on that grid)."""
+            ty = (origin[1] + np.arange(y0, y1) * spacing[1] - c_origin[1]) / c_spacing[1]
+            tx = (origin[0] + np.arange(x0, x1) * spacing[0] - c_origin[0]) / c_spacing[0]
+            ay, ax = interp_matrix(ty, u_c.shape[1]), interp_matrix(tx, u_c.shape[2])
+            return np.stack([ay @ (ax @ np.asarray(c, np.float64).T).T
+                             for c in u_c]).astype(np.float32)
 
         t = self.tile_px
         ys, xs = tile_starts(h, t, self.overlap_px), tile_starts(w, t, self.overlap_px)
@@ -426,16 +487,13 @@ class TiledMethod:
                        "metric": None, "warnings": ""}
                 rows.append(row)
                 sx, sy = spacing
-                p = physical_grid((y1 - y0, x1 - x0), spacing_xy=spacing,
-                                  origin_xy=(origin[0] + x0 * sx, origin[1] + y0 * sy))
+                # the tile's pixel indices in the section (broadcast: no coordinate arrays)
+                jx = np.arange(x0, x1, dtype=f32)[None, :]
+                iy = np.arange(y0, y1, dtype=f32)[:, None]
                 f_t = fixed[crop].astype(f32)
                 if u_c is not None:  # the moving tile warped by the coarse field
-                    uc_t = coarse_at(p)
-                    coords = np.stack([(p[1] + uc_t[1] - origin[1]) / sy,
-                                       (p[0] + uc_t[0] - origin[0]) / sx])
-                    m_t = ndimage.map_coordinates(moving, coords, order=1, mode="constant",
-                                                  cval=0.0, output=f32)
-                    del coords
+                    uc_t = coarse_on(y0, y1, x0, x1)
+                    m_t = _warp_region(moving, jx + uc_t[0] / f32(sx), iy + uc_t[1] / f32(sy))
                 else:
                     m_t = moving[crop].astype(f32)
                 if not (_has_content(f_t, self.min_content)
@@ -446,14 +504,21 @@ class TiledMethod:
                     missing.append((row, None if u_c is None else uc_t))
                     continue
                 try:
-                    res = self.method.register(
-                        f_t, m_t, references=[r[crop].astype(f32) for r in refs],
-                        spacing_xy=spacing, origin_xy=(origin[0] + x0 * sx,
-                                                       origin[1] + y0 * sy))
-                    r_t = validate_field(res.field, name=f"field of tile {a},{b}",
+                    t_refs = [r[crop].astype(f32) for r in refs]
+                    if hasattr(self.method, "predict_field"):
+                        # the field alone: the tile's warp and metric would be thrown away
+                        r_t, _ = self.method.predict_field(f_t, m_t, references=t_refs,
+                                                           spacing_xy=spacing)
+                        res = None
+                    else:
+                        res = self.method.register(
+                            f_t, m_t, references=t_refs, spacing_xy=spacing,
+                            origin_xy=(origin[0] + x0 * sx, origin[1] + y0 * sy))
+                        r_t = res.field
+                    r_t = validate_field(r_t, name=f"field of tile {a},{b}",
                                          shape_yx=f_t.shape)
-                    row.update(status="ok", metric=res.metric,
-                               warnings="; ".join(res.warnings))
+                    row.update(status="ok", metric=None if res is None else res.metric,
+                               warnings="" if res is None else "; ".join(res.warnings))
                 except Exception as exc:
                     row["status"] = "failed"
                     row["warnings"] = f"{type(exc).__name__}: {exc}"
@@ -464,7 +529,13 @@ class TiledMethod:
                     continue
                 means[(a, b)] = r_t.mean(axis=(1, 2))
                 # u = compose(r, u_c) on the tile: r(p) + u_c(p + r(p))
-                u_t = r_t if u_c is None else r_t + coarse_at(p + r_t)
+                if u_c is None:
+                    u_t = r_t
+                else:  # u_c at the physical points p + r(p)
+                    u_t = r_t + _bilinear(
+                        u_c, (origin[0] - c_origin[0] + jx * sx + r_t[0]) / c_spacing[0],
+                        (origin[1] - c_origin[1] + iy * sy + r_t[1]) / c_spacing[1],
+                        border=True)
                 rhs += grid.rhs(u_t, y0, x0, weight=(wy[a], wx[b]))
         if missing:
             if u_c is None and not means:
@@ -559,10 +630,11 @@ class TiledMethod:
 #: included) above the process's baseline, and the baseline (imports, weights, itk's elastix
 #: wrapping), measured by benchmarks/memory_per_px.py (RESULTS.md, "Memory per registered
 #: pixel"); rounded up.
-BYTES_PER_PX = {"learned": 260, "elastix": 120, "hybrid": 700, "ssemnet": 400}
+BYTES_PER_PX = {"learned": 260, "elastix": 120, "hybrid": 450, "ssemnet": 3400}
 BASELINE_BYTES = {"learned": 0.35e9, "elastix": 1.1e9, "hybrid": 1.2e9, "ssemnet": 0.5e9}
-#: the tiles :func:`plan_tile` chooses from, largest first
-TILE_CHOICES = (8192, 4096, 2048, 1024, 512)
+#: overlap of the tiles :func:`plan_tile` chooses (px), and their coarse pass's size
+AUTO_OVERLAP_PX = 256
+AUTO_COARSE_PX = 1024
 
 
 def memory_plan(shape_yx, *, itemsize: int, method: str, tile_px: int | None,
@@ -570,9 +642,10 @@ def memory_plan(shape_yx, *, itemsize: int, method: str, tile_px: int | None,
     """What aligning a stack of ``shape_yx`` sections needs at its peak, in bytes.
 
     The parts: ``baseline`` (the method loaded), ``sections`` (the raw sections a pair
-    alignment holds in their own dtype), ``registration`` (one whole section, or one tile
-    and the coarse pass's reduced section with ``tile_px``), ``render`` (one output section
-    and a chunk), and ``total`` (the larger phase: registering or rendering).
+    alignment holds in their own dtype), ``registration`` (one whole section, or one tile,
+    and the pair's NCC on at most :data:`hybridreg.stack.NCC_MAX_PX` pixels), ``render``
+    (one output section and a chunk), and ``total`` (the larger phase: registering or
+    rendering).
     """
     from .stack import NCC_MAX_PX
 
@@ -582,26 +655,37 @@ def memory_plan(shape_yx, *, itemsize: int, method: str, tile_px: int | None,
     base = BASELINE_BYTES.get(name, max(BASELINE_BYTES.values()))
     unit = h * w if not tile_px or (h <= tile_px and w <= tile_px) else tile_px ** 2
     sections = sections_held * h * w * itemsize
-    registration = per_px * unit + 40 * min(h * w, NCC_MAX_PX)  # and the pair's NCC
-    render = 2 * h * w * max(itemsize, 4) + 0.2e9
+    registration = per_px * unit + 40 * min(h * w, NCC_MAX_PX)
+    render = 2 * h * w * itemsize + 0.2e9
     return {"baseline": base, "sections": sections, "registration": registration,
             "render": render, "total": base + max(sections + registration, render)}
+
+
+def tile_for(length: int, n: int, overlap_px: int = AUTO_OVERLAP_PX) -> int:
+    """The tile that cuts ``length`` into ``n`` tiles overlapping by ``overlap_px``
+    (rounded up to 16 px): the least pixel work for ``n`` tiles."""
+    return -(-(length + (n - 1) * overlap_px) // (16 * n)) * 16
 
 
 def plan_tile(shape_yx, *, itemsize: int, method: str, limit_bytes: float,
               tile_px: int | None = None, sections_held: int = 3) -> int | None:
     """The tile for a stack of ``shape_yx`` sections under ``limit_bytes``.
 
-    With ``tile_px`` None: None (whole sections) when they fit, else the largest of
-    :data:`TILE_CHOICES` that does. A given ``tile_px`` is checked. Raises ValueError,
-    before any work, when nothing fits, naming the tile that would (or what else to change).
+    With ``tile_px`` None: None (whole sections) when they fit, else the largest tile that
+    fits among those cutting the longer side into 2, 3, ... tiles overlapping by
+    :data:`AUTO_OVERLAP_PX` (so that little is registered twice). A given ``tile_px`` is
+    checked. Raises ValueError, before any work, when nothing fits, naming the tile that
+    would (or what else to change).
     """
     def total(t):
         return memory_plan(shape_yx, itemsize=itemsize, method=method, tile_px=t,
                            sections_held=sections_held)["total"]
 
     gb = 1e9
-    fits = [t for t in TILE_CHOICES if total(t) <= limit_bytes and t < max(shape_yx)]
+    longest = max(int(s) for s in shape_yx)
+    candidates = [tile_for(longest, n) for n in range(2, 4096)
+                  if tile_for(longest, n) >= max(256, 2 * AUTO_OVERLAP_PX)]
+    fits = [t for t in candidates if total(t) <= limit_bytes]
     if tile_px is None:
         if total(None) <= limit_bytes:
             return None
@@ -612,9 +696,10 @@ def plan_tile(shape_yx, *, itemsize: int, method: str, limit_bytes: float,
     need = total(tile_px)
     what = f"tiles of {tile_px} px" if tile_px else "whole sections"
     hint = (f"use --tile {fits[0]} (about {total(fits[0]) / gb:.1f} GB)" if fits else
-            f"even tiles of {TILE_CHOICES[-1]} px need {total(TILE_CHOICES[-1]) / gb:.1f} GB "
-            f"(the sections themselves take "
-            f"{sections_held * shape_yx[0] * shape_yx[1] * itemsize / gb:.1f} GB)")
+            f"even tiles of {candidates[-1] if candidates else 256} px need "
+            f"{total(candidates[-1] if candidates else 256) / gb:.1f} GB (the sections "
+            f"themselves take {sections_held * shape_yx[0] * shape_yx[1] * itemsize / gb:.1f}"
+            f" GB)")
     raise ValueError(f"{method} on {shape_yx[0]}x{shape_yx[1]} sections with {what} needs "
                      f"about {need / gb:.1f} GB, over the memory limit of "
                      f"{limit_bytes / gb:.1f} GB: {hint}, or raise --memory-limit")

@@ -206,3 +206,33 @@ def test_align_anchor_keeps_that_section(deformed, capsys):
     assert run(["align", d / "def.tif", "--params", "em_rigid", "--anchor", 4, "--out",
                 d / "bad.tif", "--fields-out", d / "bad", "--no-progress"]) != 0
     assert "anchor 4 is not a section" in capsys.readouterr().err
+
+
+def test_align_refuses_a_run_over_the_memory_limit_before_it_starts(deformed, tmp_path,
+                                                                     capsys):
+    d = deformed
+    out, fields = tmp_path / "a.tif", tmp_path / "f"
+    # learned's baseline alone (the network loaded) is over 0.2 GB
+    assert run(["align", d / "def.tif", "--method", "learned", "--out", out, "--fields-out",
+                fields, "--memory-limit", "0.2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "memory limit of 0.2 GB" in err and "--memory-limit" in err
+    assert not out.exists() and not fields.exists()
+    # a given tile that fits is used
+    assert run(["align", d / "def.tif", "--method", "learned", "--tile", "64", "--out", out,
+                "--fields-out", fields, "--memory-limit", "1", "--no-progress"]) == 0
+
+
+def test_align_writes_dense_fields_on_request(deformed, tmp_path):
+    d = deformed
+    assert run(["align", d / "def.tif", "--params", "em_rigid", "--out", tmp_path / "a.tif",
+                "--fields-out", tmp_path / "f", "--dense-fields", "--stride", "16",
+                "--no-progress"]) == 0
+    from hybridreg.outputs import read_transforms
+    from hybridreg.stack import DenseFields
+
+    maps, grid = read_transforms(tmp_path / "f")
+    assert grid.stride == 16 and maps.shape[2:] == grid.node_shape
+    dense, spacing, _ = io.read_fields(tmp_path / "f" / "dense")
+    assert dense.shape == (len(maps), 2, 96, 96)
+    np.testing.assert_allclose(dense, np.asarray(DenseFields(maps, grid)), atol=1e-6)

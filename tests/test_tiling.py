@@ -258,3 +258,107 @@ def test_cli_tile_options(pair, tmp_path, monkeypatch, capsys):
     assert cli.main(base + ["--out", str(tmp_path / "x.tif"), "--tile", "96",
                             "--tile-overlap", "60"]) == 2
     assert "overlap_px" in capsys.readouterr().err
+
+
+# --- coarse maps, tile by tile (stack alignment at any section size) -------------------------
+
+def test_a_map_built_tile_by_tile_is_the_projected_field():
+    """register_map gives the same transform as register (blended, composed) projected on
+    the nodes, without a dense field of the section."""
+    from hybridreg.fields import MapGrid
+
+    spacing, origin = (2.0, 3.0), (10.0, -5.0)
+    truth = smooth_field(SHAPE, seed=1, amplitude_px=4.0) * np.array(spacing)[:, None, None]
+    img = smooth_texture(SHAPE, seed=2)
+    grid = MapGrid(SHAPE, stride=16, spacing_xy=spacing, origin_xy=origin)
+    tiled = TiledMethod(Oracle(truth, spacing_xy=spacing, origin_xy=origin), tile_px=96,
+                        overlap_px=32, coarse=False)
+    r = tiled.register_map(img, img, grid)
+    assert r.field.shape == (2,) + grid.node_shape and r.warped is None
+    assert r.spacing_xy == grid.node_spacing_xy
+    np.testing.assert_allclose(r.field, grid.project(truth), atol=1e-3)
+
+
+@pytest.mark.parametrize("coarse", [True, False])
+def test_a_map_of_a_registered_pair_matches_the_dense_tiles(pair, coarse):
+    from hybridreg.fields import MapGrid
+
+    fixed, moving, truth = pair
+    grid = MapGrid(SHAPE, stride=8)
+    tiled = TiledMethod(Shift(), tile_px=96, overlap_px=32, coarse=coarse)
+    dense = tiled.register(fixed, moving)
+    # integer sections in their own dtype, as a stack alignment passes them
+    r = tiled.register_map(np.clip(fixed, 0, 255).astype(np.uint8),
+                           np.clip(moving, 0, 255).astype(np.uint8), grid)
+    assert r.info["grid"] == dense.info["grid"] and not r.warnings
+    assert epe(grid.dense(r.field), truth) < 0.8
+    assert abs(epe(grid.dense(r.field), truth) - epe(grid.dense(grid.project(dense.field)),
+                                                      truth)) < 0.15
+
+
+def test_a_map_fills_blank_and_failing_tiles(pair):
+    from hybridreg.fields import MapGrid
+
+    fixed, moving, truth = (a.copy() for a in pair)
+    fixed[:52, :52] = 0
+    moving[:52, :52] = 0
+    content = MASK.copy()
+    content[:96, :96] = False
+    grid = MapGrid(SHAPE, stride=8)
+    starts = tile_starts(SHAPE[1], 96, 32)
+    for coarse in (True, False):
+        r = TiledMethod(Shift(fail_at=(float(starts[1]), float(starts[2]))), tile_px=96,
+                        overlap_px=32, coarse=coarse, min_content=0.75).register_map(
+            fixed, moving, grid)
+        status = {tuple(t["tile"]): t["status"] for t in r.info["tiles"]}
+        assert status[(0, 0)] == "blank" and status[(2, 1)] == "failed"
+        assert epe(grid.dense(r.field), truth, content) < 1.0
+    with pytest.raises(RuntimeError, match="no tile"):
+        TiledMethod(Shift(), tile_px=96, coarse=False).register_map(
+            np.zeros(SHAPE, np.float32), moving, grid)
+
+
+def test_the_memory_plan_tiles_what_does_not_fit_and_refuses_what_cannot():
+    from hybridreg.tiling import memory_plan, plan_tile
+
+    gb = 1e9
+    # small sections: whole; 16384^2 uint8 with learned: tiles, under the limit
+    assert plan_tile((512, 512), itemsize=1, method="learned", limit_bytes=4 * gb) is None
+    tile = plan_tile((16384, 16384), itemsize=1, method="learned", limit_bytes=4 * gb)
+    assert tile is not None and tile < 16384
+    assert memory_plan((16384, 16384), itemsize=1, method="learned",
+                       tile_px=tile)["total"] <= 4 * gb
+    # the tile cuts the section with little overlap: 16384 = n * tile - (n - 1) * 256
+    n = len(tile_starts(16384, tile, 256))
+    assert n * tile - (n - 1) * 256 - 16384 < 16 * n
+    # a given tile that does not fit is refused, naming one that does
+    with pytest.raises(ValueError, match=f"use --tile {tile}"):
+        plan_tile((16384, 16384), itemsize=1, method="learned", limit_bytes=4 * gb,
+                  tile_px=8192)
+    # sections that alone exceed the limit: refused, saying so
+    with pytest.raises(ValueError, match="the sections themselves take"):
+        plan_tile((100_000, 100_000), itemsize=1, method="learned", limit_bytes=4 * gb)
+
+
+def test_a_coarse_pass_that_matches_worse_than_none_is_not_used(pair):
+    """A method out of its range on the reduced sections (a network at 1/16 scale) must not
+    pre-warp the tiles with its noise."""
+    from hybridreg.fields import MapGrid
+
+    class WrongWhenSmall(Shift):
+        def register(self, fixed, moving, **kw):
+            r = super().register(fixed, moving, **kw)
+            if fixed.shape[0] < 96:  # the coarse pass: a field far off the truth
+                r = RegistrationResult(field=np.full_like(r.field, 7.0), warped=moving)
+            return r
+
+    fixed, moving, truth = pair
+    grid = MapGrid(SHAPE, stride=8)
+    r = TiledMethod(WrongWhenSmall(), tile_px=96, overlap_px=32,
+                    coarse_px=64).register_map(fixed, moving, grid)
+    assert r.info["coarse"]["status"] == "rejected"
+    assert r.info["coarse"]["ncc_after"] < r.info["coarse"]["ncc_before"]
+    assert epe(grid.dense(r.field), truth) < 0.8
+    good = TiledMethod(Shift(), tile_px=96, overlap_px=32, coarse_px=64).register_map(
+        fixed, moving, grid)
+    assert good.info["coarse"]["status"] == "ok"
