@@ -138,6 +138,9 @@ def main(argv=None):
     ap.add_argument("--sections", type=int, default=None, help="first N sections only")
     ap.add_argument("--margin", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stride", type=int, default=None,
+                    help="coarse-map stride of the alignments (default: align_stack's, 32; "
+                         "1 = dense fields, as before issue 16)")
     ap.add_argument("--model", default=None,
                     help="registration network of the learned and hybrid runs (default: the "
                          "shipped weights), e.g. one from `hybridreg finetune`")
@@ -164,13 +167,16 @@ def main(argv=None):
         for run in args.runs:
             method = build(run, args.threads, args.model)
             opts = stack_options(run)
+            if args.stride:
+                opts["stride"] = args.stride
             mode = opts["mode"]
             t = time.perf_counter()
             r = align_stack(moving, method, **opts)
             n_pairs = max(1, len(r.pairs) if mode == "joint" else z - 1)
             sec = (time.perf_counter() - t) / n_pairs
             key = f"{case} | {run}"
-            results[key] = summarize(r.fields, d.fields, d.labels, labels, args.margin, sec)
+            results[key] = summarize(np.asarray(r.fields), d.fields, d.labels, labels,
+                                     args.margin, sec)
             results[key]["flagged"] = int(sum(bool(row.get("flagged")) for row in r.table))
             fallbacks = sum("kept the learned field" in (row.get("warnings") or "")
                             for row in (r.pairs or r.table))

@@ -14,7 +14,7 @@ Each method is run as the real CLI in a subprocess, under ``/usr/bin/time`` for 
 resident memory:
 
     hybridreg align STACK --out OUT.zarr --fields-out FIELDS --method M [method args]
-        --no-progress --overwrite [--tile PX when size > PX] [--extra ...]
+        --no-progress --overwrite [--tile PX when given and size > PX] [--extra ...]
 
 methods: ``learned``; ``elastix`` (``--params em_affine``); ``hybrid`` (default preset).
 
@@ -339,8 +339,9 @@ def main(argv=None):
                     help="sections per stack: N for every size, SIZE=N for one "
                          "(default: 20 up to 512, 3 above)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--tile", type=int, default=2048,
-                    help="--tile PX for sizes above PX (0: never)")
+    ap.add_argument("--tile", type=int, default=0,
+                    help="--tile PX for sizes above PX (default 0: none given; align plans "
+                         "its tiles, --tile auto)")
     ap.add_argument("--extra", default="",
                     help='more `hybridreg align` arguments, e.g. --extra "--threads 2"')
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per run")

@@ -51,7 +51,7 @@ Coarse maps
     :meth:`MapGrid.dense` of a window) and export work on maps. The default stride is
     :data:`DEFAULT_STRIDE` = 32 px (chosen by measurement, benchmarks/RESULTS.md "Coarse maps:
     the stride": within 0.05 px of the dense fields' accuracy for every method, and with
-    maps kept to 1/1024 px the files of a section under 1% of its uint8 bytes); ``S = 1``
+    maps kept to 1/256 px the files of a section under 1% of its uint8 bytes); ``S = 1``
     is the dense field.
 
 On disk
@@ -448,9 +448,9 @@ def sampling_grid(u_px: "torch.Tensor", *, align_corners: bool) -> "torch.Tensor
 #: benchmarks/RESULTS.md, "Coarse maps: the stride").
 DEFAULT_STRIDE = 32
 
-#: Maps are kept to 1/1024 pixel (:meth:`MapGrid.quantize`): 0.0005 px at most, and the
+#: Maps are kept to 1/256 pixel (:meth:`MapGrid.quantize`): 0.002 px at most, and the
 #: files compress to about half.
-QUANTUM_PX = 2.0 ** -10
+QUANTUM_PX = 2.0 ** -8
 
 
 def _hat_matrix(start: int, stop: int, stride: int, n_nodes: int):
@@ -650,7 +650,7 @@ class MapGrid:
         return float(2.0 ** np.floor(np.log2(min(self.spacing_xy) * QUANTUM_PX)))
 
     def quantize(self, m: np.ndarray) -> np.ndarray:
-        """``m`` rounded to :meth:`quantum` (at most 0.0005 px away): multiples of a power
+        """``m`` rounded to :meth:`quantum` (at most 0.002 px away): multiples of a power
         of two leave the low bits of the float32 values zero, and the map's files compress
         to about half (benchmarks/RESULTS.md, "Coarse maps: the stride"). Dense fields
         (``stride=1``) are kept as they are."""

@@ -140,16 +140,15 @@ def write_transforms(fields_out, k: int, u: np.ndarray, *, spacing_xy=None, orig
     ``u`` is a coarse map on ``grid`` (its nodes' spacing and origin go into both files), or
     without ``grid`` a dense field on ``spacing_xy``, ``origin_xy``.
     """
-    from .elastix import export_field_chain, write_itk_transform
-    from .fields import MapGrid, to_itk_transform
+    from .elastix.export import export_field_chain, write_field_transform
+    from .fields import MapGrid
 
     if grid is None:
         grid = MapGrid(u.shape[1:], stride=1, spacing_xy=spacing_xy, origin_xy=origin_xy)
     fields_out = Path(fields_out)
     field_file = io.field_path(fields_out, k)
-    write_itk_transform(field_file.with_suffix(".h5"),
-                        to_itk_transform(u, spacing_xy=grid.node_spacing_xy,
-                                         origin_xy=grid.origin_xy, single=True))
+    write_field_transform(field_file.with_suffix(".h5"), u, spacing_xy=grid.node_spacing_xy,
+                          origin_xy=grid.origin_xy)
     export_field_chain(u, fields_out / "transformix" / field_file.stem, grid=grid,
                        interpolation_order=order, field_file=field_file)
 

@@ -107,7 +107,7 @@ def test_align_stack_passes_the_stack_options_through():
                                       drift_window=3)
     from hybridreg.stack import drift_corrected
 
-    # on the maps, which are kept to 1/1024 px (MapGrid.quantize)
+    # on the maps, which are kept to 1/256 px (MapGrid.quantize)
     a, b = corrected.alignment, chained.alignment
     np.testing.assert_allclose(a.maps, a.grid.quantize(drift_corrected(b.maps, 3)),
                                atol=1e-6)

@@ -15,7 +15,26 @@ import time
 log = logging.getLogger(__name__)
 
 _ITK = None
+_CORE = None
 _LOAD_LOCK = threading.Lock()
+
+
+def load_itk_core():
+    """Import itk with the Pool threader, without the elastix wrapping (for what needs ITK
+    only, e.g. writing a transform file: loading elastix costs over ten seconds)."""
+    global _CORE
+    if _ITK is not None:
+        return _ITK
+    if _CORE is None:
+        os.environ.setdefault("ITK_GLOBAL_DEFAULT_THREADER", "Pool")
+        import itk
+
+        base = itk.MultiThreaderBase
+        pool = itk.MultiThreaderBaseEnums.Threader_Pool
+        if base.GetGlobalDefaultThreader() != pool:
+            base.SetGlobalDefaultThreader(pool)
+        _CORE = itk
+    return _CORE
 
 
 def load_itk():

@@ -71,7 +71,7 @@ def write_field(path, u, *, spacing_xy=(1.0, 1.0), origin_xy=(0.0, 0.0),
     img = to_sitk(np.moveaxis(u, 0, -1).astype(np.float32, copy=False), spacing=spacing,
                   origin=origin, is_vector=True)
     with atomic_output(path, overwrite=overwrite) as tmp:
-        sitk.WriteImage(img, str(tmp), True)
+        sitk.WriteImage(img, str(tmp), True, 9)  # zlib's best: fields are written once
 
 
 def read_field(path) -> tuple[np.ndarray, tuple[float, float], tuple[float, float]]:

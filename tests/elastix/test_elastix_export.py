@@ -101,3 +101,25 @@ def test_write_itk_transform_round_trip(itk, initial_result, tmp_path):
     u, spacing, origin = fields.from_itk(back.GetDisplacementField())
     np.testing.assert_allclose(u, initial_result.field, atol=1e-6)
     assert spacing == SPACING_XY and origin == ORIGIN_XY
+
+
+def test_a_field_written_without_itk_is_read_by_itk(tmp_path):
+    """write_field_transform writes ITK's HDF5 transform layout with h5py: itk.transformread
+    gives the same displacement field transform (values, spacing, origin, size)."""
+    import itk
+
+    from hybridreg.elastix.export import write_field_transform
+
+    u = np.random.default_rng(0).normal(size=(2, 17, 23)).astype(np.float32)
+    path = write_field_transform(tmp_path / "t.h5", u, spacing_xy=(32.0, 16.0),
+                                 origin_xy=(5.0, -3.0))
+    t = itk.transformread(str(path))[0]
+    field = t.GetDisplacementField()
+    np.testing.assert_array_equal(np.moveaxis(itk.array_from_image(field), -1, 0), u)
+    assert tuple(field.GetSpacing()) == (32.0, 16.0)
+    assert tuple(field.GetOrigin()) == (5.0, -3.0)
+    assert tuple(itk.size(field)) == (23, 17)
+    # the transform maps a point as the field says (pull: p -> p + u(p)), at a node
+    p = (5.0 + 32.0 * 4, -3.0 + 16.0 * 2)
+    q = t.TransformPoint(p)
+    np.testing.assert_allclose(np.subtract(q, p), u[:, 2, 4], atol=1e-6)
