@@ -241,10 +241,14 @@ def cmd_compare(args) -> int:
     labels = None if args.labels is None else _read_labels(args.labels, stack.data.shape)
     case = compare.make_case(stack.data, spacing_xy=_spacing_xy(stack), labels=labels,
                              deform_seed=args.deform_seed, name=str(args.stack))
-    comparison = compare.compare_methods(
-        case, names, options=options, threads=args.threads, mode=args.mode,
-        neighbours=args.neighbours, prior=args.prior, window=args.window,
-        margin_px=args.margin, progress=not args.no_progress)
+    if (args.workers or args.scheduler) and args.mode != "joint":
+        raise CLIError("--workers and --scheduler need --mode joint (sequential alignment "
+                       "cannot run in parallel)")
+    with _dask_client(args) as client:
+        comparison = compare.compare_methods(
+            case, names, options=options, threads=args.threads, mode=args.mode,
+            neighbours=args.neighbours, prior=args.prior, window=args.window,
+            margin_px=args.margin, progress=not args.no_progress, client=client)
     inputs = [args.stack] + ([args.labels] if args.labels else [])
     written = compare.write_comparison(comparison, args.report, overwrite=args.overwrite,
                                        inputs=inputs, save_aligned=args.save_aligned)
@@ -460,10 +464,12 @@ def cmd_align(args) -> int:
                              work_dir=work,
                              progress=not args.no_progress, client=client,
                              stride=args.stride or _DEFAULT_STRIDE)
-    save_alignment(result, out=args.out, fields_out=fields_out, overwrite=args.overwrite,
-                   resume=resuming, inputs=[args.stack], dtype=stack.data.dtype,
-                   spacing_xyz=stack.spacing_xyz, unit=stack.unit,
-                   progress=not args.no_progress, dense_fields=args.dense_fields)
+        # the aligned sections of a zarr output are rendered and written by the workers
+        save_alignment(result, out=args.out, fields_out=fields_out, overwrite=args.overwrite,
+                       resume=resuming, inputs=[args.stack], dtype=stack.data.dtype,
+                       spacing_xyz=stack.spacing_xyz, unit=stack.unit,
+                       progress=not args.no_progress, dense_fields=args.dense_fields,
+                       client=client)
     shutil.rmtree(work, ignore_errors=True)
     flagged = [r["section"] for r in result.table if r.get("flagged")]
     print(f"aligned {stack.data.shape[0]} sections with {method.name} ({args.mode}) in "
@@ -504,7 +510,7 @@ class _dask_client:
 def cmd_apply(args) -> int:
     from . import io
     from .outputs import write_stack_sections
-    from .stack import AlignedSections, apply_fields
+    from .stack import AlignedSections
 
     from .outputs import read_transforms
 
@@ -516,13 +522,16 @@ def cmd_apply(args) -> int:
                        f"{stack.data.shape[0]} sections of "
                        f"{stack.data.shape[1]}x{stack.data.shape[2]}")
     order = 0 if args.nearest else 1
-    if io.is_ome_zarr_target(args.out):  # section by section: never the whole volume
-        warped = AlignedSections(stack.data, maps, grid, order=order)
-    else:
-        warped = apply_fields(stack.data, maps, grid=grid, order=order)
-    write_stack_sections(args.out, warped, shape_zyx=stack.data.shape, dtype=stack.data.dtype,
-                         spacing_xyz=stack.spacing_xyz, unit=stack.unit,
-                         overwrite=args.overwrite, inputs=[args.stack])
+    if (args.workers or args.scheduler) and not io.is_ome_zarr_target(args.out):
+        raise CLIError("--workers and --scheduler write a bare .zarr output (each worker "
+                       "writes the sections it renders); give --out a store.zarr path")
+    # section by section, rendered from the maps chunk by chunk: never the whole volume
+    warped = AlignedSections(stack.data, maps, grid, order=order, dtype=stack.data.dtype)
+    with _dask_client(args) as client:
+        write_stack_sections(args.out, warped, shape_zyx=stack.data.shape,
+                             dtype=stack.data.dtype, spacing_xyz=stack.spacing_xyz,
+                             unit=stack.unit, overwrite=args.overwrite, inputs=[args.stack],
+                             client=client)
     kind = "nearest neighbour" if args.nearest else "linear"
     print(f"applied {len(maps)} transforms ({kind}) -> {args.out}")
     return 0
@@ -669,6 +678,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, help="CPU threads of the method")
         p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
+    def cluster_options(p):
+        p.add_argument("--workers", type=int, help="joint: register the pairs on a local Dask "
+                                                   "cluster of this many worker processes")
+        p.add_argument("--scheduler", metavar="ADDRESS",
+                       help="joint: register the pairs on an existing Dask scheduler "
+                            "(docs/cluster.md)")
+
     def tile_options(p, auto=False):
         p.add_argument("--tile", type=_tile_arg, metavar="PX",
                        help="register large sections coarse-then-fine over tiles of PX "
@@ -726,10 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "sections centred on it, against accumulated drift (default 0: off)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from FIELDS_OUT/work")
-    p.add_argument("--workers", type=int, help="joint: register the pairs on a local Dask "
-                                               "cluster of this many worker processes")
-    p.add_argument("--scheduler", metavar="ADDRESS",
-                   help="joint: register the pairs on an existing Dask scheduler")
+    cluster_options(p)
     p.add_argument("--stride", type=int, metavar="PX",
                    help="pixels between the nodes of the coarse maps that hold every "
                         f"transform (default {_DEFAULT_STRIDE}; 1 = dense fields, 8 bytes a "
@@ -751,6 +764,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nearest", action="store_true",
                    help="nearest-neighbour interpolation, keeping the dtype (labels)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--workers", type=int, help="render the sections on a local Dask cluster "
+                                               "of this many worker processes (a .zarr --out)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="render the sections on an existing Dask scheduler; each worker "
+                        "writes the sections it renders (a .zarr --out; docs/cluster.md)")
     p.set_defaults(func=cmd_apply)
 
     def training_options(p, *, steps, crop, batch, lr):
@@ -833,6 +851,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write each method's aligned stack and fields into DIR")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cluster_options(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="run the built-in demo on the phantom",

@@ -369,7 +369,7 @@ def compare_methods(case: CompareCase, methods: Sequence, *,
                     options: Mapping[str, Mapping] | None = None, threads: int | None = None,
                     mode: str = "joint", neighbours: int = 1, prior: float = 0.3,
                     window: int = 1, margin_px: int | None = None,
-                    progress: bool = False) -> Comparison:
+                    progress: bool = False, client=None) -> Comparison:
     """Align ``case.stack`` with every method and measure the results.
 
     Parameters
@@ -393,6 +393,8 @@ def compare_methods(case: CompareCase, methods: Sequence, *,
         Pixels left out at each edge in every metric; default ``min(H, W) // 16``.
     progress : bool
         Progress bars (tqdm, stderr) during the alignments.
+    client : dask.distributed.Client, optional
+        Joint mode: every method's pair registrations run on this client's workers.
 
     Returns
     -------
@@ -435,7 +437,8 @@ def compare_methods(case: CompareCase, methods: Sequence, *,
         try:
             result = align_stack(case.stack, method, spacing_xy=case.spacing_xy, mode=mode,
                                  neighbours=neighbours, prior=prior, window=window,
-                                 progress=progress)
+                                 progress=progress,
+                                 client=client if mode == "joint" else None)
             total = time.perf_counter() - t0
             rows = _evaluate(case, result.aligned, result.fields, margin_px=margin_px,
                              seconds=[r.get("seconds") or 0.0 for r in result.table])

@@ -79,14 +79,24 @@ def write_json(obj, path, *, overwrite: bool = True) -> None:
 
 # --- stacks and transforms --------------------------------------------------------------------
 
+def _write_one(writer, sections, k: int) -> int:
+    """Compute section ``k`` and write it (a task on a Dask worker: the worker that made the
+    section writes its chunks)."""
+    writer.write(k, sections[k])
+    return k
+
+
 def write_stack_sections(out, sections, *, shape_zyx, dtype=None, spacing_xyz=None,
                          unit: str | None = None, overwrite: bool = False, resume: bool = False,
-                         inputs=(), progress: bool = False) -> None:
+                         inputs=(), progress: bool = False, client=None) -> None:
     """Write a stack whose sections are computed on demand (``sections[k]``, float).
 
     A bare ``store.zarr`` is written as an OME-Zarr image one section at a time, resumably
-    (a lazy ``sections`` is never held whole); any other target is written at once, cast to
-    ``dtype`` (rounded and clipped) when given.
+    (a lazy ``sections`` is never held whole); with a Dask ``client`` each section is a task:
+    the worker that computes it writes its chunks into the store (a shared filesystem), and
+    a killed worker's section is computed and written again by another. A TIFF target is
+    written page by page; any other target at once, cast to ``dtype`` (rounded and clipped)
+    when given.
     """
     if io.is_ome_zarr_target(out):
         from tqdm.auto import tqdm
@@ -101,10 +111,24 @@ def write_stack_sections(out, sections, *, shape_zyx, dtype=None, spacing_xyz=No
             log.info("%s: %d of %d sections already written", out, z - len(missing), z)
         from .stack import show_rate
 
-        bar = tqdm(missing, desc="write", unit="section", disable=not progress)
-        for n, k in enumerate(bar, 1):
-            writer.write(k, sections[k])
-            show_rate(bar, n, int(shape_zyx[1]) * int(shape_zyx[2]))
+        px = int(shape_zyx[1]) * int(shape_zyx[2])
+        if client is not None and missing:
+            from dask.distributed import as_completed
+
+            bar = tqdm(total=len(missing), desc="write", unit="section",
+                       disable=not progress)
+            futures = [client.submit(_write_one, writer, sections, k, pure=False)
+                       for k in missing]
+            for fut in as_completed(futures):
+                fut.result()
+                bar.update(1)
+                show_rate(bar, bar.n, px)
+            bar.close()
+        else:
+            bar = tqdm(missing, desc="write", unit="section", disable=not progress)
+            for n, k in enumerate(bar, 1):
+                writer.write(k, sections[k])
+                show_rate(bar, n, px)
         writer.close()
         return
     from .io.tiff import TIFF_SUFFIXES
@@ -207,7 +231,7 @@ def write_dense_fields(fields_out, maps, grid, *, overwrite: bool = False) -> No
 def save_alignment(result, *, out=None, fields_out=None, transforms: bool = True,
                    overwrite: bool = False, inputs=(), dtype=None, spacing_xyz=None,
                    unit: str | None = None, resume: bool = False,
-                   progress: bool = False, dense_fields: bool = False) -> None:
+                   progress: bool = False, dense_fields: bool = False, client=None) -> None:
     """Write an alignment: the aligned stack, and the per-section transforms and tables.
 
     ``fields_out`` receives, for every section k:
@@ -256,7 +280,7 @@ def save_alignment(result, *, out=None, fields_out=None, transforms: bool = True
 
             aligned = AlignedSections(aligned.stack, aligned.maps, aligned.grid,
                                       order=aligned.order, dtype=dtype)
-        write_stack_sections(out, aligned, shape_zyx=(z, h, w), dtype=dtype,
+        write_stack_sections(out, aligned, shape_zyx=(z, h, w), dtype=dtype, client=client,
                              spacing_xyz=spacing_xyz, unit=unit, overwrite=overwrite,
                              resume=resume, inputs=inputs, progress=progress)
     overwrite = overwrite or resume

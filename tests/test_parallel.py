@@ -229,3 +229,39 @@ def test_elastix_failing_on_a_worker_is_flagged_and_the_stack_continues(tmp_path
     ok = [p for p in r.pairs if p["moving"] != 2]
     assert ok and not any(p["warnings"].startswith("registration failed") for p in ok)
     assert np.isfinite(r.fields).all() and r.aligned.shape == raw.shape
+
+
+def test_compare_on_workers_gives_the_serial_comparison(stack):
+    from hybridreg import compare
+
+    case = compare.make_case(stack, deform_seed=3)
+    serial = compare.compare_methods(case, [PhaseCorrelation()])
+    with cluster(2) as client:
+        parallel = compare.compare_methods(case, [PhaseCorrelation()], client=client)
+    a, b = serial.run("phasecorr"), parallel.run("phasecorr")
+    assert a.status == b.status == "ok"
+    np.testing.assert_array_equal(np.asarray(a.fields), np.asarray(b.fields))
+    assert [r["epe_mean_px"] for r in a.rows] == [r["epe_mean_px"] for r in b.rows]
+
+
+def test_workers_render_and_write_the_zarr_sections(stack, tmp_path):
+    """An OME-Zarr output written by the workers (each its own sections) is the one a single
+    process writes; so is `apply --workers`."""
+    from hybridreg import cli, io
+    from hybridreg.outputs import save_alignment
+
+    r = align_stack(stack, PhaseCorrelation())
+    save_alignment(r, out=tmp_path / "one.zarr", fields_out=tmp_path / "f", transforms=False)
+    with cluster(2) as client:
+        save_alignment(r, out=tmp_path / "two.zarr", client=client)
+    one = np.asarray(io.read_stack(tmp_path / "one.zarr").data)
+    assert np.array_equal(one, np.asarray(io.read_stack(tmp_path / "two.zarr").data))
+    assert not list(tmp_path.glob(".*.progress"))  # both complete
+    io.write_stack(tmp_path / "raw.tif", stack)
+    for name, extra in (("serial.zarr", []), ("workers.zarr", ["--workers", "2"])):
+        assert cli.main(["apply", str(tmp_path / "raw.tif"), "--fields", str(tmp_path / "f"),
+                         "--out", str(tmp_path / name), *extra]) == 0
+    assert np.array_equal(np.asarray(io.read_stack(tmp_path / "serial.zarr").data),
+                          np.asarray(io.read_stack(tmp_path / "workers.zarr").data))
+    assert cli.main(["apply", str(tmp_path / "raw.tif"), "--fields", str(tmp_path / "f"),
+                     "--out", str(tmp_path / "x.tif"), "--workers", "2"]) == 2
