@@ -23,11 +23,17 @@ Parallel: in joint mode the pairs are independent tasks; with a ``dask.distribut
 whose worker dies is rescheduled by Dask. Registrations are deterministic for a given method
 configuration (fix the method's thread count), so 1 or N workers give the same output.
 
-Resume: with a ``work_dir``, each pair's (or section's) field and table row are written there
+Transforms: every pair's and every section's transform is a coarse map on the run's
+:class:`hybridreg.fields.MapGrid` (nodes every ``stride`` px, 32 by default): a method's
+dense field is projected on the nodes as soon as it is found (a
+:class:`hybridreg.tiling.TiledMethod` builds the map tile by tile), the joint solve works on
+the maps, and aligned sections are rendered from them chunk by chunk
+(:func:`hybridreg.warp.render`).
+
+Resume: with a ``work_dir``, each pair's (or section's) map and table row are written there
 atomically as soon as they are done; a later call with the same ``work_dir`` loads them
 instead of registering again. Aligned sections are always computed from the stored float32
-fields with :func:`hybridreg.warp.warp`, so an interrupted and resumed run gives output
-identical to an uninterrupted one.
+maps, so an interrupted and resumed run gives output identical to an uninterrupted one.
 
 A registration that raises is not fatal: the pair is left out of the joint solve (sequential:
 the section keeps the transform of the one before it) and flagged in the table.
@@ -37,11 +43,13 @@ any array-like with ``shape``, ``dtype`` and ``stack[k]``, e.g. a zarr array). S
 then read when a pair needs them (a few are cached), a Dask worker given a
 :class:`hybridreg.io.LazySections` reads its own sections from the file, and the result's
 ``aligned`` is an :class:`AlignedSections` that warps a section when it is indexed;
-:func:`save_alignment` writes it to an OME-Zarr store section by section. Memory then holds
-the fields (``Z x 2 x H x W`` float32, which the joint solve needs at once) and a few
-sections, never the image volume. (A float stack is read once up front to check for NaN, and
-once more to fingerprint it when there is a ``work_dir``.) Sections too large to register
-whole: wrap the method in :class:`hybridreg.tiling.TiledMethod`.
+:func:`save_alignment` writes it to an OME-Zarr store (or a TIFF) section by section. Memory
+then holds the maps (``Z x 2 x H/S x W/S`` float32, which the joint solve needs at once), a
+few sections in their own dtype and one tile's work, never the image volume. (A float stack
+is read once up front to check for NaN, and once more to fingerprint it when there is a
+``work_dir``.) Sections too large to register whole: wrap the method in
+:class:`hybridreg.tiling.TiledMethod` (``hybridreg align`` does so by itself when they do not
+fit its memory limit).
 """
 from __future__ import annotations
 
