@@ -311,9 +311,9 @@ def write_registration(result, *, out, moving, fields_out=None, spacing_xy=(1.0,
     moving : hybridreg.io.Stack
         The moving section as read (its dtype and spacing are kept).
     fields_out : path, optional
-        ``section_0000.mha`` (the field) and a transformix chain under ``transformix/``:
-        elastix's own chain (and ``section_0000.h5``) for an elastix result, else one
-        deformation-field file.
+        ``section_0000.mha`` (the field), ``section_0000.h5`` (the ITK transform) and a
+        transformix chain under ``transformix/``: elastix's own chain for an elastix result,
+        else one deformation-field file.
 
     Returns
     -------
@@ -334,8 +334,10 @@ def write_registration(result, *, out, moving, fields_out=None, spacing_xy=(1.0,
         last = export_transformix_chain(er, fields_out / "transformix")
         write_itk_transform(fields_out / "section_0000.h5", er.transform)
         return last
-    from .elastix import export_field_chain  # any other field: one deformation-field file
+    # any other field: its ITK .h5 and a one-file deformation-field chain, as for elastix
+    from .elastix.export import export_field_chain, write_field_transform
 
+    write_field_transform(fields_out / "section_0000.h5", result.field, spacing_xy=spacing_xy)
     return export_field_chain(result.field, fields_out / "transformix", spacing_xy=spacing_xy,
                               field_file=io.field_path(fields_out, 0))
 

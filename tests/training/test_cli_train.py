@@ -47,6 +47,17 @@ def test_align_and_register_with_learned_methods(trained, capsys):
     assert run(["register", d / "a.tif", d / "b.tif", "--method", "ssemnet", "--model",
                 d / "ae.safetensors", "--out", d / "w.tif"]) == 0
     assert np.isfinite(io.read_stack(d / "w.tif").data).all()
+    # every method writes the same outputs: the field, its ITK .h5 and a transformix chain
+    # (issue 18, item 10)
+    assert run(["register", d / "a.tif", d / "b.tif", "--method", "learned", "--model",
+                d / "net.safetensors", "--out", d / "wl.tif", "--fields-out", d / "pl"]) == 0
+    import itk
+
+    u, _, _ = io.read_field(d / "pl" / "section_0000.mha")
+    t = itk.transformread(str(d / "pl" / "section_0000.h5"))[0]
+    np.testing.assert_array_equal(
+        np.moveaxis(itk.array_from_image(t.GetDisplacementField()), -1, 0), u)
+    assert (d / "pl" / "transformix" / "TransformParameters.0.txt").is_file()
 
 
 def test_finetune_and_errors(trained, capsys):
