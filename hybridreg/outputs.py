@@ -109,7 +109,7 @@ def write_stack_sections(out, sections, *, shape_zyx, dtype=None, spacing_xyz=No
         missing = writer.missing()
         if len(missing) < z:
             log.info("%s: %d of %d sections already written", out, z - len(missing), z)
-        from .stack import show_rate
+        from .stack import release_memory, show_rate
 
         px = int(shape_zyx[1]) * int(shape_zyx[2])
         if client is not None and missing:
@@ -129,6 +129,7 @@ def write_stack_sections(out, sections, *, shape_zyx, dtype=None, spacing_xyz=No
             for n, k in enumerate(bar, 1):
                 writer.write(k, sections[k])
                 show_rate(bar, n, px)
+                release_memory(n)
         writer.close()
         return
     from .io.tiff import TIFF_SUFFIXES
@@ -152,6 +153,9 @@ class _CastSections:
         self.dtype = np.dtype(sections.dtype if dtype is None else dtype)
 
     def __getitem__(self, k):
+        from .stack import release_memory
+
+        release_memory(int(k) + 1)
         return io.cast_to_dtype(np.asarray(self.sections[k]), self.dtype)
 
 
@@ -295,8 +299,11 @@ def save_alignment(result, *, out=None, fields_out=None, transforms: bool = True
         write_table_csv(result.pairs, fields_out / "pairs.csv", overwrite=True)
     if not transforms:
         return
+    from .stack import release_memory
+
     for k, m in enumerate(result.maps):
         write_transforms(fields_out, k, m, grid=result.grid, order=result.order)
+        release_memory(k + 1)
 
 
 def write_registration(result, *, out, moving, fields_out=None, spacing_xy=(1.0, 1.0),

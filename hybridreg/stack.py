@@ -636,6 +636,33 @@ def _bar(iterable, *, desc, progress, total=None, unit="pair"):
     return tqdm(iterable, desc=desc, unit=unit, total=total, disable=not progress)
 
 
+_LIBC = None
+
+
+def release_memory(done: int, every: int = 16) -> None:
+    """Every ``every`` items of a long loop, hand freed heap memory back to the system
+    (glibc's ``malloc_trim``; nothing elsewhere).
+
+    A long run frees and allocates sections, fields and tiles over and over; glibc keeps the
+    freed pieces, and the peak resident memory then grew with the number of sections (1000
+    sections of 512^2 took 23% more than 50). Trimming keeps it to what one item needs.
+    """
+    global _LIBC
+    if done % every:
+        return
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = libc if hasattr(libc, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
 def show_rate(bar, done: int, px_per_item: int) -> None:
     """Put the throughput in Mpx/s (pixels of the items done) after a progress bar's rate."""
     elapsed = bar.format_dict.get("elapsed") or 0.0
@@ -702,6 +729,7 @@ def _align_sequential(raw, method, *, grid, work, order, progress, window, drift
                 work.save(name, fields[k], row)
         table.append(row)
         show_rate(bar, k, h * w)
+        release_memory(k)
         if (warped is not None and getattr(method, "warped_order", None) == order
                 and np.shape(warped) == (h, w)):
             # the method resampled the section as this chain would: reuse it
@@ -752,6 +780,7 @@ def _align_joint(raw, method, *, grid, work, order, progress, neighbours, prior,
             finished((i, j), *_register(method, raw[i], raw[j], [], what=f"pair {i}-{j}",
                                         **kwargs))
             show_rate(bar, n, h * w)
+            release_memory(n)
     else:
         _run_on_client(client, method, raw, todo, kwargs, finished,
                        bar=_bar(None, desc=desc, progress=progress, total=len(todo)))
@@ -861,6 +890,7 @@ def _run_on_client(client, method, raw, todo, kwargs, finished, *, bar) -> None:
     for fut in done:
         finished(futures.pop(fut), *fut.result())
         bar.update(1)
+        release_memory(bar.n)
         show_rate(bar, bar.n, int(np.prod(raw.stack.shape[1:] if isinstance(raw, _SectionCache)
                                           else raw.shape[1:])))
         room = limit() - len(futures)
