@@ -599,7 +599,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hybridreg {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (-vv for debug)")
+    # -q and --log on the top level and on every command (before or after its name); the
+    # commands' copies default to SUPPRESS so that they never clobber the top level's
+    for target, default in ((parser, None), (common := argparse.ArgumentParser(
+            add_help=False), argparse.SUPPRESS)):
+        target.add_argument("-q", "--quiet", action="store_true",
+                            default=False if default is None else default,
+                            help="print errors only: no progress bars, no summary lines")
+        target.add_argument("--log", metavar="FILE", default=default,
+                            help="also write the log (INFO, or DEBUG with -vv) to FILE, "
+                                 "appended, with times")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: add_parser(*a, parents=[common], **k)
 
     p = sub.add_parser("phantom", help="write a procedural serial-EM phantom stack",
                        description="Write a procedural serial-EM phantom: sections cut through a "
@@ -876,22 +888,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setup_logging(args) -> list:
+    """Console logging (-v, -q) and the --log file; returns the handlers added here."""
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    if args.quiet:
+        level = logging.ERROR
+    root = logging.getLogger()
+    added = []
+    console = logging.StreamHandler()
+    console.setLevel(level)
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    added.append(console)
+    file_level = logging.DEBUG if args.verbose > 1 else logging.INFO
+    if args.log:
+        handler = logging.FileHandler(args.log, encoding="utf-8")
+        handler.setLevel(file_level)
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        added.append(handler)
+    for h in added:
+        root.addHandler(h)
+    root.setLevel(min(level, file_level) if args.log else level)
+    return added
+
+
 def main(argv=None) -> int:
+    import contextlib
+
+    from . import __version__
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    handlers = _setup_logging(args)
+    log.info("hybridreg %s: %s", __version__, " ".join(sys.argv[:1] + [str(a) for a in (
+        argv if argv is not None else sys.argv[1:])]))
+    if args.quiet and hasattr(args, "no_progress"):
+        args.no_progress = True
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_THREADER", "Pool")
     try:
-        return args.func(args)
+        with contextlib.ExitStack() as stack:
+            if args.quiet:
+                stack.enter_context(contextlib.redirect_stdout(
+                    stack.enter_context(open(os.devnull, "w"))))
+            return args.func(args)
     except (CLIError, ValueError, FileNotFoundError, FileExistsError) as exc:
         if args.verbose > 1:
             raise
+        for h in handlers[1:]:  # the --log file: the console gets the line below
+            h.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0,
+                                    "hybridreg %s: error: %s", (args.command, exc), None))
         print(f"hybridreg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        for h in handlers:
+            logging.getLogger().removeHandler(h)
+            h.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -173,3 +173,24 @@ def test_hybrid_preset_option():
                               "--method", "elastix", "--preset", "fast"])
     with pytest.raises(cli.CLIError, match="--preset is for --method hybrid"):
         cli._method(args)
+
+
+def test_quiet_and_log_file(tmp_path, capsys):
+    """-q prints nothing but errors; --log FILE keeps the INFO log with times, before or
+    after the command's name (issue 18, item 14)."""
+    log = tmp_path / "run.log"
+    assert run(["phantom", "--out", tmp_path / "p.tif", "--sections", 3, "--size", 32, 32,
+                "-q", "--log", log]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and err == ""
+    text = log.read_text()
+    assert "INFO" in text and "wrote" in text and "phantom" in text
+    # an error: on stderr (one line) and in the log file
+    assert run(["-q", "--log", log, "phantom", "--out", tmp_path / "p.tif", "--sections", 3,
+                "--size", 32, 32]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "exists" in err and err.count("\n") == 1
+    assert "error" in log.read_text().splitlines()[-1]
+    # without -q the summary is printed
+    assert run(["phantom", "--out", tmp_path / "q.tif", "--sections", 3, "--size", 32, 32]) == 0
+    assert capsys.readouterr().out
