@@ -595,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hybridreg",
         description="Learned, iterative and hybrid registration of serial-section EM stacks.",
         epilog="Stacks: multi-page TIFF, a folder of TIFF/PNG sections, HDF5 "
-               "(file.h5:/dataset) or zarr. Fields: one .mha per section, DIR/section_0000.mha.")
+               "(file.h5:/dataset), zarr, and to read .mha/.mhd/.nrrd/.nii(.gz). Fields: one .mha per section, DIR/section_0000.mha.")
     parser.add_argument("--version", action="version", version=f"hybridreg {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (-vv for debug)")

@@ -24,6 +24,9 @@ Stacks
         ``store.zarr`` is written as an OME-Zarr image, ``store.zarr:/group/array`` as a
         plain array (:mod:`hybridreg.io.zarr`). :class:`SectionWriter` writes such an image
         one section at a time, resumably.
+    ``stack.mha`` / ``.mhd`` / ``.nrrd`` / ``.nhdr`` / ``.nii`` / ``.nii.gz`` (read only)
+        An ITK image, 3D (one section per slice) or 2D, with its spacing; vector images and
+        non-identity directions are refused (:mod:`hybridreg.io.itkfiles`).
 
     ``read_stack(path, lazy=True)`` reads nothing but the metadata: its ``data`` is a
     :class:`LazySections` that reads (and checks) one section when it is indexed, so a volume

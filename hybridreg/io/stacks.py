@@ -17,6 +17,7 @@ from .base import (LazySections, Stack, StackError, as_spacing_xyz, canonical_dt
                    check_shape, split_spec, validate_stack)
 from .folder import FolderSource, read_folder, write_folder
 from .hdf5 import HDF5_SUFFIXES, H5Source, read_hdf5, write_hdf5
+from .itkfiles import ITKImageSource, is_itk_image, read_itk_image
 from .resume import SectionWriter, progress_dir, read_manifest, start_progress
 from .tiff import TIFF_SUFFIXES, TiffSource, read_tiff, write_tiff
 from .zarr import (ZARR_SUFFIXES, ZarrSource, is_ome_zarr_target, is_zarr, ome_create,
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 __all__ = ["read_stack", "write_stack", "open_section_writer"]
 
 _FORMATS = ("'.tif'/'.tiff' (multi-page TIFF), '.h5'/'.hdf5'/'.hdf'[:/dataset], "
-            "'.zarr'[:/array], or a folder (an existing folder or a path ending in '/')")
+            "'.zarr'[:/array], a folder (an existing folder or a path ending in '/'), or "
+            "for reading an ITK image ('.mha', '.mhd', '.nrrd', '.nhdr', '.nii', '.nii.gz')")
 
 
 def read_stack(path, *, lazy: bool = False) -> Stack:
@@ -75,6 +77,8 @@ def read_stack(path, *, lazy: bool = False) -> Stack:
             source, spacing = FolderSource.open(file)
         elif suffix in TIFF_SUFFIXES:
             source, spacing = TiffSource.open(file)
+        elif is_itk_image(file):
+            source, spacing = ITKImageSource.open(file)
         else:
             raise StackError(f"'{file}': unknown stack format {suffix!r}; expected {_FORMATS}")
         data = LazySections(source)
@@ -88,6 +92,9 @@ def read_stack(path, *, lazy: bool = False) -> Stack:
         where = f"'{file}'"
     elif suffix in TIFF_SUFFIXES:
         data, spacing = read_tiff(file)
+        where = f"'{file}'"
+    elif is_itk_image(file):
+        data, spacing = read_itk_image(file)
         where = f"'{file}'"
     else:
         raise StackError(f"'{file}': unknown stack format {suffix!r}; expected {_FORMATS}")
