@@ -11,7 +11,8 @@ Stacks
 
     ``stack.tif`` / ``stack.tiff``
         Multi-page TIFF, one page per section, written as an ImageJ hyperstack
-        (:mod:`hybridreg.io.tiff`).
+        (:mod:`hybridreg.io.tiff`); ``stack.ome.tif`` is written as OME-TIFF with the
+        spacing as OME's ``PhysicalSizeX/Y/Z`` (and read back with it).
     a folder
         2D images (``*.tif``, ``*.tiff``, ``*.png``), one per section, in natural order;
         written as ``section_0000.tif``, ... A folder to write is an existing folder or a

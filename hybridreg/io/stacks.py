@@ -169,7 +169,8 @@ def write_stack(path, data, *, spacing_xyz=None, unit: str | None = None,
     refuse_inputs(file, inner, inputs, text)
     if kind == "tiff":
         with atomic_output(file, overwrite=overwrite) as tmp:
-            write_tiff(tmp, arr, spacing)
+            write_tiff(tmp, arr, spacing,
+                       ome=file.name.lower().endswith((".ome.tif", ".ome.tiff")))
     elif kind == "folder":
         write_folder(file, arr, spacing, overwrite=overwrite)
     elif kind == "hdf5":

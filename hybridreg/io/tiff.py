@@ -23,7 +23,23 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 _COLOUR_PHOTOMETRIC = ("RGB", "PALETTE", "YCBCR", "SEPARATED", "CIELAB", "ICCLAB", "ITULAB")
 
 
+def _ome_spacing(tif) -> tuple[float, float, float] | None:
+    """PhysicalSizeX/Y/Z of an OME-TIFF's first image (1.0 where absent), or None."""
+    import tifffile
+
+    try:
+        pixels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+        pixels = (pixels[0] if isinstance(pixels, list) else pixels)["Pixels"]
+        return tuple(float(pixels.get(f"PhysicalSize{a}", 1.0)) for a in "XYZ")
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+
+
 def _tiff_spacing(tif, page) -> tuple[float, float, float]:
+    if tif.is_ome:
+        ome = _ome_spacing(tif)
+        if ome is not None:
+            return ome
     sx = sy = sz = 1.0
     ij = tif.imagej_metadata if tif.is_imagej else None
     unit_tag = page.tags.get("ResolutionUnit")
@@ -124,8 +140,9 @@ class TiffSource(SectionSource):
         return self._handle.series[0].asarray().reshape(self.shape)[k]
 
 
-def write_tiff(path: Path, arr: np.ndarray, spacing) -> None:
-    """Write ``arr`` ((Z,) H, W) as an ImageJ TIFF with spacing ``(x, y, z)``, in place.
+def write_tiff(path: Path, arr: np.ndarray, spacing, *, ome: bool = False) -> None:
+    """Write ``arr`` ((Z,) H, W) as an ImageJ TIFF with spacing ``(x, y, z)``, in place;
+    with ``ome`` an OME-TIFF (OME-XML ``PhysicalSizeX/Y/Z``; what ``.ome.tif`` paths get).
 
     ``arr`` may be a lazy stack (``shape``, ``dtype``, ``arr[k]``, e.g. an aligned stack
     computed on demand): its sections are then computed and written one page at a time.
@@ -133,8 +150,17 @@ def write_tiff(path: Path, arr: np.ndarray, spacing) -> None:
     import tifffile
 
     sx, sy, sz = spacing
-    kw = dict(resolution=(1.0 / sx, 1.0 / sy),
-              metadata={"spacing": sz, "axes": "ZYX" if len(arr.shape) == 3 else "YX"})
+    axes = "ZYX" if len(arr.shape) == 3 else "YX"
+    if ome:  # OME-TIFF: OME-XML with the physical sizes; BigTIFF past 4 GB
+        shape, dtype = tuple(arr.shape), np.dtype(arr.dtype)
+        data = arr if isinstance(arr, np.ndarray) else (
+            np.asarray(arr[k], dtype) for k in range(shape[0]))
+        tifffile.imwrite(path, data=data, shape=shape, dtype=dtype, ome=True,
+                         bigtiff=int(np.prod(shape)) * dtype.itemsize > 2 ** 32 - 2 ** 25,
+                         metadata={"axes": axes, "PhysicalSizeX": sx, "PhysicalSizeY": sy,
+                                   "PhysicalSizeZ": sz})
+        return
+    kw = dict(resolution=(1.0 / sx, 1.0 / sy), metadata={"spacing": sz, "axes": axes})
     if isinstance(arr, np.ndarray):
         tifffile.imwrite(path, arr, imagej=True, **kw)
         return

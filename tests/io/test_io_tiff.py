@@ -35,3 +35,27 @@ def test_rgb_tiff(tmp_path):
     tifffile.imwrite(path, np.zeros((2, 8, 9, 3), np.uint8), photometric="rgb")
     with pytest.raises(StackError, match=esc(path) + ".*colour.*RGB.*grayscale"):
         read_stack(path)
+
+
+def test_ome_tiff_is_written_with_its_physical_sizes(tmp_path):
+    """A `.ome.tif` path gets OME-TIFF (OME-XML PhysicalSizeX/Y/Z), read back with its
+    spacing, eagerly, lazily, and from a lazy stack written page by page (issue 18,
+    item 12)."""
+    from hybridreg.fields import MapGrid
+    from hybridreg.stack import AlignedSections
+
+    a = (np.random.default_rng(0).random((3, 20, 30)) * 255).astype(np.uint8)
+    write_stack(tmp_path / "s.ome.tif", a, spacing_xyz=(4.0, 4.5, 50.0))
+    with tifffile.TiffFile(tmp_path / "s.ome.tif") as tif:
+        assert tif.is_ome and not tif.is_imagej
+    for lazy in (False, True):
+        s = read_stack(tmp_path / "s.ome.tif", lazy=lazy)
+        assert s.spacing_xyz == (4.0, 4.5, 50.0)
+        np.testing.assert_array_equal(np.asarray(s.data), a)
+    grid = MapGrid((20, 30), stride=8)
+    sections = AlignedSections(a, np.zeros((3, 2) + grid.node_shape, np.float32), grid,
+                               dtype=np.uint8)
+    write_stack(tmp_path / "lazy.ome.tiff", sections, spacing_xyz=(4.0, 4.5, 50.0))
+    back = read_stack(tmp_path / "lazy.ome.tiff")
+    assert back.spacing_xyz == (4.0, 4.5, 50.0)
+    np.testing.assert_array_equal(back.data, a)
