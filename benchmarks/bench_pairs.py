@@ -85,6 +85,19 @@ def make_pair(raw: np.ndarray, k: int, kind: str, strength: str, seed: int):
     return raw[k].astype(np.float32), moving.astype(np.float32), refs, d.recovery
 
 
+def load_stack(stack_name: str, margin: int):
+    """``(raw, interior mask)`` of one of :data:`STACKS` (its central crop), or None (with a
+    line saying so) when its file is not there."""
+    path, crop = STACKS[stack_name]
+    if not path.is_file():
+        print(f"{stack_name}: {path} not found, skipped")
+        return None
+    raw = io.read_stack(path).data
+    if crop:
+        raw, _ = central_crop(raw, None, crop)
+    return raw, metrics.interior_mask(raw.shape[1:], margin_px=margin)
+
+
 def pair_figures(u: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict:
     err = np.hypot(*(u - truth))[mask]
     det = fields.jacobian_determinant(u)[mask]
@@ -109,14 +122,10 @@ def main(argv=None):
     methods = {spec: build(spec, args.threads, args.model) for spec in args.methods}
     results: dict = {}
     for stack_name in args.stacks:
-        path, crop = STACKS[stack_name]
-        if not path.is_file():
-            print(f"{stack_name}: {path} not found, skipped")
+        loaded = load_stack(stack_name, args.margin)
+        if loaded is None:
             continue
-        raw = io.read_stack(path).data
-        if crop:
-            raw, _ = central_crop(raw, None, crop)
-        mask = metrics.interior_mask(raw.shape[1:], margin_px=args.margin)
+        raw, mask = loaded
         ks = pair_sections(raw.shape[0], args.pairs)
         for kind in args.kinds:
             for strength in args.strengths:

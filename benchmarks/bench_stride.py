@@ -27,12 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from hybridreg import io, metrics  # noqa: E402
+from hybridreg import io  # noqa: E402
 from hybridreg.fields import MapGrid  # noqa: E402
 
-from bench_elastix import central_crop, run_meta, write_results  # noqa: E402
+from bench_elastix import run_meta, write_results  # noqa: E402
 from bench_methods import build  # noqa: E402
-from bench_pairs import STACKS, make_pair, pair_figures, pair_sections  # noqa: E402
+from bench_pairs import STACKS, load_stack, make_pair, pair_figures, pair_sections  # noqa: E402
 
 
 def map_bytes(m: np.ndarray, grid: MapGrid) -> int:
@@ -66,14 +66,10 @@ def main(argv=None):
     methods = {spec: build(spec, args.threads, None) for spec in args.methods}
     acc: dict = {}
     for stack_name in args.stacks:
-        path, crop = STACKS[stack_name]
-        if not path.is_file():
-            print(f"{stack_name}: {path} not found, skipped")
+        loaded = load_stack(stack_name, args.margin)
+        if loaded is None:
             continue
-        raw = io.read_stack(path).data
-        if crop:
-            raw, _ = central_crop(raw, None, crop)
-        mask = metrics.interior_mask(raw.shape[1:], margin_px=args.margin)
+        raw, mask = loaded
         for kind in args.kinds:
             for strength in args.strengths:
                 for k in pair_sections(raw.shape[0], args.pairs):

@@ -658,7 +658,3 @@ class MapGrid:
             return np.asarray(m, np.float32)
         q = self.quantum()
         return (np.round(np.asarray(m, np.float64) / q) * q).astype(np.float32)
-
-    def pixels_of(self, m: np.ndarray) -> np.ndarray:
-        """The map's displacements in the section's pixels (``to_pixels`` of the section)."""
-        return to_pixels(m, self.spacing_xy)

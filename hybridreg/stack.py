@@ -142,21 +142,6 @@ class DenseFields(SectionSequence):
     def section(self, k: int) -> np.ndarray:
         return self.grid.dense(self.maps[int(k)])
 
-    def __getitem__(self, key):
-        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-            return self.section(range(self.shape[0])[key])
-        rest = ()
-        if isinstance(key, tuple):
-            key, rest = (key[0], key[1:]) if key else (slice(None), ())
-        if isinstance(key, (int, np.integer)):
-            return self.section(range(self.shape[0])[key])[rest]
-        ks = range(self.shape[0])[slice(None) if key is Ellipsis else key]
-        return np.stack([self.section(k)[rest] for k in ks]) if len(ks) else np.zeros(
-            (0, 2) + self.grid.shape_yx, np.float32)
-
-    def __iter__(self):
-        return (self.section(k) for k in range(self.shape[0]))
-
 
 class AlignedSections(SectionSequence):
     """The aligned stack of a lazy input, warped one section at a time on demand.
@@ -208,16 +193,6 @@ class AlignedSections(SectionSequence):
         raw = np.asarray(self.stack[int(k)])
         return render(raw, self.maps[int(k)], self.grid, order=self.order, dtype=self.dtype)
 
-    def __getitem__(self, key):
-        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-            return self.section(range(self.shape[0])[key])
-        rest = ()
-        if isinstance(key, tuple):
-            key, rest = (key[0], key[1:]) if key else (slice(None), ())
-        if isinstance(key, (int, np.integer)):
-            return self.section(range(self.shape[0])[key])[rest]
-        ks = range(self.shape[0])[slice(None) if key is Ellipsis else key]
-        return np.stack([self.section(k)[rest] for k in ks])
 
 
 def _is_lazy(stack) -> bool:
@@ -439,12 +414,9 @@ def _pair_ncc(fixed, moving, m, grid: MapGrid) -> float | None:
         u = resample(m, spacing_xy=grid.node_spacing_xy, origin_xy=grid.node_origin_xy,
                      to_shape_yx=fixed.shape, to_spacing_xy=spacing, to_origin_xy=origin)
         warped, valid = warp(moving, u, spacing_xy=spacing)
-    else:
+    else:  # the dense field once: the warp and where it samples inside the section
         fixed = np.asarray(fixed, np.float32)
-        warped = render(moving, m, grid)
-        u = grid.dense(m)
-        valid = warp_valid(u, grid.spacing_xy)
-        del u
+        warped, valid = warp(moving, grid.dense(m), spacing_xy=grid.spacing_xy)
     mask = valid
     for section in (fixed, warped):
         m = content_mask(section)
@@ -483,12 +455,6 @@ def _similarity_weights(rows: dict) -> dict:
         weights[(i, j)] = (float(np.clip(r["ncc"] / ref, 0.0, 1.0)) ** 2
                            if r.get("ncc") is not None else 0.0)
     return weights
-
-
-def warp_valid(u, spacing_xy):
-    from .warp import valid_mask
-
-    return valid_mask(u, spacing_xy=spacing_xy)
 
 
 # --- alignment -------------------------------------------------------------------------------

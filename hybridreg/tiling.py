@@ -210,8 +210,6 @@ def downsample(section: np.ndarray, f: int, *, chunk_px: int = 1 << 22) -> np.nd
     return out
 
 
-_downsample = downsample
-
 
 class TiledMethod:
     """Register large sections coarse-then-fine over overlapping, blended tiles.
@@ -285,25 +283,13 @@ class TiledMethod:
 
     def _coarse(self, fixed, moving, refs, spacing, origin):
         """The coarse field on the full grid, or None (with a warning) when it failed."""
-        h, w = fixed.shape
-        f = max(1, math.ceil(max(h, w) / self.coarse_px))
-        sx, sy = spacing
-        c_spacing = (sx * f, sy * f)
-        c_origin = (origin[0] + (f - 1) / 2 * sx, origin[1] + (f - 1) / 2 * sy)
-        small = [_downsample(a, f) for a in (fixed, moving, *refs)]
-        info = {"factor": f, "shape_yx": small[0].shape}
-        try:
-            res = self.method.register(small[0], small[1], references=small[2:],
-                                       spacing_xy=c_spacing, origin_xy=c_origin)
-            u_c = validate_field(res.field, name="coarse field", shape_yx=small[0].shape)
-        except Exception as exc:
-            msg = f"coarse pass (1/{f}) failed: {type(exc).__name__}: {exc}"
-            log.warning("%s", msg)
-            return None, dict(info, status="failed", warnings=msg), [msg]
-        full = resample(u_c, spacing_xy=c_spacing, origin_xy=c_origin, to_shape_yx=(h, w),
-                        to_spacing_xy=spacing, to_origin_xy=origin)
-        info.update(status="ok", metric=res.metric, warnings="; ".join(res.warnings))
-        return full, info, [f"coarse: {x}" for x in res.warnings]
+        u_c, c_spacing, c_origin, info, warnings = self._coarse_small(
+            fixed, moving, refs, spacing, origin, check=False)
+        if u_c is None:
+            return None, info, warnings
+        full = resample(u_c, spacing_xy=c_spacing, origin_xy=c_origin,
+                        to_shape_yx=fixed.shape, to_spacing_xy=spacing, to_origin_xy=origin)
+        return full, info, warnings
 
     def _tiles(self, fixed, moving, refs, spacing, origin):
         """Register every tile; returns the tile rows (with their fields) and warnings."""
@@ -357,18 +343,8 @@ class TiledMethod:
         if len(missing) == len(rows):
             raise RuntimeError("no tile could be registered (all blank, mostly empty or "
                                "failed) and there is no coarse pass to fall back on")
-        means = {k: r["field"].mean(axis=(1, 2)) for k, r in grid.items()
-                 if r["field"] is not None}
-        while len(means) < len(grid):
-            new = {}
-            for (a, b) in grid:
-                if (a, b) in means:
-                    continue
-                near = [means[(a + da, b + db)] for da in (-1, 0, 1) for db in (-1, 0, 1)
-                        if (a + da, b + db) in means]
-                if near:
-                    new[(a, b)] = np.mean(near, axis=0)
-            means.update(new)
+        means = _fill_means({k: r["field"].mean(axis=(1, 2)) for k, r in grid.items()
+                             if r["field"] is not None}, list(grid))
         for r in missing:
             shape = (r["y1"] - r["y0"], r["x1"] - r["x0"])
             r["field"] = np.broadcast_to(means[r["tile"]].astype(np.float32)[:, None, None],
@@ -390,9 +366,9 @@ class TiledMethod:
 
     # --- coarse maps, tile by tile (sections of any size) ------------------------------------
 
-    def _coarse_small(self, fixed, moving, refs, spacing, origin):
+    def _coarse_small(self, fixed, moving, refs, spacing, origin, *, check: bool = True):
         """The coarse pass on its own grid: ``(u_c, c_spacing, c_origin, info, warnings)``,
-        ``u_c`` None when it failed."""
+        ``u_c`` None when it failed (or, with ``check``, matched worse than none)."""
         h, w = fixed.shape
         f = max(1, math.ceil(max(h, w) / self.coarse_px))
         sx, sy = spacing
@@ -408,6 +384,10 @@ class TiledMethod:
             msg = f"coarse pass (1/{f}) failed: {type(exc).__name__}: {exc}"
             log.warning("%s", msg)
             return None, c_spacing, c_origin, dict(info, status="failed", warnings=msg), [msg]
+        info.update(status="ok", metric=res.metric, warnings="; ".join(res.warnings))
+        warnings = [f"coarse: {x}" for x in res.warnings]
+        if not check:
+            return u_c, c_spacing, c_origin, info, warnings
         # a method outside its range at this scale (a network trained at full resolution,
         # on sections reduced 16 times) can return a field that matches worse than none:
         # pre-warping every tile with it would throw the tiles out of their own range
@@ -419,8 +399,7 @@ class TiledMethod:
                    f"(NCC {before:.3f} -> {after if after is None else round(after, 3)})")
             log.info("%s", msg)
             return None, c_spacing, c_origin, dict(info, status="rejected", warnings=msg), []
-        info.update(status="ok", metric=res.metric, warnings="; ".join(res.warnings))
-        return u_c, c_spacing, c_origin, info, [f"coarse: {x}" for x in res.warnings]
+        return u_c, c_spacing, c_origin, info, warnings
 
     def register_map(self, fixed: np.ndarray, moving: np.ndarray, grid, *,
                      references: Sequence[np.ndarray] = ()) -> RegistrationResult:

@@ -14,24 +14,9 @@ from hybridreg.fields import MapGrid
 from hybridreg.warp import render, warp
 
 from helpers import smooth_field, smooth_texture
+from test_fields import ORIGIN, SPACING, itk_resample  # ITK's own warp, on this grid
 
-SPACING = (0.7, 1.3)   # non-unit, anisotropic
-ORIGIN = (5.0, -3.0)   # non-zero
 SHAPE = (150, 203)     # neither a multiple of the stride
-
-
-def itk_resample(moving, transform):
-    import itk
-
-    img = itk.image_from_array(np.ascontiguousarray(moving, np.float64))
-    img.SetSpacing(SPACING)
-    img.SetOrigin(ORIGIN)
-    image_type = type(img)
-    res = itk.ResampleImageFilter[image_type, image_type].New(
-        Input=img, Transform=transform, ReferenceImage=img, UseReferenceImage=True,
-        DefaultPixelValue=0.0)
-    res.Update()
-    return itk.array_from_image(res.GetOutput()).astype(np.float32)
 
 
 @pytest.fixture(scope="module")

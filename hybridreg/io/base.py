@@ -211,10 +211,29 @@ class SectionSource:
 
 
 class SectionSequence:
-    """Iteration and ``numpy.asarray`` for stacks that produce a section when indexed.
+    """Indexing, iteration and ``numpy.asarray`` for stacks that produce a section when
+    indexed.
 
-    Subclasses define ``shape``, ``section(k)`` and ``__getitem__`` (with slices).
+    Subclasses define ``shape``, ``dtype`` and ``section(k)``: ``seq[k]`` is ``section(k)``,
+    a slice, an index array or a tuple index computes the sections it selects (and indexes
+    into each with the rest of the tuple).
     """
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            return self.section(key)
+        rest = ()
+        if isinstance(key, tuple):
+            key, rest = (key[0], key[1:]) if key else (slice(None), ())
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            return self.section(key)[rest]
+        if key is Ellipsis:
+            key = slice(None)
+        ks = range(self.shape[0])[key] if isinstance(key, slice) else np.asarray(key)
+        out = [self.section(int(k))[rest] for k in ks]
+        if not out:
+            return np.empty((0,) + self.shape[1:], self.dtype)[(slice(None),) + rest]
+        return np.stack(out)
 
     def __iter__(self):
         for k in range(self.shape[0]):
@@ -277,22 +296,6 @@ class LazySections(SectionSequence):
         if self.dtype.kind == "f" and not np.isfinite(arr).all():
             raise StackError(f"{self.where}: contains NaN or infinite values in section {k}")
         return arr
-
-    def __getitem__(self, key):
-        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-            return self.section(key)
-        rest = ()
-        if isinstance(key, tuple):
-            key, rest = (key[0], key[1:]) if key else (slice(None), ())
-        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-            return self.section(key)[rest]
-        if key is Ellipsis:
-            key = slice(None)
-        ks = range(self.shape[0])[key] if isinstance(key, slice) else np.asarray(key)
-        out = [self.section(int(k))[rest] for k in ks]
-        if not out:
-            return np.empty((0,) + self.shape[1:], self.dtype)[(slice(None),) + rest]
-        return np.stack(out)
 
     def __repr__(self) -> str:
         return (f"LazySections({self.where}, shape_zyx={self.shape}, dtype={self.dtype}, "
