@@ -5,9 +5,9 @@ field a method finds for a pair is projected on nodes every S pixels (least squa
 bilinear between them. This measures, on the pair protocol of bench_pairs.py (same pairs,
 same truth), each method's mean endpoint error with its dense field (S = 1) and with its map
 at each stride, the mean distance between the map and the dense field (what the map loses),
-and the folded fraction; next to it the bytes a map takes on disk per pixel (the section's
-``.mha`` and ``.h5`` as :func:`hybridreg.outputs.save_alignment` writes them, measured on
-the maps found here).
+and the folded fraction; next to it the bytes a map takes on disk per pixel (every file
+:func:`hybridreg.outputs.save_alignment` writes for a section, measured on the maps found
+here).
 
 Usage (from the repository root)::
 
@@ -27,7 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from hybridreg import io  # noqa: E402
 from hybridreg.fields import MapGrid  # noqa: E402
 
 from bench_elastix import run_meta, write_results  # noqa: E402
@@ -36,16 +35,15 @@ from bench_pairs import STACKS, load_stack, make_pair, pair_figures, pair_sectio
 
 
 def map_bytes(m: np.ndarray, grid: MapGrid) -> int:
-    """Bytes of one section's map on disk: its ``.mha`` and its ITK ``.h5``."""
-    from hybridreg.elastix import write_itk_transform
-    from hybridreg.fields import to_itk_transform
+    """Bytes of one section's map on disk, written as a stack alignment writes it
+    (:func:`hybridreg.outputs.write_maps` and :func:`~hybridreg.outputs.write_transforms`):
+    its ``.mha``, ``.h5``, transformix chain and the run's ``grid.json``."""
+    from hybridreg.outputs import write_maps, write_transforms
 
     with tempfile.TemporaryDirectory() as tmp:
-        mha, h5 = Path(tmp) / "m.mha", Path(tmp) / "m.h5"
-        io.write_field(mha, m, spacing_xy=grid.node_spacing_xy, origin_xy=grid.origin_xy)
-        write_itk_transform(h5, to_itk_transform(m, spacing_xy=grid.node_spacing_xy,
-                                                 origin_xy=grid.origin_xy))
-        return mha.stat().st_size + h5.stat().st_size
+        write_maps(tmp, grid.quantize(m)[None], grid)
+        write_transforms(tmp, 0, grid.quantize(m), grid=grid)
+        return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
 
 
 def main(argv=None):
