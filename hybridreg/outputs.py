@@ -82,7 +82,7 @@ def write_json(obj, path, *, overwrite: bool = True) -> None:
 def _write_one(writer, sections, k: int) -> int:
     """Compute section ``k`` and write it (a task on a Dask worker: the worker that made the
     section writes its chunks)."""
-    writer.write(k, sections[k])
+    writer.write(k, io.section_of(sections, k, itemsize=4))
     return k
 
 
@@ -127,7 +127,7 @@ def write_stack_sections(out, sections, *, shape_zyx, dtype=None, spacing_xyz=No
         else:
             bar = tqdm(missing, desc="write", unit="section", disable=not progress)
             for n, k in enumerate(bar, 1):
-                writer.write(k, sections[k])
+                writer.write(k, io.section_of(sections, k, itemsize=4))
                 show_rate(bar, n, px)
                 release_memory(n)
         writer.close()
@@ -157,6 +157,18 @@ class _CastSections:
 
         release_memory(int(k) + 1)
         return io.cast_to_dtype(np.asarray(self.sections[k]), self.dtype)
+
+    def plane(self, k):
+        """Section ``k`` region by region, cast (what large TIFF pages are written from)."""
+        from .stack import release_memory
+
+        release_memory(int(k) + 1)
+        plane = io.section_of(self.sections, k, itemsize=4)
+
+        def region(ys, xs):
+            return io.cast_to_dtype(np.asarray(plane[ys, xs]), self.dtype)
+
+        return io.SectionPlane(region, self.shape[1:], self.dtype, f"section {k}")
 
 
 def write_transforms(fields_out, k: int, u: np.ndarray, *, spacing_xy=None, origin_xy=None,

@@ -63,7 +63,7 @@ from pathlib import Path
 import numpy as np
 
 from .fields import DEFAULT_STRIDE, MapGrid, validate_field
-from .io import SectionSequence
+from .io import SectionPlane, SectionSequence, section_of
 from .joint import check_anchor, check_prior, pair_list, solve_joint
 from .methods.base import Method
 from .outputs import save_alignment
@@ -190,8 +190,28 @@ class AlignedSections(SectionSequence):
 
     def section(self, k: int) -> np.ndarray:
         """Aligned section ``k``: ndarray (H, W), float32."""
-        raw = np.asarray(self.stack[int(k)])
-        return render(raw, self.maps[int(k)], self.grid, order=self.order, dtype=self.dtype)
+        return render(section_of(self.stack, int(k)), self.maps[int(k)], self.grid,
+                      order=self.order, dtype=self.dtype)
+
+    def plane(self, k: int) -> SectionPlane:
+        """Aligned section ``k`` computed region by region when indexed (what the writers
+        use for sections too large to hold: only the region's rows and columns are
+        rendered, from the region of the raw section they need)."""
+        k = range(self.shape[0])[k]
+        return SectionPlane(_AlignedRegion(self, k), self.shape[1:], self.dtype,
+                            f"aligned section {k}")
+
+
+class _AlignedRegion:
+    """``(ys, xs) -> region`` of one aligned section (picklable: a Dask worker's task)."""
+
+    def __init__(self, aligned: AlignedSections, k: int):
+        self.aligned, self.k = aligned, k
+
+    def __call__(self, ys: slice, xs: slice) -> np.ndarray:
+        a = self.aligned
+        return render(section_of(a.stack, self.k), a.maps[self.k], a.grid, order=a.order,
+                      dtype=a.dtype, rows=(ys.start, ys.stop), cols=(xs.start, xs.stop))
 
 
 
@@ -202,18 +222,19 @@ def _is_lazy(stack) -> bool:
 
 
 class _SectionCache:
-    """float32 sections of a stack read on demand, the last ``size`` kept."""
+    """Sections of a stack read on demand, the last ``size`` kept: ndarrays in the stack's
+    own dtype (a 16384^2 uint8 section is 268 MB, 1 GB as float32), or, for sections over
+    :data:`hybridreg.io.WHOLE_SECTION_BYTES`, planes that read the regions asked for."""
 
     def __init__(self, stack, size: int):
         self.stack, self.size = stack, max(1, int(size))
         self._cache: dict = {}
 
     def __getitem__(self, k: int) -> np.ndarray:
-        # in the stack's own dtype: a 16384^2 uint8 section is 268 MB, 1 GB as float32
         if k not in self._cache:
             if len(self._cache) >= self.size:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[k] = np.asarray(self.stack[k])
+            self._cache[k] = section_of(self.stack, k)
         return self._cache[k]
 
 
@@ -385,7 +406,7 @@ def _register(method: Method, fixed, moving, refs, *, grid: MapGrid, what,
 def _register_sections(method: Method, stack, i: int, j: int, **kwargs):
     """:func:`_register` of sections ``i`` (fixed) and ``j`` (moving), read here (on a
     Dask worker: by the worker, from the file of a lazy stack)."""
-    return _register(method, np.asarray(stack[i]), np.asarray(stack[j]), [], **kwargs)
+    return _register(method, section_of(stack, i), section_of(stack, j), [], **kwargs)
 
 
 #: Sections larger than this many pixels have their pair NCC measured on a reduced copy.
@@ -591,7 +612,11 @@ def _depth(raw) -> int:
 
 def _finite(stack, k: int) -> bool:
     try:
-        return bool(np.isfinite(np.asarray(stack[k])).all())
+        section = section_of(stack, k)
+        h, w = section.shape
+        step = max(1, (1 << 22) // w)  # strips of about 4 Mpx: any section size
+        return all(np.isfinite(np.asarray(section[y:y + step, :])).all()
+                   for y in range(0, h, step))
     except ValueError:  # hybridreg.io.StackError: LazySections checks on reading
         return False
 

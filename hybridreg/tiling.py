@@ -144,7 +144,7 @@ def _warp_region(moving: np.ndarray, tx: np.ndarray, ty: np.ndarray) -> np.ndarr
     x1 = int(np.clip(np.ceil(tx.max()) + 2, x0 + 1, w))
     y0 = int(np.clip(np.floor(ty.min()) - 1, 0, h - 1))
     y1 = int(np.clip(np.ceil(ty.max()) + 2, y0 + 1, h))
-    region = moving[y0:y1, x0:x1].astype(np.float32)[None]
+    region = np.asarray(moving[y0:y1, x0:x1]).astype(np.float32)[None]
     if region.shape[1] < 2 or region.shape[2] < 2:  # everything outside the section
         return np.zeros(tx.shape, np.float32)
     # zeros outside the section, not only outside the region: positions beyond the region's
@@ -185,6 +185,21 @@ def _has_content(section: np.ndarray, min_content: float) -> bool:
     return float(np.count_nonzero(section)) / section.size >= min_content
 
 
+def _check_sections(fixed, moving, references=()):
+    """:func:`hybridreg.methods.base.check_pair` for ndarrays; sections read region by
+    region (:class:`hybridreg.io.SectionPlane`, checked as they are read) by shape only."""
+    if all(isinstance(a, np.ndarray) for a in (fixed, moving, *references)):
+        return check_pair(fixed, moving, references)
+    for name, a in [("fixed", fixed), ("moving", moving)] + [
+            (f"reference {i}", r) for i, r in enumerate(references)]:
+        if len(a.shape) != 2:
+            raise ValueError(f"{name} must be a 2D section (H, W), got shape {a.shape}")
+        if tuple(a.shape) != tuple(fixed.shape):
+            raise ValueError(f"{name} has shape {tuple(a.shape)}, fixed {tuple(fixed.shape)}: "
+                             f"sections of one stack share a grid")
+    return fixed, moving, list(references)
+
+
 def downsample(section: np.ndarray, f: int, *, chunk_px: int = 1 << 22) -> np.ndarray:
     """Block means of ``f x f`` pixels (the section padded at its far edges by repetition).
 
@@ -195,16 +210,17 @@ def downsample(section: np.ndarray, f: int, *, chunk_px: int = 1 << 22) -> np.nd
     -------
     ndarray, shape (ceil(H / f), ceil(W / f)), float32
     """
-    section = np.asarray(section)
+    if not hasattr(section, "shape") or not hasattr(section, "__getitem__"):
+        section = np.asarray(section)  # a SectionPlane is read strip by strip below
     if f == 1:
-        return section.astype(np.float32, copy=False)
+        return np.asarray(section[:, :]).astype(np.float32, copy=False)
     h, w = section.shape
     hp, wp = -(-h // f) * f, -(-w // f) * f
     out = np.empty((hp // f, wp // f), np.float32)
     rows = max(1, int(chunk_px) // max(1, wp * f)) * f
     for r0 in range(0, hp, rows):
         r1 = min(hp, r0 + rows)
-        strip = section[r0:min(r1, h)].astype(np.float32)
+        strip = np.asarray(section[r0:min(r1, h), :]).astype(np.float32)
         strip = np.pad(strip, ((0, r1 - r0 - strip.shape[0]), (0, wp - w)), mode="edge")
         out[r0 // f:r1 // f] = strip.reshape((r1 - r0) // f, f, wp // f, f).mean(axis=(1, 3))
     return out
@@ -421,16 +437,17 @@ class TiledMethod:
 
 
         t0 = time.perf_counter()
-        fixed, moving, refs = check_pair(fixed, moving, references)
+        fixed, moving, refs = _check_sections(fixed, moving, references)
         h, w = fixed.shape
         if grid.shape_yx != (h, w):
             raise ValueError(f"the map grid {grid} is not the sections' {h}x{w}")
         spacing, origin = grid.spacing_xy, grid.origin_xy
         f32 = np.float32
         if h <= self.tile_px and w <= self.tile_px:  # one tile: the section, whole
-            res = self.method.register(fixed.astype(f32, copy=False),
-                                       moving.astype(f32, copy=False),
-                                       references=[r.astype(f32, copy=False) for r in refs],
+            res = self.method.register(np.asarray(fixed).astype(f32, copy=False),
+                                       np.asarray(moving).astype(f32, copy=False),
+                                       references=[np.asarray(r).astype(f32, copy=False)
+                                                   for r in refs],
                                        spacing_xy=spacing, origin_xy=origin)
             m = grid.project(validate_field(res.field, name="field", shape_yx=(h, w)))
             return RegistrationResult(
@@ -469,12 +486,12 @@ class TiledMethod:
                 # the tile's pixel indices in the section (broadcast: no coordinate arrays)
                 jx = np.arange(x0, x1, dtype=f32)[None, :]
                 iy = np.arange(y0, y1, dtype=f32)[:, None]
-                f_t = fixed[crop].astype(f32)
+                f_t = np.asarray(fixed[crop]).astype(f32)
                 if u_c is not None:  # the moving tile warped by the coarse field
                     uc_t = coarse_on(y0, y1, x0, x1)
                     m_t = _warp_region(moving, jx + uc_t[0] / f32(sx), iy + uc_t[1] / f32(sy))
                 else:
-                    m_t = moving[crop].astype(f32)
+                    m_t = np.asarray(moving[crop]).astype(f32)
                 if not (_has_content(f_t, self.min_content)
                         and _has_content(m_t, self.min_content)):
                     row["status"] = "blank"
@@ -483,7 +500,7 @@ class TiledMethod:
                     missing.append((row, None if u_c is None else uc_t))
                     continue
                 try:
-                    t_refs = [r[crop].astype(f32) for r in refs]
+                    t_refs = [np.asarray(r[crop]).astype(f32) for r in refs]
                     if hasattr(self.method, "predict_field"):
                         # the field alone: the tile's warp and metric would be thrown away
                         r_t, _ = self.method.predict_field(f_t, m_t, references=t_refs,

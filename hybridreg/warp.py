@@ -132,9 +132,34 @@ def warp_torch(moving: "torch.Tensor", u_px: "torch.Tensor", *, align_corners: b
     return warped, valid
 
 
+#: Rows and columns read beyond a region's samples for a cubic spline's prefilter: its
+#: influence decays as 0.268^n, below 1e-7 of a value 12 px away.
+SPLINE_MARGIN_PX = 12
+
+
+def _region_of(moving, coords: np.ndarray, order: int):
+    """The region of the section ``moving`` that the samples ``coords`` (2, ...) need, read,
+    with ``coords`` shifted into it (in place); prefiltered for ``order > 1`` (whole-section
+    values within 1e-7, :data:`SPLINE_MARGIN_PX`). None when every sample is outside."""
+    h, w = moving.shape
+    margin = 1 if order <= 1 else SPLINE_MARGIN_PX
+    ry0 = int(np.clip(np.floor(coords[0].min()) - margin, 0, h))
+    ry1 = int(np.clip(np.ceil(coords[0].max()) + margin + 1, ry0, h))
+    rx0 = int(np.clip(np.floor(coords[1].min()) - margin, 0, w))
+    rx1 = int(np.clip(np.ceil(coords[1].max()) + margin + 1, rx0, w))
+    if ry1 <= ry0 or rx1 <= rx0:
+        return None
+    region = np.asarray(moving[ry0:ry1, rx0:rx1])
+    coords[0] -= ry0
+    coords[1] -= rx0
+    if order > 1:
+        region = ndimage.spline_filter(region.astype(np.float32), order=order)
+    return region
+
+
 def render(moving: np.ndarray, m: np.ndarray, grid, *, order: int = 1, cval: float = 0.0,
-           dtype=None, rows: tuple[int, int] | None = None, chunk_px: int = CHUNK_PX
-           ) -> np.ndarray:
+           dtype=None, rows: tuple[int, int] | None = None,
+           cols: tuple[int, int] | None = None, chunk_px: int = CHUNK_PX) -> np.ndarray:
     """Warp a section with a coarse map, chunk by chunk: ``warp(moving, grid.dense(m))``.
 
     The dense field exists one chunk of rows at a time (about ``chunk_px`` pixels), so the
@@ -143,8 +168,11 @@ def render(moving: np.ndarray, m: np.ndarray, grid, *, order: int = 1, cval: flo
 
     Parameters
     ----------
-    moving : ndarray, shape (H, W)
-        The raw section on ``grid``'s section grid, any dtype.
+    moving : ndarray or hybridreg.io.SectionPlane, shape (H, W)
+        The raw section on ``grid``'s section grid, any dtype. A section read region by
+        region (a :class:`hybridreg.io.SectionPlane`, or any array-like that slices, such
+        as a zarr array) is read one chunk's region at a time (cubic: prefiltered per
+        region, within 1e-7 of the whole section's prefilter).
     m : ndarray, shape (2, h, w)
         The map (:class:`hybridreg.fields.MapGrid`), physical units.
     grid : hybridreg.fields.MapGrid
@@ -153,35 +181,48 @@ def render(moving: np.ndarray, m: np.ndarray, grid, *, order: int = 1, cval: flo
     dtype : numpy dtype, optional
         Output dtype (rounded and clipped to its range for integers); default float32
         (``moving``'s dtype with ``order=0``).
-    rows : (int, int), optional
-        Render only rows ``[y0, y1)`` (an output chunk).
+    rows, cols : (int, int), optional
+        Render only rows ``[y0, y1)`` and columns ``[x0, x1)`` (an output chunk).
 
     Returns
     -------
-    ndarray, shape (y1 - y0, W)
+    ndarray, shape (y1 - y0, x1 - x0)
     """
-    moving = np.asarray(moving)
+    # a section read region by region (hybridreg.io.SectionPlane): each chunk reads the
+    # region its samples fall in, so that memory stays bounded at any section size
+    lazy = (not isinstance(moving, np.ndarray) and hasattr(moving, "shape")
+            and hasattr(moving, "__getitem__"))
+    if not lazy:
+        moving = np.asarray(moving)
     h, w = grid.shape_yx
-    if moving.shape != (h, w):
-        raise ValueError(f"moving has grid {moving.shape} but the map is for {h}x{w} sections")
+    if tuple(moving.shape) != (h, w):
+        raise ValueError(f"moving has grid {tuple(moving.shape)} but the map is for {h}x{w} "
+                         f"sections")
     y_lo, y_hi = (0, h) if rows is None else (int(rows[0]), int(rows[1]))
+    x_lo, x_hi = (0, w) if cols is None else (int(cols[0]), int(cols[1]))
     if dtype is None:
         dtype = moving.dtype if order == 0 else np.float32
     dtype = np.dtype(dtype)
-    out = np.empty((y_hi - y_lo, w), dtype)
+    out = np.empty((y_hi - y_lo, x_hi - x_lo), dtype)
     src = moving
-    if order > 1:
+    if order > 1 and not lazy:
         src = ndimage.spline_filter(moving.astype(np.float32), order=order)
-    step = max(1, int(chunk_px) // w)
+    nx = x_hi - x_lo
+    step = max(1, int(chunk_px) // max(1, nx))
     sx, sy = grid.spacing_xy
-    xs = np.arange(w, dtype=np.float64)
+    xs = np.arange(x_lo, x_hi, dtype=np.float64)
     for y0 in range(y_lo, y_hi, step):
         y1 = min(y_hi, y0 + step)
-        u = grid.dense(m, y0, y1)
-        coords = np.empty((2, y1 - y0, w), np.float64)  # as warp(): the same values
+        u = grid.dense(m, y0, y1, x_lo, x_hi)
+        coords = np.empty((2, y1 - y0, nx), np.float64)  # as warp(): the same values
         coords[0] = to_pixels(u[1:2], (sy, sy))[0] + np.arange(y0, y1, dtype=np.float64)[:, None]
         coords[1] = to_pixels(u[0:1], (sx, sx))[0] + xs[None, :]
         del u
+        if lazy:
+            src = _region_of(moving, coords, order)
+            if src is None:  # every sample outside the section
+                out[y0 - y_lo:y1 - y_lo] = cval
+                continue
         if order == 0:
             block = ndimage.map_coordinates(src, coords, order=0, mode="constant", cval=cval)
         else:

@@ -15,7 +15,11 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["Stack", "StackError", "SectionSequence", "LazySections", "SectionSource",
-           "cast_to_dtype"]
+           "SectionPlane", "cast_to_dtype", "section_of", "WHOLE_SECTION_BYTES"]
+
+#: Sections of a lazy stack larger than this are never held whole: registration, rendering
+#: and writing read and write the regions they work on (:class:`SectionPlane`).
+WHOLE_SECTION_BYTES = 64 << 20
 
 _CONTAINER_RE = re.compile(r"^(?P<file>.+?\.(?:h5|hdf5|hdf|zarr))(?::(?P<inner>.*))?$",
                            re.IGNORECASE)
@@ -209,6 +213,12 @@ class SectionSource:
     def read(self, k: int) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def read_region(self, k: int, ys: slice, xs: slice) -> np.ndarray:
+        """Rows ``ys`` and columns ``xs`` (slices with step 1, inside the section) of
+        section ``k``. This default reads the whole section; formats that can read less
+        (chunks, tiles, strips, byte ranges) override it."""
+        return np.asarray(self.read(k))[ys, xs]
+
 
 class SectionSequence:
     """Indexing, iteration and ``numpy.asarray`` for stacks that produce a section when
@@ -244,6 +254,87 @@ class SectionSequence:
         return out if dtype is None else out.astype(dtype)
 
 
+def _region_key(key, shape) -> tuple[slice, slice, tuple]:
+    """``(ys, xs, rest)`` of a 2-D index: slices with step 1 inside ``shape`` (an integer is
+    a one-long slice, dropped again through ``rest``), and what is left to apply."""
+    if not isinstance(key, tuple):
+        key = (key,)
+    if any(k is Ellipsis for k in key):
+        i = key.index(Ellipsis)
+        key = key[:i] + (slice(None),) * (2 - len(key) + 1) + key[i + 1:]
+    key = key + (slice(None),) * (2 - len(key))
+    if len(key) != 2:
+        raise IndexError(f"a section is 2-D: too many indices {key!r}")
+    out, post = [], []
+    for k, n in zip(key, shape):
+        if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+            if not -n <= k < n:
+                raise IndexError(f"index {k} out of range for a section axis of {n}")
+            k = int(k) % n
+            out.append(slice(k, k + 1))
+            post.append(0)
+        elif isinstance(k, slice):
+            start, stop, step = k.indices(n)
+            if step == 1:
+                out.append(slice(start, max(start, stop)))
+                post.append(slice(None))
+            else:  # read the span of the indices, then step through it
+                idx = range(start, stop, step)
+                if not idx:
+                    out.append(slice(0, 0))
+                    post.append(slice(None))
+                    continue
+                lo, hi = min(idx), max(idx) + 1
+                out.append(slice(lo, hi))
+                post.append(slice(start - lo, None if stop - lo < 0 else stop - lo, step))
+        else:
+            raise IndexError(f"a section is read with integers and slices, got {k!r}")
+    return out[0], out[1], tuple(post)
+
+
+class SectionPlane:
+    """One section of a lazy stack that reads only what is indexed (``plane[y0:y1, x0:x1]``).
+
+    2-D and array-like (``shape``, ``dtype``, ``ndim``, slicing, ``numpy.asarray``): what
+    :class:`hybridreg.tiling.TiledMethod`, :func:`hybridreg.warp.render` and the writers take
+    for sections too large to read whole, so that memory stays that of a tile at any section
+    size. Made by :meth:`LazySections.plane`; picklable when its reader is.
+    """
+
+    ndim = 2
+
+    def __init__(self, read_region, shape, dtype, where: str = "section"):
+        self._read = read_region
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.dtype = np.dtype(dtype)
+        self.where = where
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        ys, xs, post = _region_key(key, self.shape)
+        if ys.stop <= ys.start or xs.stop <= xs.start:
+            out = np.empty((ys.stop - ys.start, xs.stop - xs.start), self.dtype)
+        else:
+            out = np.asarray(self._read(ys, xs))
+        return out[post]
+
+    def astype(self, dtype, copy: bool = True):
+        return np.asarray(self[:, :]).astype(dtype, copy=False)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:, :]
+        return out if dtype is None else out.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"SectionPlane({self.where}, shape={self.shape}, dtype={self.dtype})"
+
+
 class LazySections(SectionSequence):
     """A stack on disk, read one section at a time (``read_stack(path, lazy=True)``).
 
@@ -275,11 +366,7 @@ class LazySections(SectionSequence):
 
     def section(self, k: int) -> np.ndarray:
         """Read section ``k``: ndarray (H, W) of ``self.dtype``."""
-        z = self.shape[0]
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not -z <= k < z:
-            raise IndexError(f"{self.where}: section index {k!r} out of range for {z} "
-                             f"sections")
-        k = int(k) % z
+        k = self._index(k)
         try:
             arr = np.asarray(self._source.read(k))
         except StackError:
@@ -291,12 +378,75 @@ class LazySections(SectionSequence):
         if arr.shape != self.shape[1:]:
             raise StackError(f"{self.where}: section {k} has shape {arr.shape}, expected "
                              f"{self.shape[1:]}")
+        return self._checked(arr, k)
+
+    def _checked(self, arr: np.ndarray, k: int) -> np.ndarray:
         if arr.dtype != self.dtype:
             arr = arr.astype(self.dtype)
         if self.dtype.kind == "f" and not np.isfinite(arr).all():
             raise StackError(f"{self.where}: contains NaN or infinite values in section {k}")
         return arr
 
+    def _index(self, k) -> int:
+        z = self.shape[0]
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not -z <= k < z:
+            raise IndexError(f"{self.where}: section index {k!r} out of range for {z} "
+                             f"sections")
+        return int(k) % z
+
+    def region(self, k: int, ys: slice, xs: slice) -> np.ndarray:
+        """Rows ``ys``, columns ``xs`` (slices, step 1) of section ``k``, reading no more of
+        the file than the format needs (a zarr or HDF5 chunk, a TIFF tile or strip, the
+        rows' bytes of an uncompressed TIFF); checked like :meth:`section`."""
+        k = self._index(k)
+        try:
+            arr = np.asarray(self._source.read_region(k, ys, xs))
+        except StackError:
+            raise
+        except Exception as exc:
+            raise StackError(f"cannot read section {k} of {self.where} (rows {ys.start}:"
+                             f"{ys.stop}, columns {xs.start}:{xs.stop}): "
+                             f"{type(exc).__name__}: {exc}") from exc
+        expected = (ys.stop - ys.start, xs.stop - xs.start)
+        if arr.shape != expected:
+            raise StackError(f"{self.where}: region of section {k} read as {arr.shape}, "
+                             f"expected {expected}")
+        return self._checked(arr, k)
+
+    def plane(self, k: int) -> SectionPlane:
+        """Section ``k`` as a :class:`SectionPlane`: read region by region when indexed."""
+        k = self._index(k)
+        return SectionPlane(_PlaneReader(self, k), self.shape[1:], self.dtype,
+                            f"section {k} of {self.where}")
+
     def __repr__(self) -> str:
         return (f"LazySections({self.where}, shape_zyx={self.shape}, dtype={self.dtype}, "
                 f"{self.reads} section reads)")
+
+
+class _PlaneReader:
+    """``read_region(ys, xs)`` of one section of a :class:`LazySections` (picklable)."""
+
+    def __init__(self, sections: LazySections, k: int):
+        self.sections, self.k = sections, k
+
+    def __call__(self, ys: slice, xs: slice) -> np.ndarray:
+        return self.sections.region(self.k, ys, xs)
+
+
+def is_plane(obj) -> bool:
+    """An array-like section read region by region (not an ndarray)."""
+    return (not isinstance(obj, np.ndarray) and hasattr(obj, "shape")
+            and hasattr(obj, "__getitem__"))
+
+
+def section_of(stack, k: int, *, itemsize: int | None = None):
+    """Section ``k`` of a stack as what the pipeline works on: an ndarray, or, for a stack
+    that has ``plane(k)`` and sections over :data:`WHOLE_SECTION_BYTES` (at ``itemsize``
+    bytes a pixel, default the stack's), a :class:`SectionPlane` read region by region."""
+    if hasattr(stack, "plane"):
+        h, w = (int(n) for n in stack.shape[-2:])
+        size = np.dtype(stack.dtype).itemsize if itemsize is None else int(itemsize)
+        if h * w * size > WHOLE_SECTION_BYTES:
+            return stack.plane(k)
+    return np.asarray(stack[k])

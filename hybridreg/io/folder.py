@@ -110,6 +110,21 @@ class FolderSource(SectionSource):
                              f"shape and dtype")
         return img
 
+    def read_region(self, k, ys, xs):
+        """A TIFF section reads the region only (:meth:`TiffSource.read_region`); other
+        formats are read whole."""
+        from .tiff import TiffSource
+
+        file = Path(self.files[k])
+        if file.suffix.lower() not in TIFF_SUFFIXES:
+            return self.read(k)[ys, xs]
+        if self._handle is None or self._handle[0] != k:  # the last file's source, kept
+            src, _ = TiffSource.open(file)
+            if src.shape[1:] != self.shape[1:] or np.dtype(src.dtype) != np.dtype(self.dtype):
+                return self.read(k)[ys, xs]  # read() names what differs
+            self._handle = (k, src)
+        return self._handle[1].read_region(0, ys, xs)
+
 
 def write_folder(folder: Path, arr: np.ndarray, spacing, *, overwrite: bool) -> None:
     """Write ``arr`` (Z, H, W) as ``folder/section_0000.tif``, ..., atomically."""

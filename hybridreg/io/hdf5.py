@@ -96,10 +96,19 @@ class H5Source(SectionSource):
 
     def read(self, k):
         if self._handle is None:
-            import h5py
-
-            self._handle = h5py.File(self.file, "r")[self.inner]
+            self._open()
         return np.asarray(self._handle[()] if self.two_d else self._handle[k])
+
+    def read_region(self, k, ys, xs):
+        """The chunks the region touches only (h5py's hyperslab read)."""
+        if self._handle is None:
+            self._open()
+        return np.asarray(self._handle[(ys, xs) if self.two_d else (k, ys, xs)])
+
+    def _open(self):
+        import h5py
+
+        self._handle = h5py.File(self.file, "r")[self.inner]
 
 
 def _h5_create(f, name: str, arr: np.ndarray, spacing, shown: str) -> None:

@@ -80,13 +80,21 @@ class ITKImageSource(SectionSource):
         return cls(file, shape, dtype), spacing
 
     def read(self, k):
+        z, h, w = self.shape
+        return self.read_region(k, slice(0, h), slice(0, w))
+
+    def read_region(self, k, ys, xs):
+        """ITK's extraction of the region (streamed by the formats that can, MetaImage)."""
         import SimpleITK as sitk
 
-        z, h, w = self.shape
         reader = sitk.ImageFileReader()
         reader.SetFileName(self.file)
         reader.ReadImageInformation()
+        size = [xs.stop - xs.start, ys.stop - ys.start]
         if reader.GetDimension() == 3:
-            reader.SetExtractIndex([0, 0, int(k)])
-            reader.SetExtractSize([w, h, 0])  # 0: that axis is collapsed, a 2D slice
+            reader.SetExtractIndex([xs.start, ys.start, int(k)])
+            reader.SetExtractSize(size + [0])  # 0: that axis is collapsed, a 2D slice
+        else:
+            reader.SetExtractIndex([xs.start, ys.start])
+            reader.SetExtractSize(size)
         return sitk.GetArrayFromImage(reader.Execute())

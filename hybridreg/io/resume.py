@@ -86,23 +86,35 @@ class SectionWriter:
         return [k for k in range(self.shape[0]) if k not in done]
 
     def write(self, k: int, section) -> None:
-        """Write section ``k``: ndarray (H, W), cast to the store's dtype (integers rounded
-        and clipped, see :func:`hybridreg.io.cast_to_dtype`)."""
+        """Write section ``k``: ndarray (H, W), or a :class:`hybridreg.io.SectionPlane`
+        (computed and written a few chunks at a time), cast to the store's dtype (integers
+        rounded and clipped, see :func:`hybridreg.io.cast_to_dtype`)."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) \
                 or not 0 <= k < self.shape[0]:
             raise IndexError(f"'{self.path}': section index {k!r} out of range for "
                              f"{self.shape[0]} sections")
-        arr = np.asarray(section)
-        if arr.shape != tuple(self.shape[1:]):
-            raise StackError(f"'{self.path}': section {k} has shape {arr.shape}, the store "
-                             f"holds sections of {tuple(self.shape[1:])} (H, W)")
+        if tuple(section.shape) != tuple(self.shape[1:]):
+            raise StackError(f"'{self.path}': section {k} has shape {tuple(section.shape)}, "
+                             f"the store holds sections of {tuple(self.shape[1:])} (H, W)")
+        if isinstance(section, np.ndarray) or not hasattr(section, "__getitem__"):
+            self._write_block(k, np.asarray(section), 0, 0)
+        else:  # a SectionPlane: computed and written a few chunks at a time
+            _, ch, cw = self._array.chunks
+            h, w = self.shape[1:]
+            cols = cw * max(1, (1 << 22) // (ch * cw))  # blocks of about 4 Mpx
+            for y0 in range(0, h, ch):
+                for x0 in range(0, w, cols):
+                    block = np.asarray(section[y0:min(h, y0 + ch), x0:min(w, x0 + cols)])
+                    self._write_block(k, block, y0, x0)
+        self._marker(int(k)).touch()
+
+    def _write_block(self, k: int, arr: np.ndarray, y0: int, x0: int) -> None:
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             raise StackError(f"'{self.path}': section {k} to write contains NaN or infinite "
                              f"values")
         if arr.dtype != self.dtype:
             arr = cast_to_dtype(arr, self.dtype)
-        self._array[int(k)] = arr
-        self._marker(int(k)).touch()
+        self._array[int(k), y0:y0 + arr.shape[0], x0:x0 + arr.shape[1]] = arr
 
     def close(self) -> None:
         """Finish the store: every section must have been written."""

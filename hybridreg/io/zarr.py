@@ -194,12 +194,21 @@ class ZarrSource(SectionSource):
 
     def read(self, k):
         if self._handle is None:
-            import zarr
-
-            self._handle = zarr.open_array(store=self.file, path=self.array_path or "",
-                                           mode="r")
+            self.read_handle()
         key = (0,) * self.lead + ((...,) if self.two_d else (k, ...))
         return np.asarray(self._handle[key])
+
+    def read_region(self, k, ys, xs):
+        """The chunks the region touches only."""
+        if self._handle is None:
+            self.read_handle()
+        key = (0,) * self.lead + ((ys, xs) if self.two_d else (k, ys, xs))
+        return np.asarray(self._handle[key])
+
+    def read_handle(self):
+        import zarr
+
+        self._handle = zarr.open_array(store=self.file, path=self.array_path or "", mode="r")
 
 
 # --- writing ----------------------------------------------------------------------------------

@@ -59,3 +59,28 @@ def test_ome_tiff_is_written_with_its_physical_sizes(tmp_path):
     back = read_stack(tmp_path / "lazy.ome.tiff")
     assert back.spacing_xyz == (4.0, 4.5, 50.0)
     np.testing.assert_array_equal(back.data, a)
+
+
+@pytest.mark.parametrize("layout", ["imagej", "ome", "pages", "shaped", "zlib"])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_truncated_tiff_is_an_error_naming_what_is_missing(tmp_path, layout, lazy):
+    """A copy cut short (half of the last section missing) is not read as a shorter stack."""
+    import tifffile
+
+    from hybridreg import io
+
+    stack = (np.random.default_rng(0).random((3, 60, 80)) * 255).astype(np.uint8)
+    path = tmp_path / ("s.ome.tif" if layout == "ome" else "s.tif")
+    if layout in ("imagej", "ome"):
+        io.write_stack(str(path), stack, spacing_xyz=(1, 1, 1))
+    else:
+        kw = {"pages": {"metadata": None}, "shaped": {},
+              "zlib": {"metadata": None, "compression": "zlib"}}[layout]
+        tifffile.imwrite(path, stack, photometric="minisblack", **kw)
+    np.testing.assert_array_equal(np.asarray(io.read_stack(str(path), lazy=lazy).data), stack)
+    with open(path, "r+b") as f:
+        f.truncate(f.seek(0, 2) - stack[2].nbytes // 2)
+    with pytest.raises(io.StackError, match=r"s(\.ome)?\.tif'.*truncated or damaged.*"
+                                            r"(announces 3 sections|missing|ends at byte|"
+                                            r"invalid page offset)"):
+        io.read_stack(str(path), lazy=lazy)
