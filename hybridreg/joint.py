@@ -35,7 +35,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .fields import index_grid, sample_field, to_pixels, to_physical, validate_field
+from .fields import validate_field
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ class JointSolution:
 
     Attributes
     ----------
-    fields : ndarray, shape (Z, 2, H, W), float32
-        Recovery fields in physical units.
+    fields : ndarray or array on disk, shape (Z, 2, H, W), float32
+        Recovery fields in physical units (``out`` when one was given).
     pair_residual_px : dict
         ``(i, j) -> mean residual in pixels`` of each pair at the solution.
     pair_weight : dict
@@ -86,30 +86,42 @@ class JointSolution:
     pair_weight: dict
 
 
-def _resample_pairs(v_px: dict, u: np.ndarray, *, batch: int = 8) -> dict:
-    """``v_ij`` sampled at ``p + u_i(p)`` for every pair (bilinear, constant past the edges).
+def _resample_block(v: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """``v`` (P, 2, rows, w), rows of P pair maps, sampled bilinearly at the positions
+    ``pos`` (P, 2, r, w) (x, y in ``v``'s node indices), the edge value past its edges.
 
-    torch's ``grid_sample`` on batches of pairs (the same values as
-    ``scipy.ndimage.map_coordinates`` up to float32 rounding, and much faster).
+    torch's ``grid_sample`` (``align_corners=True``, ``padding_mode="border"``): the values of
+    ``scipy.ndimage.map_coordinates`` up to float32 rounding, and much faster.
     """
-    h, w = u.shape[-2:]
-    pairs = list(v_px)
-    if h < 2 or w < 2:
-        grid = index_grid((h, w))
-        return {(i, j): sample_field(v_px[(i, j)], grid + u[i]) for (i, j) in pairs}
     import torch
+    import torch.nn.functional as F
 
-    from .warp import warp_torch
-
-    out = {}
+    # a map one node wide is constant along that axis: a repeated edge node keeps it so
+    v = np.pad(v, ((0, 0), (0, 0), (0, int(v.shape[2] < 2)), (0, int(v.shape[3] < 2))),
+               mode="edge")
+    rows, w = v.shape[-2:]
+    p, _, r, c = pos.shape
+    grid = np.empty((p, r, c, 2), np.float32)
+    grid[..., 0] = 2.0 * pos[:, 0] / (w - 1) - 1.0
+    grid[..., 1] = 2.0 * pos[:, 1] / (rows - 1) - 1.0
     with torch.inference_mode():
-        for start in range(0, len(pairs), batch):
-            chunk = pairs[start:start + batch]
-            v = torch.from_numpy(np.stack([v_px[p] for p in chunk]))
-            ui = torch.from_numpy(np.stack([u[i] for i, _ in chunk]))
-            res = warp_torch(v, ui, align_corners=True, padding_mode="border")[0].numpy()
-            out.update(zip(chunk, res))
-    return out
+        out = F.grid_sample(torch.from_numpy(np.ascontiguousarray(v, np.float32)),
+                            torch.from_numpy(grid), mode="bilinear", padding_mode="border",
+                            align_corners=True)
+    return out.numpy()
+
+
+#: Bytes one block of the joint solve may take (the rows of nodes solved at once, for every
+#: section and pair): the solve's memory at any section size and number of sections.
+SOLVE_BLOCK_BYTES = 256 << 20
+
+
+def block_rows(z: int, n_pairs: int, w: int, *, max_bytes: int) -> int:
+    """Rows of nodes per block of :func:`solve_joint` under ``max_bytes``: per row, the
+    right-hand side (float64) and solution of every section, and each pair's map rows read
+    (with as many again around the block), its targets and sample positions."""
+    per_row = 2 * w * (z * (8 + 4) + n_pairs * 4 * 5)
+    return max(1, int(max_bytes) // per_row)
 
 
 def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
@@ -117,14 +129,22 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
                 robust_scale_px: float | None = None, iterations: int = 4,
                 anchor: int | None = None,
                 pair_weights: Mapping[tuple[int, int], float] | None = None,
-                stride: int = 1) -> JointSolution:
+                stride: int = 1, out=None, max_bytes: int | None = None,
+                progress: bool = False) -> JointSolution:
     """Find every section's field from pairwise fields (see the module docstring).
+
+    The solve runs over blocks of rows of nodes (at most ``max_bytes`` each): a block needs
+    its own rows of every section and, of every pair's map, the rows its sections' current
+    fields point into. Pair maps and the result may live on disk (zarr arrays): memory is
+    one block at any section size and number of sections, and the result is the same as
+    one block for all.
 
     Parameters
     ----------
-    pair_fields : mapping ``(i, j) -> ndarray, shape (2, H, W)``
+    pair_fields : mapping ``(i, j) -> array, shape (2, H, W)``
         Pull fields in physical units with ``raw_i(p) ~ raw_j(p + v_ij(p))`` (``raw_i`` fixed,
-        ``raw_j`` moving), ``0 <= i, j < z``, ``i != j``.
+        ``raw_j`` moving), ``0 <= i, j < z``, ``i != j``: ndarrays or arrays read by
+        slicing (zarr, HDF5), read a block at a time.
     z : int
         Number of sections.
     prior : float
@@ -146,6 +166,12 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
         The fields are coarse maps with nodes every ``stride`` section pixels
         (:class:`hybridreg.fields.MapGrid`; ``spacing_xy`` is then the nodes' spacing):
         residuals and ``robust_scale_px`` are in section pixels all the same.
+    out : array, shape (Z, 2, H, W), optional
+        Where to put the fields (e.g. a zarr array on disk); default a new ndarray.
+    max_bytes : int, optional
+        Memory of one block; default :data:`SOLVE_BLOCK_BYTES`.
+    progress : bool
+        A progress bar over the iterations' blocks (stderr).
 
     Returns
     -------
@@ -159,16 +185,22 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
         raise ValueError("no pairs to solve from")
     pairs = sorted(pair_fields)
     shape = None
-    v_px = {}
     for (i, j) in pairs:
         if not (0 <= i < z and 0 <= j < z) or i == j:
             raise ValueError(f"pair {(i, j)} is not a pair of distinct sections of 0..{z - 1}")
-        v = validate_field(pair_fields[(i, j)], name=f"field of pair {(i, j)}", shape_yx=shape)
-        shape = v.shape[1:]
-        v_px[(i, j)] = to_pixels(v, spacing_xy).astype(np.float32)
+        v = pair_fields[(i, j)]
+        if isinstance(v, np.ndarray):
+            validate_field(v, name=f"field of pair {(i, j)}", shape_yx=shape)
+        elif len(v.shape) != 3 or v.shape[0] != 2 or (shape and tuple(v.shape[1:]) != shape):
+            raise ValueError(f"field of pair {(i, j)} has shape {tuple(v.shape)}, expected "
+                             f"(2, H, W){' with (H, W) = ' + str(shape) if shape else ''}")
+        shape = tuple(v.shape[1:])
     h, w = shape
     m = np.ones((h, w), bool) if mask is None else np.asarray(mask, bool)
-    u = np.zeros((z, 2, h, w), np.float32)
+    if out is None:
+        out = np.zeros((z, 2, h, w), np.float32)
+    elif tuple(out.shape) != (z, 2, h, w):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(z, 2, h, w)}")
     prior_w = {p: 1.0 for p in pairs}
     if pair_weights is not None:
         for p, wt in pair_weights.items():
@@ -178,37 +210,85 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
                 prior_w[p] = float(wt)
     weight = dict(prior_w)
     resid = {p: 0.0 for p in pairs}
+    rows = min(h, block_rows(z, len(pairs), w, max_bytes=max_bytes or SOLVE_BLOCK_BYTES))
+    blocks = [(r0, min(h, r0 + rows)) for r0 in range(0, h, rows)]
+    to_px = np.array([1.0 / spacing_xy[0], 1.0 / spacing_xy[1]], np.float32)[:, None, None]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=max(1, iterations) * len(blocks), desc="joint solve", unit="block",
+               disable=not progress or len(blocks) < 2)
     for it in range(max(1, iterations)):
-        # targets: v_ij sampled where section i's current field sends p
-        target = (dict(v_px) if it == 0 else _resample_pairs(v_px, u))
         a = prior * np.eye(z)
         if anchor is not None:
             a[anchor, anchor] += 1e6
-        rhs = np.zeros((z, 2 * h * w))  # float64: a small prior makes `a` ill-conditioned
-        for (i, j), t in target.items():
+        for (i, j) in pairs:
             wt = weight[(i, j)]
             a[i, i] += wt
             a[j, j] += wt
             a[i, j] -= wt
             a[j, i] -= wt
-            t = wt * t.reshape(-1).astype(np.float64)
-            rhs[j] += t
-            rhs[i] -= t
-        # the same small matrix for every pixel: one inverse and a matrix product (BLAS 3),
+        # the same small matrix for every node: one inverse and a matrix product (BLAS 3),
         # 16x faster than np.linalg.solve with 2*H*W right-hand sides (measured, 30 x 512^2)
-        u = (np.linalg.inv(a) @ rhs).astype(np.float32).reshape(z, 2, h, w)
-        # robust pair weights from the residuals at this solution
-        for (i, j), t in target.items():
-            r = u[j] - u[i] - t
-            resid[(i, j)] = float(np.sqrt((r ** 2).sum(axis=0))[m].mean()) * stride
+        inv = np.linalg.inv(a)
+        sums = {p: 0.0 for p in pairs}
+        count = 0
+        for r0, r1 in blocks:
+            # targets: v_ij sampled where section i's current field sends the block's nodes
+            target = _targets(pair_fields, pairs, out, to_px, r0, r1, h, first=it == 0)
+            rhs = np.zeros((z, 2 * (r1 - r0) * w))  # float64: a small prior makes `a`
+            for (i, j), t in target.items():         # ill-conditioned
+                t = weight[(i, j)] * t.reshape(-1).astype(np.float64)
+                rhs[j] += t
+                rhs[i] -= t
+            u = (inv @ rhs).astype(np.float32).reshape(z, 2, r1 - r0, w) / to_px
+            del rhs
+            out[:, :, r0:r1] = u
+            # residuals at this solution (section pixels), for the robust weights
+            mb = m[r0:r1]
+            count += int(mb.sum())
+            for (i, j), t in target.items():
+                r = (u[j] - u[i]) * to_px - t
+                sums[(i, j)] += float(np.sqrt((r ** 2).sum(axis=0))[mb].sum())
+            bar.update(1)
+        resid = {p: sums[p] / max(1, count) * stride for p in pairs}
         if robust_scale_px == 0:
             continue
         trusted = [resid[p] for p in pairs if prior_w[p] > 0.5] or list(resid.values())
         scale = robust_scale_px or max(1.0, 2.0 * float(np.median(trusted)))
         weight = {p: prior_w[p] / (1.0 + (resid[p] / scale) ** 2) for p in pairs}
+    bar.close()
     low = {p: round(wt, 3) for p, wt in weight.items() if wt < 0.5}
     if low:
         log.info("joint solve: down-weighted pairs %s", low)
-    fields = np.stack([to_physical(u[k].astype(np.float32), spacing_xy) for k in range(z)])
-    return JointSolution(fields=fields.astype(np.float32), pair_residual_px=resid,
-                         pair_weight=weight)
+    return JointSolution(fields=out, pair_residual_px=resid, pair_weight=weight)
+
+
+def _targets(pair_fields, pairs, u, to_px, r0: int, r1: int, h: int, *, first: bool,
+             batch: int = 8) -> dict:
+    """Each pair's target on the node rows ``[r0, r1)`` in node units: ``v_ij`` itself in the
+    first step, then ``v_ij`` sampled at ``p + u_i(p)`` (reading only the rows of ``v_ij``
+    that these positions reach, and the edge rows past which the map is constant)."""
+    if first:
+        return {p: np.asarray(pair_fields[p][:, r0:r1], np.float32) * to_px for p in pairs}
+    out = {}
+    ui_all = {}
+    for i in {i for i, _ in pairs}:
+        ui_all[i] = np.asarray(u[i, :, r0:r1], np.float32) * to_px  # node units
+    for start in range(0, len(pairs), batch):
+        chunk = pairs[start:start + batch]
+        ys = np.arange(r0, r1, dtype=np.float32)[:, None]
+        lo = min(float((ys + ui_all[i][1]).min()) for i, _ in chunk)
+        hi = max(float((ys + ui_all[i][1]).max()) for i, _ in chunk)
+        q0 = int(np.clip(np.floor(lo) - 1, 0, h - 1))
+        q1 = int(np.clip(np.ceil(hi) + 2, q0 + 1, h))
+        v = np.stack([np.asarray(pair_fields[p][:, q0:q1], np.float32) for p in chunk]) * to_px
+        w = v.shape[-1]
+        pos = np.empty((len(chunk), 2, r1 - r0, w), np.float32)
+        xs = np.arange(w, dtype=np.float32)[None, :]
+        for n, (i, _) in enumerate(chunk):
+            pos[n, 0] = xs + ui_all[i][0]
+            pos[n, 1] = ys - q0 + ui_all[i][1]
+        # rows read: from one above the highest position to one below the lowest, or to the
+        # map's edge, past which border padding keeps the edge value as on the whole map
+        out.update(zip(chunk, _resample_block(v, pos)))
+    return out

@@ -88,9 +88,10 @@ class StackAlignment:
         An ndarray when the input stack was one; for a lazy input stack an
         :class:`AlignedSections`, which warps a section when it is indexed
         (``np.asarray(result.aligned)`` computes them all).
-    maps : ndarray, shape (Z, 2, h, w), float32
+    maps : ndarray or MapStack, shape (Z, 2, h, w), float32
         Every section's transform, a coarse map on ``grid`` (:mod:`hybridreg.fields`):
-        ``aligned[k] = render(stack[k], maps[k], grid)``.
+        ``aligned[k] = render(stack[k], maps[k], grid)``. A :class:`MapStack` (on disk,
+        read one map at a time) when a run's maps exceed :data:`MAPS_IN_MEMORY_BYTES`.
     grid : hybridreg.fields.MapGrid
         The maps' nodes (stride, spacing, origin) and the section grid.
     table : list of dict
@@ -120,6 +121,103 @@ class StackAlignment:
         when indexed (``np.asarray`` computes them all: ``Z * 8`` bytes a pixel):
         ``aligned[k] = warp(stack[k], fields[k])``."""
         return DenseFields(self.maps, self.grid)
+
+
+#: A run's coarse maps (every pair's and every section's) above this many bytes in all are
+#: kept on disk (:class:`MapStack`) and solved a block of nodes at a time: memory stays
+#: bounded at any section size and number of sections.
+MAPS_IN_MEMORY_BYTES = 512 << 20
+
+
+class MapStack(SectionSequence):
+    """Coarse maps ``(N, 2, h, w)`` float32 in a zarr array on disk (a run's scratch).
+
+    Array-like: ``maps[k]`` reads one map, ``maps[k] = m`` writes it, a tuple index
+    (``maps[:, :, r0:r1]``) reads or writes a block of node rows of every map, and
+    ``numpy.asarray`` reads them all. Picklable by path. Without a folder the maps live in a
+    temporary folder removed with the object.
+    """
+
+    ndim = 4
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, shape, folder=None, name: str = "maps.zarr"):
+        import tempfile
+        import weakref
+
+        self.shape = tuple(int(n) for n in shape)
+        if folder is None:
+            folder = tempfile.mkdtemp(prefix="hybridreg-maps-")
+            weakref.finalize(self, _remove_tree, folder)
+        self.path = str(Path(folder) / name)
+        rows = max(1, min(self.shape[2], (1 << 20) // max(1, 2 * self.shape[3])))
+        self._chunks = (1, 2, rows, self.shape[3])  # a block of rows of one map: ~4 MB
+        self._array = self._open("w")
+
+    def _open(self, mode):
+        import zarr
+
+        if mode == "w":
+            return zarr.open_array(self.path, mode="w", shape=self.shape, dtype="f4",
+                                   chunks=self._chunks, fill_value=0.0)
+        return zarr.open_array(self.path, mode=mode)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_array"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._array = self._open("r+")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def section(self, k: int) -> np.ndarray:
+        return np.asarray(self._array[int(k)])
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple) and len(key) > 1:
+            return np.asarray(self._array[key])
+        return super().__getitem__(key)
+
+    def __setitem__(self, key, value):
+        self._array[key] = np.asarray(value, np.float32)
+
+    def __repr__(self) -> str:
+        return f"MapStack({self.path}, shape={self.shape})"
+
+
+class _PairMap:
+    """One pair's map, row ``index`` of a :class:`MapStack`, read by slicing (what
+    :func:`hybridreg.joint.solve_joint` reads a block of rows at a time)."""
+
+    def __init__(self, store: MapStack, index: int):
+        self.store, self.index = store, index
+        self.shape = store.shape[1:]
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        return self.store[(self.index,) + key]
+
+
+def _remove_tree(folder) -> None:
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _map_storage(n: int, grid: MapGrid, *, others: int = 0, folder=None, name="maps.zarr"):
+    """``n`` zero maps on ``grid``: an ndarray, or a :class:`MapStack` on disk (in
+    ``folder``, else a temporary one) when they and ``others`` maps more would take over
+    :data:`MAPS_IN_MEMORY_BYTES`."""
+    shape = (int(n), 2) + grid.node_shape
+    if (n + others) * 2 * int(np.prod(grid.node_shape)) * 4 <= MAPS_IN_MEMORY_BYTES:
+        return np.zeros(shape, np.float32)
+    log.info("%d coarse maps of %dx%d nodes (and %d more) kept on disk in %s", n,
+             *grid.node_shape, others, folder or "a temporary folder")
+    return MapStack(shape, folder, name)
 
 
 class DenseFields(SectionSequence):
@@ -661,7 +759,7 @@ def show_rate(bar, done: int, px_per_item: int) -> None:
         bar.set_postfix_str(f"{done * px_per_item / elapsed / 1e6:.2f} Mpx/s")
 
 
-def drift_corrected(fields: np.ndarray, window: int) -> np.ndarray:
+def drift_corrected(fields: np.ndarray, window: int, out=None) -> np.ndarray:
     """Fields minus their centred moving mean along z (``window`` sections, fewer at the ends).
 
     In a sequential chain every pair's error stays in all later sections: the error is a
@@ -672,28 +770,38 @@ def drift_corrected(fields: np.ndarray, window: int) -> np.ndarray:
 
     Parameters
     ----------
-    fields : ndarray, shape (Z, 2, H, W)
+    fields : ndarray or MapStack, shape (Z, 2, H, W)
     window : int
         Sections in the mean (>= 2).
+    out : ndarray or MapStack, optional
+        Where to write the result (may be ``fields``): computed a block of rows at a time.
 
     Returns
     -------
-    ndarray, shape (Z, 2, H, W), float32
+    ``out``, or a new ndarray (Z, 2, H, W), float32
     """
-    z = fields.shape[0]
+    z, _, h, w = fields.shape
     half_lo, half_hi = (window - 1) // 2, window // 2
-    csum = np.concatenate([np.zeros((1,) + fields.shape[1:], np.float64),
-                           np.cumsum(fields, axis=0, dtype=np.float64)])
-    out = np.empty_like(fields, dtype=np.float32)
-    for k in range(z):
-        a, b = max(0, k - half_lo), min(z, k + half_hi + 1)
-        out[k] = fields[k] - (csum[b] - csum[a]) / (b - a)
+    if out is None:
+        out = np.empty((z, 2, h, w), np.float32)
+    # blocks of rows of every field (about 64 MB of float64 sums): any size, on disk too
+    rows = max(1, (64 << 20) // max(1, (z + 1) * 2 * w * 8))
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        block = np.asarray(fields[:, :, r0:r1])
+        csum = np.concatenate([np.zeros((1,) + block.shape[1:], np.float64),
+                               np.cumsum(block, axis=0, dtype=np.float64)])
+        res = np.empty(block.shape, np.float32)
+        for k in range(z):
+            a, b = max(0, k - half_lo), min(z, k + half_hi + 1)
+            res[k] = block[k] - (csum[b] - csum[a]) / (b - a)
+        out[:, :, r0:r1] = res
     return out
 
 
 def _align_sequential(raw, method, *, grid, work, order, progress, window, drift_window=0):
     z, (h, w) = _depth(raw), grid.shape_yx
-    fields = np.zeros((z, 2) + grid.node_shape, np.float32)
+    fields = _map_storage(z, grid, folder=None if work is None else work.path)
     # the last `window` aligned sections, the rest only when the input is an ndarray
     keep_all = isinstance(raw, np.ndarray)
     aligned = np.empty((z, h, w), np.float32) if keep_all else {}
@@ -730,7 +838,9 @@ def _align_sequential(raw, method, *, grid, work, order, progress, window, drift
         if not keep_all:
             aligned.pop(k - window, None)
     if drift_window:
-        fields = grid.quantize(drift_corrected(fields, drift_window))
+        fields = drift_corrected(fields, drift_window, out=fields)
+        for k in range(z):
+            fields[k] = grid.quantize(fields[k])
         if keep_all:
             for k in range(z):
                 aligned[k] = render(raw[k], fields[k], grid, order=order)
@@ -744,24 +854,38 @@ def _align_sequential(raw, method, *, grid, work, order, progress, window, drift
 def _align_joint(raw, method, *, grid, work, order, progress, neighbours, prior, anchor=None,
                  client=None):
     z, (h, w) = _depth(raw), grid.shape_yx
+    all_pairs = pair_list(z, neighbours=neighbours)
+    scratch = None if work is None else work.path
+    # every pair's map in memory, or (many, or large) in one array on disk
+    store = _map_storage(len(all_pairs), grid, others=z, folder=scratch, name="pairs.zarr")
+    index = {p: n for n, p in enumerate(all_pairs)}
     pair_fields: dict = {}
     pair_rows: dict = {}
+
+    def keep(pair, u):
+        if isinstance(store, MapStack):
+            store[index[pair]] = u
+            pair_fields[pair] = _PairMap(store, index[pair])
+        else:
+            pair_fields[pair] = u
+
     todo = []
-    for (i, j) in pair_list(z, neighbours=neighbours):
+    for (i, j) in all_pairs:
         loaded = work.load(f"pair_{i:04d}_{j:04d}") if work is not None else None
         if loaded is None:
             todo.append((i, j))
         else:
-            pair_fields[(i, j)], pair_rows[(i, j)] = loaded
-    if len(todo) < len(pair_list(z, neighbours=neighbours)):
-        log.info("resumed %d finished pairs", len(pair_list(z, neighbours=neighbours)) - len(todo))
+            keep((i, j), loaded[0])
+            pair_rows[(i, j)] = loaded[1]
+    if len(todo) < len(all_pairs):
+        log.info("resumed %d finished pairs", len(all_pairs) - len(todo))
     kwargs = {"grid": grid}
 
     def finished(pair, u, row):
         if work is not None and u is not None:
             work.save(f"pair_{pair[0]:04d}_{pair[1]:04d}", u, row)
         if u is not None:
-            pair_fields[pair] = u
+            keep(pair, u)
         pair_rows[pair] = row
 
     desc = f"align ({method.name}, {neighbours} neighbour(s))"
@@ -793,8 +917,13 @@ def _align_joint(raw, method, *, grid, work, order, progress, neighbours, prior,
         solution = solve_joint(pair_fields, z, prior=prior, anchor=anchor,
                                spacing_xy=grid.node_spacing_xy,
                                mask=interior_mask(grid.node_shape, margin_px=margin),
-                               pair_weights=similarity, stride=grid.stride)
-        fields = grid.quantize(solution.fields)
+                               pair_weights=similarity, stride=grid.stride,
+                               out=_map_storage(z, grid, others=len(pair_fields),
+                                                folder=scratch),
+                               progress=progress)
+        fields = solution.fields
+        for k in range(z):
+            fields[k] = grid.quantize(fields[k])
     pairs = []
     for (i, j), row in pair_rows.items():
         ok = solution is not None and (i, j) in solution.pair_weight

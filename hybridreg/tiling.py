@@ -47,7 +47,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .fields import compose, interp_matrix, resample, validate_field
+from .fields import DEFAULT_STRIDE, compose, interp_matrix, resample, validate_field
 from .methods.base import RegistrationResult, check_pair
 from .warp import warp
 
@@ -210,7 +210,9 @@ def downsample(section: np.ndarray, f: int, *, chunk_px: int = 1 << 22) -> np.nd
     -------
     ndarray, shape (ceil(H / f), ceil(W / f)), float32
     """
-    if not hasattr(section, "shape") or not hasattr(section, "__getitem__"):
+    from .io.base import is_plane
+
+    if not is_plane(section):
         section = np.asarray(section)  # a SectionPlane is read strip by strip below
     if f == 1:
         return np.asarray(section[:, :]).astype(np.float32, copy=False)
@@ -635,27 +637,41 @@ AUTO_COARSE_PX = 1024
 
 
 def memory_plan(shape_yx, *, itemsize: int, method: str, tile_px: int | None,
-                sections_held: int = 3) -> dict:
+                sections_held: int = 3, regions: bool = False) -> dict:
     """What aligning a stack of ``shape_yx`` sections needs at its peak, in bytes.
 
     The parts: ``baseline`` (the method loaded), ``sections`` (the raw sections a pair
-    alignment holds in their own dtype), ``registration`` (one whole section, or one tile,
-    and the pair's NCC on at most :data:`hybridreg.stack.NCC_MAX_PX` pixels), ``render``
-    (one output section and a chunk), and ``total`` (the larger phase: registering or
-    rendering).
+    alignment holds in their own dtype; with ``regions``, a lazy stack whose sections over
+    :data:`hybridreg.io.WHOLE_SECTION_BYTES` are read region by region, only their reduced
+    copies), ``registration`` (one whole section, or one tile, and the pair's NCC on at
+    most :data:`hybridreg.stack.NCC_MAX_PX` pixels), ``render`` (one output section and a
+    chunk, or one band of chunks), ``solve`` (the maps held in memory, at most
+    :data:`hybridreg.stack.MAPS_IN_MEMORY_BYTES`, and a block of the joint solve), and
+    ``total`` (the largest phase: registering, solving or rendering).
     """
-    from .stack import NCC_MAX_PX
+    from . import io
+    from .joint import SOLVE_BLOCK_BYTES
+    from .stack import MAPS_IN_MEMORY_BYTES, NCC_MAX_PX
 
     h, w = (int(s) for s in shape_yx)
     name = method.split("+")[0]
     per_px = BYTES_PER_PX.get(name, max(BYTES_PER_PX.values()))
     base = BASELINE_BYTES.get(name, max(BASELINE_BYTES.values()))
     unit = h * w if not tile_px or (h <= tile_px and w <= tile_px) else tile_px ** 2
-    sections = sections_held * h * w * itemsize
-    registration = per_px * unit + 40 * min(h * w, NCC_MAX_PX)
-    render = 2 * h * w * itemsize + 0.2e9
+    planes = regions and h * w * max(itemsize, 4) > io.WHOLE_SECTION_BYTES
+    if planes:  # the coarse pass's and the NCC's reduced copies, float32
+        sections = sections_held * 4 * (AUTO_COARSE_PX ** 2 + NCC_MAX_PX)
+        render = 0.3e9  # one band of output chunks and its region of the raw section
+    else:
+        sections = sections_held * h * w * itemsize
+        render = 2 * h * w * itemsize + 0.2e9
+    # and the pair's map, built from the tiles: its right-hand side and solve (float64)
+    nodes = (h // DEFAULT_STRIDE + 2) * (w // DEFAULT_STRIDE + 2)
+    registration = per_px * unit + 40 * min(h * w, NCC_MAX_PX) + 3 * 2 * nodes * 8
+    solve = MAPS_IN_MEMORY_BYTES + SOLVE_BLOCK_BYTES
     return {"baseline": base, "sections": sections, "registration": registration,
-            "render": render, "total": base + max(sections + registration, render)}
+            "render": render, "solve": solve,
+            "total": base + max(sections + registration, render, solve)}
 
 
 def tile_for(length: int, n: int, overlap_px: int = AUTO_OVERLAP_PX) -> int:
@@ -665,7 +681,8 @@ def tile_for(length: int, n: int, overlap_px: int = AUTO_OVERLAP_PX) -> int:
 
 
 def plan_tile(shape_yx, *, itemsize: int, method: str, limit_bytes: float,
-              tile_px: int | None = None, sections_held: int = 3) -> int | None:
+              tile_px: int | None = None, sections_held: int = 3,
+              regions: bool = False) -> int | None:
     """The tile for a stack of ``shape_yx`` sections under ``limit_bytes``.
 
     With ``tile_px`` None: None (whole sections) when they fit, else the largest tile that
@@ -676,7 +693,7 @@ def plan_tile(shape_yx, *, itemsize: int, method: str, limit_bytes: float,
     """
     def total(t):
         return memory_plan(shape_yx, itemsize=itemsize, method=method, tile_px=t,
-                           sections_held=sections_held)["total"]
+                           sections_held=sections_held, regions=regions)["total"]
 
     gb = 1e9
     longest = max(int(s) for s in shape_yx)
@@ -692,11 +709,12 @@ def plan_tile(shape_yx, *, itemsize: int, method: str, limit_bytes: float,
         return tile_px
     need = total(tile_px)
     what = f"tiles of {tile_px} px" if tile_px else "whole sections"
+    smallest = candidates[-1] if candidates else 256
+    held = ("" if regions else f" (the sections themselves take "
+            f"{sections_held * shape_yx[0] * shape_yx[1] * itemsize / gb:.1f} GB: read the "
+            f"stack lazily, from a file, to work on regions of them)")
     hint = (f"use --tile {fits[0]} (about {total(fits[0]) / gb:.1f} GB)" if fits else
-            f"even tiles of {candidates[-1] if candidates else 256} px need "
-            f"{total(candidates[-1] if candidates else 256) / gb:.1f} GB (the sections "
-            f"themselves take {sections_held * shape_yx[0] * shape_yx[1] * itemsize / gb:.1f}"
-            f" GB)")
+            f"even tiles of {smallest} px need {total(smallest) / gb:.1f} GB{held}")
     raise ValueError(f"{method} on {shape_yx[0]}x{shape_yx[1]} sections with {what} needs "
                      f"about {need / gb:.1f} GB, over the memory limit of "
                      f"{limit_bytes / gb:.1f} GB: {hint}, or raise --memory-limit")

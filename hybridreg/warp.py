@@ -190,8 +190,9 @@ def render(moving: np.ndarray, m: np.ndarray, grid, *, order: int = 1, cval: flo
     """
     # a section read region by region (hybridreg.io.SectionPlane): each chunk reads the
     # region its samples fall in, so that memory stays bounded at any section size
-    lazy = (not isinstance(moving, np.ndarray) and hasattr(moving, "shape")
-            and hasattr(moving, "__getitem__"))
+    from .io.base import is_plane
+
+    lazy = is_plane(moving)
     if not lazy:
         moving = np.asarray(moving)
     h, w = grid.shape_yx

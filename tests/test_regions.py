@@ -7,6 +7,8 @@ compared with the whole-section path.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -132,3 +134,69 @@ def test_a_stack_of_large_sections_aligns_and_writes_region_by_region(tmp_path, 
         np.testing.assert_array_equal(back.data, expected, err_msg=out)
         assert back.spacing_xyz == (1.0, 1.0, 1.0)
     assert lazy.reads == 0
+
+
+# --- the joint solve and the maps, out of memory --------------------------------------------
+
+@pytest.mark.parametrize("mode", ["joint", "sequential"])
+def test_maps_on_disk_and_a_blocked_solve_give_the_in_memory_result(tmp_path, monkeypatch,
+                                                                     mode):
+    """Past MAPS_IN_MEMORY_BYTES every pair's and section's map lives on disk and the joint
+    solve runs a few rows of nodes at a time: the same maps, the same outputs."""
+    import hybridreg.joint as joint
+    import hybridreg.stack as stack_mod
+    from hybridreg.outputs import read_transforms
+    from hybridreg.outputs import save_alignment
+    from hybridreg.stack import MapStack, align_stack
+
+    from test_tiling import Shift
+
+    stack = _textured_stack([(0, 0), (3, -2), (5, 1), (4, 4), (6, 2)])
+    kw = ({"neighbours": 2} if mode == "joint" else {"drift_window": 3})
+    held = align_stack(stack, Shift(), mode=mode, stride=8, **kw)
+    monkeypatch.setattr(stack_mod, "MAPS_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(joint, "SOLVE_BLOCK_BYTES", 1)  # one row of nodes a block
+    disk = align_stack(stack, Shift(), mode=mode, stride=8, work_dir=tmp_path / "work", **kw)
+    assert isinstance(disk.maps, MapStack) and disk.maps.path.startswith(str(tmp_path))
+    np.testing.assert_allclose(np.asarray(disk.maps), held.maps, atol=2 ** -8, rtol=0)
+    np.testing.assert_allclose(disk.aligned, held.aligned, atol=0.05)
+    save_alignment(disk, out=str(tmp_path / "out.tif"), fields_out=tmp_path / "tf",
+                   spacing_xyz=(1, 1, 1), dtype=np.uint8)
+    maps, grid = read_transforms(tmp_path / "tf")
+    np.testing.assert_array_equal(maps, np.asarray(disk.maps))
+    # without a work folder the maps go to a temporary folder, removed with them
+    temp = align_stack(stack, Shift(), mode=mode, stride=8, **kw)
+    folder = Path(temp.maps.path).parent
+    assert folder.exists()
+    del temp
+    import gc
+
+    gc.collect()
+    assert not folder.exists()
+
+
+def test_the_joint_solve_by_blocks_equals_the_whole_solve():
+    from scipy import ndimage
+
+    from hybridreg.joint import solve_joint
+
+    rng = np.random.default_rng(0)
+    z, h, w = 6, 40, 33
+    pairs = {}
+    for i in range(z):
+        for j in range(i + 1, min(z, i + 3)):
+            v = np.stack([ndimage.gaussian_filter(rng.standard_normal((h, w)), 4) * 30
+                          for _ in range(2)]).astype(np.float32)
+            v[0] += 3 * (j - i)
+            pairs[(i, j)] = v
+    pairs[(1, 2)] = pairs[(1, 2)] * 5 + 20  # a bad pair: the robust weights must agree
+    whole = solve_joint(pairs, z, spacing_xy=(2.0, 3.0), stride=8)
+    for max_bytes in (30000, 1):
+        blocks = solve_joint(pairs, z, spacing_xy=(2.0, 3.0), stride=8, max_bytes=max_bytes)
+        np.testing.assert_allclose(blocks.fields, whole.fields, atol=1e-4, rtol=0)
+        for p in pairs:
+            assert blocks.pair_weight[p] == pytest.approx(whole.pair_weight[p], abs=1e-6)
+            assert blocks.pair_residual_px[p] == pytest.approx(whole.pair_residual_px[p],
+                                                               abs=1e-4)
+    assert whole.pair_weight[(1, 2)] < 0.1 < min(whole.pair_weight[p] for p in pairs
+                                                  if p != (1, 2))
