@@ -337,7 +337,37 @@ def _method(args):
             raise CLIError(f"--params is for --method elastix or hybrid, not {args.method}")
         if args.model:
             options["model"] = args.model
-    return get_method(args.method, **options)
+    return _preflight(get_method(args.method, **options))
+
+
+def _preflight(method):
+    """Load what ``method`` needs (its networks) now, before any work: a corrupt or
+    mismatched --model or --features is one line here, not a traceback mid-run."""
+    parts = [method, getattr(method, "learned", None)]
+    try:
+        for part in parts:
+            if part is not None and hasattr(part, "network"):
+                part.network()
+        if hasattr(method, "autoencoder"):
+            method.autoencoder()
+    except (ValueError, OSError) as exc:
+        raise CLIError(f"{exc}") from None
+    return method
+
+
+def _refuse_onto_input(outputs, inputs) -> None:
+    """Before any work: no output may overwrite, contain or lie inside an input."""
+    from .io.atomic import refuse_inputs
+    from .io.base import split_spec
+
+    for out in outputs:
+        if out is None:
+            continue
+        file, inner = split_spec(str(out))
+        try:
+            refuse_inputs(file, inner, [str(i) for i in inputs if i is not None], str(out))
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
 
 
 def _tiled(args, method, stack=None):
@@ -405,11 +435,18 @@ def _read_section(path):
 def cmd_register(args) -> int:
     from .outputs import write_registration
 
+    _refuse_onto_input([args.out, args.fields_out], [args.fixed, args.moving])
     fixed, moving = _read_section(args.fixed), _read_section(args.moving)
     if fixed.data.shape != moving.data.shape:
         raise CLIError(f"fixed {args.fixed} {fixed.data.shape[1:]} and moving {args.moving} "
                        f"{moving.data.shape[1:]} must have the same size")
     spacing_xy = _spacing_xy(fixed)
+    from .stack import MIN_USEFUL_PX
+
+    if min(fixed.data.shape[1:]) < MIN_USEFUL_PX:
+        log.warning("sections of %dx%d px are too small to register reliably (every method "
+                    "needs at least %d px a side); expect little or no alignment",
+                    *fixed.data.shape[1:], MIN_USEFUL_PX)
     method = _tiled(args, _method(args))
     res = method.register(fixed.data[0].astype("float32"), moving.data[0].astype("float32"),
                           spacing_xy=spacing_xy)
@@ -436,6 +473,7 @@ def cmd_align(args) -> int:
     # section by section), so stacks larger than memory can be aligned
     stack = io.read_stack(args.stack, lazy=True)
     fields_out = Path(args.fields_out)
+    _refuse_onto_input([args.out, fields_out], [args.stack])
     work = fields_out / "work"
     if work.exists() and not args.resume:
         raise CLIError(f"{work} holds an interrupted run; pass --resume to continue it, or "
@@ -514,7 +552,9 @@ def cmd_apply(args) -> int:
 
     from .outputs import read_transforms
 
-    stack = io.read_stack(args.stack, lazy=io.is_ome_zarr_target(args.out))
+    _refuse_onto_input([args.out], [args.stack, args.fields])
+    # lazily: one section at a time (large ones region by region), into any output
+    stack = io.read_stack(args.stack, lazy=True)
     maps, grid = read_transforms(args.fields)
     if len(maps) != stack.data.shape[0] or grid.shape_yx != stack.data.shape[1:]:
         raise CLIError(f"{args.fields} holds the transforms of {len(maps)} sections of "

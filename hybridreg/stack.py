@@ -76,6 +76,10 @@ __all__ = ["StackAlignment", "AlignedSections", "DenseFields", "align_stack", "a
 
 #: pairs whose final weight in the joint solve falls below this are flagged
 LOW_PAIR_WEIGHT = 0.2
+#: sections with a side below this get a warning: too small for any method to register
+#: reliably (the learned network's coarsest cell is 32 px, elastix's 4-level pyramid
+#: reduces 64 px to 8)
+MIN_USEFUL_PX = 64
 
 
 @dataclass(frozen=True)
@@ -678,6 +682,11 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
     if shape[0] == 1:
         log.warning("the stack holds one section: there is nothing to align it to, so it "
                     "keeps its place (the identity transform)")
+    if min(shape[1:]) < MIN_USEFUL_PX:
+        log.warning("sections of %dx%d px are too small to register reliably (every "
+                    "method needs at least %d px a side: a network's receptive field, "
+                    "elastix's pyramid); expect flagged pairs and little or no alignment",
+                    shape[1], shape[2], MIN_USEFUL_PX)
     spacing_xy = tuple(float(s) for s in spacing_xy)
     origin_xy = tuple(float(o) for o in origin_xy)
     grid = MapGrid(shape[1:], stride=stride, spacing_xy=spacing_xy, origin_xy=origin_xy)

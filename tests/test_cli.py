@@ -194,3 +194,56 @@ def test_quiet_and_log_file(tmp_path, capsys):
     # without -q the summary is printed
     assert run(["phantom", "--out", tmp_path / "q.tif", "--sections", 3, "--size", 32, 32]) == 0
     assert capsys.readouterr().out
+
+
+def test_align_checks_outputs_and_models_before_any_work(tmp_path, capsys):
+    """An output onto the input, or a corrupt --model, is one line and exit 2 before any
+    work: no work folder is left to block the corrected rerun (issue 18, item 7)."""
+    import shutil
+
+    from hybridreg.methods.learned import LearnedMethod
+
+    assert run(["phantom", "--out", tmp_path / "p.tif", "--sections", 3, "--size", 64, 64]) == 0
+    fields = tmp_path / "fields"
+    before = (tmp_path / "p.tif").read_bytes()
+    for out, fields_out in ((tmp_path / "p.tif", fields), (tmp_path / "a.tif", tmp_path / "p.tif")):
+        capsys.readouterr()
+        assert run(["align", tmp_path / "p.tif", "--out", out, "--fields-out", fields_out,
+                    "--method", "learned", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "would overwrite the input" in err and err.count("\n") == 1
+        assert not fields.exists() and (tmp_path / "p.tif").read_bytes() == before
+    # a model file of zeroed bytes, and one cut short
+    model = LearnedMethod().model_path
+    for name, data in (("zero.safetensors", bytes(model.stat().st_size)),
+                       ("cut.safetensors", model.read_bytes()[:model.stat().st_size // 2])):
+        (tmp_path / name).write_bytes(data)
+        assert run(["align", tmp_path / "p.tif", "--out", tmp_path / "a.tif", "--fields-out",
+                    fields, "--method", "learned", "--model", tmp_path / name,
+                    "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert name in err and "corrupt or truncated" in err and err.count("\n") == 1
+        assert not fields.exists() and not (tmp_path / "a.tif").exists()
+    # the corrected command runs
+    shutil.rmtree(fields, ignore_errors=True)
+    assert run(["align", tmp_path / "p.tif", "--out", tmp_path / "a.tif", "--fields-out",
+                fields, "--method", "learned", "--no-progress"]) == 0
+    assert (tmp_path / "a.tif").exists() and not (fields / "work").exists()
+
+
+def test_one_section_and_tiny_sections_are_warned_about(tmp_path, capsys):
+    """A 1-section stack and 16 x 16 sections still run (exit 0) but say why the result
+    cannot be trusted (issue 18, item 4)."""
+    for sections, size in ((1, 64), (3, 16)):
+        stack = tmp_path / f"p{sections}_{size}.tif"
+        assert run(["phantom", "--out", stack, "--sections", sections, "--size", size,
+                    size]) == 0
+        capsys.readouterr()
+        assert run(["align", stack, "--out", tmp_path / f"a{sections}_{size}.tif",
+                    "--fields-out", tmp_path / f"f{sections}_{size}", "--method", "learned",
+                    "--no-progress"]) == 0
+        err = capsys.readouterr().err
+        if sections == 1:
+            assert "one section" in err and "nothing to align" in err
+        else:
+            assert "16x16 px are too small" in err
