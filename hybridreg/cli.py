@@ -464,6 +464,7 @@ def cmd_register(args) -> int:
 
 
 def cmd_align(args) -> int:
+    import contextlib
     import shutil
 
     from . import io
@@ -495,13 +496,23 @@ def cmd_align(args) -> int:
     method = _tiled(args, _method(args), stack.data)
     t0 = time.perf_counter()
     with _dask_client(args) as client:
-        result = align_stack(stack.data, method, spacing_xy=_spacing_xy(stack),
-                             mode=args.mode, neighbours=args.neighbours, prior=args.prior,
-                             anchor=args.anchor, window=args.window,
-                             drift_window=args.drift_window,
-                             work_dir=work,
-                             progress=not args.no_progress, client=client,
-                             stride=args.stride or _DEFAULT_STRIDE)
+        try:
+            result = align_stack(stack.data, method, spacing_xy=_spacing_xy(stack),
+                                 mode=args.mode, neighbours=args.neighbours, prior=args.prior,
+                                 anchor=args.anchor, window=args.window,
+                                 drift_window=args.drift_window,
+                                 work_dir=work,
+                                 progress=not args.no_progress, client=client,
+                                 stride=args.stride or _DEFAULT_STRIDE)
+        except ValueError:
+            # a user error found on the first pair (a parameter map elastix cannot run):
+            # a work folder with nothing finished in it must not block the corrected rerun
+            if not resuming and work.is_dir() and not any(
+                    p.suffix == ".json" and p.name != "manifest.json" for p in work.iterdir()):
+                shutil.rmtree(work, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    fields_out.rmdir()  # only when empty
+            raise
         # the aligned sections of a zarr output are rendered and written by the workers
         save_alignment(result, out=args.out, fields_out=fields_out, overwrite=args.overwrite,
                        resume=resuming, inputs=[args.stack], dtype=stack.data.dtype,

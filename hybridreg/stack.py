@@ -364,6 +364,20 @@ def apply_fields(stack: np.ndarray, fields: np.ndarray, *, spacing_xy=(1.0, 1.0)
 
 # --- resume ----------------------------------------------------------------------------------
 
+def _stack_bytes(stack, strip_px: int = 1 << 22):
+    """The stack's bytes in memory order, a strip of rows (about ``strip_px`` pixels) at a
+    time for a lazy stack (its large sections read region by region), never copied whole."""
+    if isinstance(stack, np.ndarray):
+        yield np.ascontiguousarray(stack)
+        return
+    for k in range(stack.shape[0]):
+        section = section_of(stack, k)
+        h, w = section.shape
+        step = max(1, strip_px // max(1, w))
+        for y in range(0, h, step):
+            yield np.ascontiguousarray(section[y:y + step, :])
+
+
 def _fingerprint(stack, method: Method, settings: dict) -> dict:
     """What a run's checkpoints belong to: ``fingerprint`` (one digest of it all) and its
     parts, ``stack`` (a digest of the sections), ``method`` (the method's config) and
@@ -372,11 +386,7 @@ def _fingerprint(stack, method: Method, settings: dict) -> dict:
     head = str(tuple(stack.shape)).encode() + str(stack.dtype).encode()
     h.update(head)
     data.update(head)
-    if isinstance(stack, np.ndarray):
-        sections = [np.ascontiguousarray(stack).tobytes()]
-    else:  # one section at a time: the same bytes, in the same order
-        sections = (np.ascontiguousarray(stack[k]).tobytes() for k in range(stack.shape[0]))
-    for chunk in sections:
+    for chunk in _stack_bytes(stack):
         h.update(chunk)
         data.update(chunk)
     config = json.dumps(getattr(method, "config", method.name), sort_keys=True, default=str)
@@ -494,6 +504,8 @@ def _register(method: Method, fixed, moving, refs, *, grid: MapGrid, what,
         warped = res.warped if grid.stride == 1 else None
         warnings += list(res.warnings)
     except Exception as exc:  # one bad section must not end a long run
+        if getattr(type(exc), "__name__", "") == "ElastixConfigError":
+            raise  # but a parameter file elastix cannot run ends it: it fails every pair
         log.warning("%s: %s failed (%s: %s)", what, method.name, type(exc).__name__, exc)
         warnings.append(f"registration failed: {type(exc).__name__}: {_one_line(exc)}")
     seconds = round(time.perf_counter() - t0, 4)

@@ -236,3 +236,33 @@ def test_align_writes_dense_fields_on_request(deformed, tmp_path):
     dense, spacing, _ = io.read_fields(tmp_path / "f" / "dense")
     assert dense.shape == (len(maps), 2, 96, 96)
     np.testing.assert_allclose(dense, np.asarray(DenseFields(maps, grid)), atol=1e-6)
+
+
+def test_a_parameter_file_elastix_cannot_run_is_one_line_and_blocks_nothing(deformed, tmp_path,
+                                                                           capsys):
+    """A component that does not exist, or a value of the wrong kind: exit 2 with one line
+    that names the cause, for elastix and for the hybrid (no silent fallback to the learned
+    field), and no work folder left behind (issue 18, item 6)."""
+    d = deformed
+    bad = {"component": ('(Optimizer "NoSuchOptimizer")', "'NoSuchOptimizer' does not exist"),
+           "value": ('(NumberOfResolutions "banana")', "'banana' of NumberOfResolutions")}
+    for name, (line, said) in bad.items():
+        params = tmp_path / f"{name}.txt"
+        params.write_text('(Transform "BSplineTransform")\n(Metric "AdvancedNormalizedCorrelation")'
+                          f'\n(MaximumNumberOfIterations 20)\n{line}\n')
+        for method in ("elastix", "hybrid"):
+            capsys.readouterr()
+            fields = tmp_path / f"f_{name}_{method}"
+            assert run(["align", d / "def.tif", "--out", tmp_path / f"a_{name}_{method}.tif",
+                        "--fields-out", fields, "--method", method, "--params", params,
+                        "--no-progress"]) == 2
+            err = capsys.readouterr().err
+            assert said in err and err.count("\n") == 1, (name, method, err)
+            assert not fields.exists()
+    # a file elastix cannot parse: one line too
+    params = tmp_path / "unparsable.txt"
+    params.write_text('(Transform "BSplineTransform"\n')
+    assert run(["align", d / "def.tif", "--out", tmp_path / "a.tif", "--fields-out",
+                tmp_path / "f", "--params", params, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "unparsable.txt" in err and "not between brackets" in err and err.count("\n") == 1

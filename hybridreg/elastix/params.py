@@ -92,6 +92,15 @@ def plain_map(mapping: Mapping) -> dict[str, list[str]]:
     return out
 
 
+def _parser_error(text: str) -> str:
+    """elastix's parameter-file parser error on one line (its message spans several, after
+    a C++ source location)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.endswith(".cxx:" ) and ".cxx:" not in ln]
+    text = " ".join(ln.replace("ITK ERROR: ", "").replace("ERROR: ", "") for ln in lines)
+    return text.replace("Please correct you parameter file!", "").strip() or "unreadable"
+
+
 def _looks_like_path(text: str) -> bool:
     return (os.sep in text or "/" in text or text.lower().endswith(".txt")
             or (os.altsep is not None and os.altsep in text))
@@ -112,7 +121,8 @@ def _maps_of_one(itk, item) -> list[dict[str, list[str]]]:
         try:
             po.ReadParameterFile(str(path))
         except RuntimeError as exc:
-            raise ValueError(f"cannot read elastix parameter file '{path}': {exc}") from None
+            raise ValueError(f"cannot read elastix parameter file '{path}': "
+                             f"{_parser_error(str(exc))}") from None
         return [plain_map(po.GetParameterMap(i)) for i in range(po.GetNumberOfParameterMaps())]
     if isinstance(item, str):
         shipped = shipped_parameter_files()

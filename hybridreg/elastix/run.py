@@ -46,6 +46,38 @@ class ElastixError(RuntimeError):
     """elastix or transformix failed; the message carries the tail of elastix's log."""
 
 
+class ElastixConfigError(ElastixError, ValueError):
+    """elastix cannot run the parameter maps at all (a component that does not exist, a
+    value it cannot use): the user's to fix, the same for every pair, so never a fallback.
+    The message is one line; the log's tail is logged at DEBUG level (``-v -v``)."""
+
+
+_CONFIG_PATTERNS = (
+    (re.compile(r"The following component could not be created: (\S+)"),
+     "the component {0!r} does not exist in this elastix (check its spelling, and elastix's "
+     "manual for the components of each kind)"),
+    (re.compile(r"(\S+)\(index \d+\) - This component is not installed"),
+     "the component {0!r} is not installed in this elastix"),
+    (re.compile(r'Casting entry number (\d+) for the parameter "(\w+)" failed!\s*'
+                r'You tried to cast "([^"]*)"'),
+     "the value {2!r} of {1} (entry {0}) is not of the kind elastix expects there"),
+)
+
+
+def config_error_in(log_text: str) -> str | None:
+    """The one-line cause when an elastix log shows that the parameter maps themselves cannot
+    run (not that a registration went wrong); None otherwise."""
+    kind = re.search(r"error occurred while creating (\w+?) ?\d*\.", log_text)
+    for pattern, message in _CONFIG_PATTERNS:
+        found = pattern.search(log_text)
+        if found:
+            what = message.format(*found.groups())
+            return f"{what}{f' ({kind.group(1)})' if kind else ''}"
+    if "One or more components could not be created" in log_text:
+        return "one or more components of the parameter map could not be created"
+    return None
+
+
 def _to_array(image, name: str) -> np.ndarray:
     """A 2D section (ndarray or itk.Image) as a contiguous, finite float32 array."""
     if is_itk_image(image):
@@ -492,6 +524,13 @@ def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.
         try:
             method.Update()
         except RuntimeError as exc:
+            text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+            cause = config_error_in(text)
+            if cause is not None:
+                log.debug("elastix log:\n%s", _log_tail(log_path))
+                raise ElastixConfigError(f"elastix cannot run the parameter map(s) "
+                                         f"{[m.get('Transform', ['?'])[0] for m in maps]}: "
+                                         f"{cause}") from None
             raise ElastixError(
                 f"elastix failed ({len(maps)} map(s): "
                 f"{[m.get('Transform', ['?'])[0] for m in maps]}): "

@@ -452,6 +452,7 @@ class HybridMethod:
         does not fold and does not lower the NCC of ``start`` by more than the tolerance.
         """
         from ..elastix import register_pair
+        from ..elastix.run import ElastixConfigError
         from ..warp import valid_mask, warp
 
         try:
@@ -461,6 +462,8 @@ class HybridMethod:
                 initial_field=start, threads=self.threads, initial_mode=self.initial,
                 moving_resampled=start_warped if self.initial == "resample" else None,
                 **({"fixed_mask": mask} if mask is not None else {}))
+        except ElastixConfigError:  # the parameter file's fault: the same for every pair
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure falls back, flagged
             return None, None, None, (f"the refinement failed ({type(exc).__name__}: "
                                       f"{str(exc).splitlines()[0] if str(exc) else ''})")
