@@ -515,3 +515,25 @@ def format_parameter_file(m: Mapping[str, Sequence[str]]) -> str:
                         for v in values)
         lines.append(f"({key} {text})")
     return "\n".join(lines) + "\n"
+
+
+def scale_penalties_to_spacing(maps, spacing_xy) -> list[dict]:
+    """Maps whose ``TransformBendingEnergyPenalty`` weight is multiplied by ``sx * sy``.
+
+    elastix computes the bending energy in physical units: a displacement's second
+    derivatives, and so the energy, scale as 1 / spacing^2 (a spacing of 0.001, um for nm,
+    makes it 10^6 times larger). Penalty weights in hybridreg's parameter files are for pixel
+    units (a spacing of 1, as elastix's own examples assume); rescaled here, the balance of
+    similarity and smoothness, and so the result in pixels, is the same in any unit of the
+    spacing (tests/elastix: nm against um).
+    """
+    factor = float(spacing_xy[0]) * float(spacing_xy[1])
+    out = []
+    for m in maps:
+        m = {k: list(v) for k, v in m.items()}
+        for i, metric in enumerate(m.get("Metric", [])):
+            if metric == "TransformBendingEnergyPenalty" and factor != 1.0:
+                key = f"Metric{i}Weight"
+                m[key] = [repr(float(m.get(key, ["1.0"])[0]) * factor)]
+        out.append(m)
+    return out

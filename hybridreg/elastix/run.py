@@ -37,7 +37,8 @@ from ..checks import as_xy
 from ..itkimage import from_itk, is_itk_image, to_itk
 from .loading import load_itk
 from .params import (check_channels, check_no_penalty_with_initial, image_metrics,
-                     parameter_maps, parameter_object, plain_map)
+                     parameter_maps, parameter_object, plain_map,
+                     scale_penalties_to_spacing)
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +423,8 @@ def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.
                              f"the sections' shape {shape}")
     n_channels = 1 + len(fixed_extra)
 
-    maps = parameter_maps(params)
+    # penalty weights are for pixel units: the result must not depend on the spacing's unit
+    maps = scale_penalties_to_spacing(parameter_maps(params), spacing_xy)
     check_channels(maps, n_channels)
     if initial_mode not in ("external", "resample"):
         raise ValueError(f"initial_mode must be 'external' or 'resample', got {initial_mode!r}")

@@ -284,3 +284,24 @@ def test_elastix_failure_raises_elastix_error(itk, fixed):
         elx.register_pair(fixed, fixed, params=bad)
     assert isinstance(info.value, RuntimeError)
     assert "elastix log" in str(info.value)
+
+
+def test_the_default_chain_does_not_depend_on_the_unit_of_the_spacing():
+    """The same sections with the spacing in nm (4) and in um (0.004): the same field in
+    pixels. elastix computes the bending energy in physical units (it scales as 1/s^2), so
+    em_bspline's penalty weight is rescaled with the spacing (issue 18, item 3)."""
+    from elastix_cases import deform, em_like, gaussian_bump
+
+    fixed = em_like((128, 128), seed=11)
+    truth = gaussian_bump((128, 128), centre_xy=(60, 70), sigma_px=25, amplitude_px=(3, -2))
+    moving = deform(fixed, truth)
+    px = {}
+    for spacing in (4.0, 0.004):
+        r = elx.register_pair(fixed, moving, params=["em_affine", "em_bspline"],
+                              spacing_xy=(spacing, spacing))
+        px[spacing] = fields.to_pixels(r.field, (spacing, spacing))
+        weights = [m.get("Metric1Weight") for m in r.parameter_maps if "Metric1Weight" in m]
+        assert weights == [[repr(1000.0 * spacing ** 2)]]
+    mask = np.zeros((128, 128), bool)
+    mask[16:-16, 16:-16] = True
+    assert endpoint_error(px[4.0], px[0.004], mask=mask).mean_px < 0.05
