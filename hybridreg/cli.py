@@ -387,7 +387,9 @@ def _tiled(args, method, stack=None):
                              method=method.name, limit_bytes=args.memory_limit * 1e9,
                              tile_px=None if tile in (None, "auto") else tile,
                              sections_held=args.neighbours + 2 if args.mode == "joint"
-                             else args.window + 2, regions=hasattr(stack, "plane"))
+                             else args.window + 2, regions=hasattr(stack, "plane"),
+                             sections=z, neighbours=args.neighbours if args.mode == "joint"
+                             else 0)
         except ValueError as exc:
             raise CLIError(str(exc)) from None
         if tile and args.tile in (None, "auto"):

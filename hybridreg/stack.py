@@ -133,6 +133,10 @@ class StackAlignment:
 MAPS_IN_MEMORY_BYTES = 512 << 20
 
 
+#: Node rows per chunk of a :class:`MapStack` on disk.
+MAP_CHUNK_ROWS = 16
+
+
 class MapStack(SectionSequence):
     """Coarse maps ``(N, 2, h, w)`` float32 in a zarr array on disk (a run's scratch).
 
@@ -154,8 +158,9 @@ class MapStack(SectionSequence):
             folder = tempfile.mkdtemp(prefix="hybridreg-maps-")
             weakref.finalize(self, _remove_tree, folder)
         self.path = str(Path(folder) / name)
-        rows = max(1, min(self.shape[2], (1 << 20) // max(1, 2 * self.shape[3])))
-        self._chunks = (1, 2, rows, self.shape[3])  # a block of rows of one map: ~4 MB
+        # chunks of 16 node rows of one map: the joint solve reads a few rows of every map
+        # per block, and a chunk is read (decompressed) whole
+        self._chunks = (1, 2, min(self.shape[2], MAP_CHUNK_ROWS), self.shape[3])
         self._array = self._open("w")
 
     def _open(self, mode):

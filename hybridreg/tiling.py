@@ -637,7 +637,8 @@ AUTO_COARSE_PX = 1024
 
 
 def memory_plan(shape_yx, *, itemsize: int, method: str, tile_px: int | None,
-                sections_held: int = 3, regions: bool = False) -> dict:
+                sections_held: int = 3, regions: bool = False, sections: int | None = None,
+                neighbours: int = 1) -> dict:
     """What aligning a stack of ``shape_yx`` sections needs at its peak, in bytes.
 
     The parts: ``baseline`` (the method loaded), ``sections`` (the raw sections a pair
@@ -645,9 +646,11 @@ def memory_plan(shape_yx, *, itemsize: int, method: str, tile_px: int | None,
     :data:`hybridreg.io.WHOLE_SECTION_BYTES` are read region by region, only their reduced
     copies), ``registration`` (one whole section, or one tile, and the pair's NCC on at
     most :data:`hybridreg.stack.NCC_MAX_PX` pixels), ``render`` (one output section and a
-    chunk, or one band of chunks), ``solve`` (the maps held in memory, at most
-    :data:`hybridreg.stack.MAPS_IN_MEMORY_BYTES`, and a block of the joint solve), and
-    ``total`` (the largest phase: registering, solving or rendering).
+    chunk, or one band of chunks), ``solve`` (the maps of the run's ``sections`` and their
+    pairs with ``neighbours``, held in memory up to :data:`hybridreg.stack.MAPS_IN_MEMORY_BYTES`,
+    and a block of the joint solve, at most :data:`hybridreg.joint.SOLVE_BLOCK_BYTES`; those
+    bounds when ``sections`` is None), and ``total`` (the largest phase: registering, solving
+    or rendering).
     """
     from . import io
     from .joint import SOLVE_BLOCK_BYTES
@@ -668,7 +671,14 @@ def memory_plan(shape_yx, *, itemsize: int, method: str, tile_px: int | None,
     # and the pair's map, built from the tiles: its right-hand side and solve (float64)
     nodes = (h // DEFAULT_STRIDE + 2) * (w // DEFAULT_STRIDE + 2)
     registration = per_px * unit + 40 * min(h * w, NCC_MAX_PX) + 3 * 2 * nodes * 8
-    solve = MAPS_IN_MEMORY_BYTES + SOLVE_BLOCK_BYTES
+    if sections is None:
+        solve = MAPS_IN_MEMORY_BYTES + SOLVE_BLOCK_BYTES
+    else:  # the maps, and the solve's float64 right-hand side and targets (joint.block_rows)
+        z = int(sections)
+        pairs = z * int(neighbours)
+        maps = (z + pairs) * 2 * nodes * 4
+        block = 2 * nodes * (z * 12 + pairs * 20)
+        solve = min(maps, MAPS_IN_MEMORY_BYTES) + min(block, SOLVE_BLOCK_BYTES)
     return {"baseline": base, "sections": sections, "registration": registration,
             "render": render, "solve": solve,
             "total": base + max(sections + registration, render, solve)}
@@ -682,7 +692,8 @@ def tile_for(length: int, n: int, overlap_px: int = AUTO_OVERLAP_PX) -> int:
 
 def plan_tile(shape_yx, *, itemsize: int, method: str, limit_bytes: float,
               tile_px: int | None = None, sections_held: int = 3,
-              regions: bool = False) -> int | None:
+              regions: bool = False, sections: int | None = None,
+              neighbours: int = 1) -> int | None:
     """The tile for a stack of ``shape_yx`` sections under ``limit_bytes``.
 
     With ``tile_px`` None: None (whole sections) when they fit, else the largest tile that
@@ -693,7 +704,8 @@ def plan_tile(shape_yx, *, itemsize: int, method: str, limit_bytes: float,
     """
     def total(t):
         return memory_plan(shape_yx, itemsize=itemsize, method=method, tile_px=t,
-                           sections_held=sections_held, regions=regions)["total"]
+                           sections_held=sections_held, regions=regions,
+                           sections=sections, neighbours=neighbours)["total"]
 
     gb = 1e9
     longest = max(int(s) for s in shape_yx)

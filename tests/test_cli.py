@@ -206,7 +206,8 @@ def test_align_checks_outputs_and_models_before_any_work(tmp_path, capsys):
     assert run(["phantom", "--out", tmp_path / "p.tif", "--sections", 3, "--size", 64, 64]) == 0
     fields = tmp_path / "fields"
     before = (tmp_path / "p.tif").read_bytes()
-    for out, fields_out in ((tmp_path / "p.tif", fields), (tmp_path / "a.tif", tmp_path / "p.tif")):
+    for out, fields_out in ((tmp_path / "p.tif", fields),
+                            (tmp_path / "a.tif", tmp_path / "p.tif")):
         capsys.readouterr()
         assert run(["align", tmp_path / "p.tif", "--out", out, "--fields-out", fields_out,
                     "--method", "learned", "--no-progress"]) == 2

@@ -245,11 +245,13 @@ def test_a_parameter_file_elastix_cannot_run_is_one_line_and_blocks_nothing(defo
     field), and no work folder left behind (issue 18, item 6)."""
     d = deformed
     bad = {"component": ('(Optimizer "NoSuchOptimizer")', "'NoSuchOptimizer' does not exist"),
-           "value": ('(NumberOfResolutions "banana")', "'banana' of NumberOfResolutions")}
-    for name, (line, said) in bad.items():
+           "value": ('(Optimizer "AdaptiveStochasticGradientDescent")\n'
+                     '(NumberOfResolutions "banana")', "'banana' of NumberOfResolutions")}
+    for name, (lines, said) in bad.items():
         params = tmp_path / f"{name}.txt"
-        params.write_text('(Transform "BSplineTransform")\n(Metric "AdvancedNormalizedCorrelation")'
-                          f'\n(MaximumNumberOfIterations 20)\n{line}\n')
+        params.write_text('(Transform "BSplineTransform")\n'
+                          '(Metric "AdvancedNormalizedCorrelation")\n'
+                          f'(MaximumNumberOfIterations 20)\n{lines}\n')
         for method in ("elastix", "hybrid"):
             capsys.readouterr()
             fields = tmp_path / f"f_{name}_{method}"

@@ -18,13 +18,14 @@ from .loading import load_itk
 from .params import (ITK_DEFAULT_MAPS, TRANSFORM_PENALTIES, adapt_refinement_map,  # noqa: F401
                      parameter_maps, parameter_object, params_dir, refinement_map,
                      shipped_parameter_files, write_parameter_file)
-from .run import (ElastixError, ElastixResult, bspline_map_field, parse_final_metric,
-                  register_pair)
+from .run import (ElastixConfigError, ElastixError, ElastixResult, bspline_map_field,
+                  parse_final_metric, register_pair)
 
 __all__ = [
     "adapt_refinement_map",
     "write_parameter_file",
     "ElastixError",
+    "ElastixConfigError",
     "ElastixResult",
     "load_itk",
     "params_dir",

@@ -50,7 +50,10 @@ class ElastixError(RuntimeError):
 class ElastixConfigError(ElastixError, ValueError):
     """elastix cannot run the parameter maps at all (a component that does not exist, a
     value it cannot use): the user's to fix, the same for every pair, so never a fallback.
-    The message is one line; the log's tail is logged at DEBUG level (``-v -v``)."""
+    The message is one line; the log's tail is in ``log_tail`` and logged at DEBUG level
+    (``-v -v``)."""
+
+    log_tail = ""
 
 
 _CONFIG_PATTERNS = (
@@ -529,10 +532,13 @@ def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.
             text = log_path.read_text(errors="replace") if log_path.is_file() else ""
             cause = config_error_in(text)
             if cause is not None:
-                log.debug("elastix log:\n%s", _log_tail(log_path))
-                raise ElastixConfigError(f"elastix cannot run the parameter map(s) "
+                tail = _log_tail(log_path)
+                log.debug("elastix log:\n%s", tail)
+                err = ElastixConfigError(f"elastix cannot run the parameter map(s) "
                                          f"{[m.get('Transform', ['?'])[0] for m in maps]}: "
-                                         f"{cause}") from None
+                                         f"{cause}")
+                err.log_tail = tail
+                raise err from None
             raise ElastixError(
                 f"elastix failed ({len(maps)} map(s): "
                 f"{[m.get('Transform', ['?'])[0] for m in maps]}): "
