@@ -63,7 +63,7 @@ from pathlib import Path
 import numpy as np
 
 from .fields import DEFAULT_STRIDE, MapGrid, validate_field
-from .io import SectionPlane, SectionSequence, section_of
+from .io import SectionPlane, SectionSequence, is_array_like, section_of
 from .joint import check_anchor, check_prior, pair_list, solve_joint
 from .methods.base import Method
 from .outputs import save_alignment
@@ -324,8 +324,7 @@ class _AlignedRegion:
 
 def _is_lazy(stack) -> bool:
     """A stack read on demand: an array-like that is not an ndarray (LazySections, zarr...)."""
-    return (not isinstance(stack, np.ndarray) and hasattr(stack, "shape")
-            and hasattr(stack, "dtype") and hasattr(stack, "__getitem__"))
+    return is_array_like(stack) and hasattr(stack, "dtype")
 
 
 class _SectionCache:
@@ -509,7 +508,9 @@ def _register(method: Method, fixed, moving, refs, *, grid: MapGrid, what,
         warped = res.warped if grid.stride == 1 else None
         warnings += list(res.warnings)
     except Exception as exc:  # one bad section must not end a long run
-        if getattr(type(exc), "__name__", "") == "ElastixConfigError":
+        from .elastix.run import ElastixConfigError  # (no itk: the wrapping loads lazily)
+
+        if isinstance(exc, ElastixConfigError):
             raise  # but a parameter file elastix cannot run ends it: it fails every pair
         log.warning("%s: %s failed (%s: %s)", what, method.name, type(exc).__name__, exc)
         warnings.append(f"registration failed: {type(exc).__name__}: {_one_line(exc)}")

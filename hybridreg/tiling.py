@@ -49,7 +49,7 @@ import numpy as np
 
 from .fields import DEFAULT_STRIDE, compose, interp_matrix, resample, validate_field
 from .methods.base import RegistrationResult, check_pair
-from .warp import warp
+from .warp import _region_of, warp
 
 log = logging.getLogger(__name__)
 
@@ -137,19 +137,16 @@ def _bilinear(img: np.ndarray, tx: np.ndarray, ty: np.ndarray, *, border: bool
 
 
 def _warp_region(moving: np.ndarray, tx: np.ndarray, ty: np.ndarray) -> np.ndarray:
-    """The section ``moving`` (any dtype, any size) sampled at index positions (tx, ty) of
-    one tile, 0 outside: only the bounding box of the positions is copied to float."""
-    h, w = moving.shape
-    x0 = int(np.clip(np.floor(tx.min()) - 1, 0, w - 1))
-    x1 = int(np.clip(np.ceil(tx.max()) + 2, x0 + 1, w))
-    y0 = int(np.clip(np.floor(ty.min()) - 1, 0, h - 1))
-    y1 = int(np.clip(np.ceil(ty.max()) + 2, y0 + 1, h))
-    region = np.asarray(moving[y0:y1, x0:x1]).astype(np.float32)[None]
-    if region.shape[1] < 2 or region.shape[2] < 2:  # everything outside the section
+    """The section ``moving`` (any dtype, any size, read region by region) sampled at index
+    positions (tx, ty) of one tile, 0 outside: only the region the positions need is read
+    (:func:`hybridreg.warp._region_of`; ``tx``, ``ty`` are shifted into it in place) and
+    copied to float."""
+    region = _region_of(moving, ty, tx, order=1)
+    if region is None or region.shape[0] < 2 or region.shape[1] < 2:  # all outside
         return np.zeros(tx.shape, np.float32)
     # zeros outside the section, not only outside the region: positions beyond the region's
     # edge that are inside the section cannot occur (the region bounds them)
-    return _bilinear(region, tx - x0, ty - y0, border=False)[0]
+    return _bilinear(region.astype(np.float32)[None], tx, ty, border=False)[0]
 
 
 def _normalised(weights: list[np.ndarray], starts: Sequence[int], length: int
@@ -176,6 +173,16 @@ def _fill_means(means: dict, tiles: list) -> dict:
                 new[(a, b)] = np.mean(near, axis=0)
         means.update(new)
     return means
+
+
+def _tile_failed(row: dict, exc: Exception) -> str:
+    """Mark a tile's row failed (it is filled in) and log it; returns the pair's warning."""
+    a, b = row["tile"]
+    row["status"] = "failed"
+    row["warnings"] = f"{type(exc).__name__}: {exc}"
+    log.warning("tile %d,%d failed: %s: %s", a, b, type(exc).__name__, exc)
+    return (f"tile {a},{b} (y {row['y0']}:{row['y1']}, x {row['x0']}:{row['x1']}) failed "
+            f"({type(exc).__name__}): filled in")
 
 
 def _has_content(section: np.ndarray, min_content: float) -> bool:
@@ -210,9 +217,9 @@ def downsample(section: np.ndarray, f: int, *, chunk_px: int = 1 << 22) -> np.nd
     -------
     ndarray, shape (ceil(H / f), ceil(W / f)), float32
     """
-    from .io.base import is_plane
+    from .io.base import is_array_like
 
-    if not is_plane(section):
+    if not is_array_like(section):
         section = np.asarray(section)  # a SectionPlane is read strip by strip below
     if f == 1:
         return np.asarray(section[:, :]).astype(np.float32, copy=False)
@@ -338,11 +345,7 @@ class TiledMethod:
                     row.update(status="ok", metric=res.metric,
                                warnings="; ".join(res.warnings))
                 except Exception as exc:
-                    row["status"] = "failed"
-                    row["warnings"] = f"{type(exc).__name__}: {exc}"
-                    warnings.append(f"tile {a},{b} (y {y0}:{y1}, x {x0}:{x1}) failed "
-                                    f"({type(exc).__name__}): filled in")
-                    log.warning("tile %d,%d failed: %s: %s", a, b, type(exc).__name__, exc)
+                    warnings.append(_tile_failed(row, exc))
                 rows.append(row)
         return rows, ys, xs, warnings
 
@@ -518,11 +521,7 @@ class TiledMethod:
                     row.update(status="ok", metric=None if res is None else res.metric,
                                warnings="" if res is None else "; ".join(res.warnings))
                 except Exception as exc:
-                    row["status"] = "failed"
-                    row["warnings"] = f"{type(exc).__name__}: {exc}"
-                    warnings.append(f"tile {a},{b} (y {y0}:{y1}, x {x0}:{x1}) failed "
-                                    f"({type(exc).__name__}): filled in")
-                    log.warning("tile %d,%d failed: %s: %s", a, b, type(exc).__name__, exc)
+                    warnings.append(_tile_failed(row, exc))
                     missing.append((row, None if u_c is None else uc_t))
                     continue
                 means[(a, b)] = r_t.mean(axis=(1, 2))

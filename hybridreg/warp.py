@@ -137,21 +137,24 @@ def warp_torch(moving: "torch.Tensor", u_px: "torch.Tensor", *, align_corners: b
 SPLINE_MARGIN_PX = 12
 
 
-def _region_of(moving, coords: np.ndarray, order: int):
-    """The region of the section ``moving`` that the samples ``coords`` (2, ...) need, read,
-    with ``coords`` shifted into it (in place); prefiltered for ``order > 1`` (whole-section
-    values within 1e-7, :data:`SPLINE_MARGIN_PX`). None when every sample is outside."""
+def _region_of(moving, ys: np.ndarray, xs: np.ndarray, order: int):
+    """The region of the section ``moving`` (any array-like that slices) that samples at the
+    index positions ``ys`` (rows), ``xs`` (columns) need, read, with ``ys`` and ``xs``
+    shifted into it (in place); prefiltered for ``order > 1`` (whole-section values within
+    1e-7, :data:`SPLINE_MARGIN_PX`). None when every sample is outside. Samples inside the
+    section interpolate as on the whole section: the region reaches its edges wherever a
+    sample does."""
     h, w = moving.shape
     margin = 1 if order <= 1 else SPLINE_MARGIN_PX
-    ry0 = int(np.clip(np.floor(coords[0].min()) - margin, 0, h))
-    ry1 = int(np.clip(np.ceil(coords[0].max()) + margin + 1, ry0, h))
-    rx0 = int(np.clip(np.floor(coords[1].min()) - margin, 0, w))
-    rx1 = int(np.clip(np.ceil(coords[1].max()) + margin + 1, rx0, w))
+    ry0 = int(np.clip(np.floor(ys.min()) - margin, 0, h))
+    ry1 = int(np.clip(np.ceil(ys.max()) + margin + 1, ry0, h))
+    rx0 = int(np.clip(np.floor(xs.min()) - margin, 0, w))
+    rx1 = int(np.clip(np.ceil(xs.max()) + margin + 1, rx0, w))
     if ry1 <= ry0 or rx1 <= rx0:
         return None
     region = np.asarray(moving[ry0:ry1, rx0:rx1])
-    coords[0] -= ry0
-    coords[1] -= rx0
+    ys -= ry0
+    xs -= rx0
     if order > 1:
         region = ndimage.spline_filter(region.astype(np.float32), order=order)
     return region
@@ -190,9 +193,9 @@ def render(moving: np.ndarray, m: np.ndarray, grid, *, order: int = 1, cval: flo
     """
     # a section read region by region (hybridreg.io.SectionPlane): each chunk reads the
     # region its samples fall in, so that memory stays bounded at any section size
-    from .io.base import is_plane
+    from .io.base import is_array_like
 
-    lazy = is_plane(moving)
+    lazy = is_array_like(moving)
     if not lazy:
         moving = np.asarray(moving)
     h, w = grid.shape_yx
@@ -220,7 +223,7 @@ def render(moving: np.ndarray, m: np.ndarray, grid, *, order: int = 1, cval: flo
         coords[1] = to_pixels(u[0:1], (sx, sx))[0] + xs[None, :]
         del u
         if lazy:
-            src = _region_of(moving, coords, order)
+            src = _region_of(moving, coords[0], coords[1], order)
             if src is None:  # every sample outside the section
                 out[y0 - y_lo:y1 - y_lo] = cval
                 continue

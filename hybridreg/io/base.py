@@ -434,8 +434,10 @@ class _PlaneReader:
         return self.sections.region(self.k, ys, xs)
 
 
-def is_plane(obj) -> bool:
-    """An array-like section read region by region (not an ndarray)."""
+def is_array_like(obj) -> bool:
+    """An array-like that is not an ndarray, read on demand when indexed: a lazy stack
+    (:class:`LazySections`, a zarr array) or a section read region by region
+    (:class:`SectionPlane`)."""
     return (not isinstance(obj, np.ndarray) and hasattr(obj, "shape")
             and hasattr(obj, "__getitem__"))
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_output, remove
-from .base import StackError, cast_to_dtype, is_plane
+from .base import StackError, cast_to_dtype, is_array_like
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class SectionWriter:
         if tuple(section.shape) != tuple(self.shape[1:]):
             raise StackError(f"'{self.path}': section {k} has shape {tuple(section.shape)}, "
                              f"the store holds sections of {tuple(self.shape[1:])} (H, W)")
-        if not is_plane(section):
+        if not is_array_like(section):
             self._write_block(k, np.asarray(section), 0, 0)
         else:  # a SectionPlane: computed and written a few chunks at a time
             _, ch, cw = self._array.chunks
