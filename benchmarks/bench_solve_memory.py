@@ -47,6 +47,10 @@ def run_case(z: int, n: int, folder: str) -> dict:
             m += 40.0  # a bad pair
         store[k] = m
     write_s = time.perf_counter() - t0
+    del base, m
+    import resource
+
+    written_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     out = MapStack((z, 2, n, n), folder, "maps.zarr")
     t0 = time.perf_counter()
     sol = solve_joint({p: _PairMap(store, k) for k, p in enumerate(pairs)}, z,
@@ -56,6 +60,7 @@ def run_case(z: int, n: int, folder: str) -> dict:
     return {"sections": z, "nodes": n, "pairs": len(pairs),
             "map_bytes_on_disk_gb": round((len(pairs) + z) * 2 * n * n * 4 / 1e9, 3),
             "write_s": round(write_s, 1), "solve_s": round(solve_s, 1),
+            "peak_before_solve_gb": round(written_peak, 3),
             "down_weighted_pairs": low}
 
 

@@ -22,10 +22,12 @@ Model
     z high-pass of DESIGN.md). More neighbours on both sides average independent pair errors.
 
 Solution
-    The normal matrix is Z x Z and the same for every pixel, so each Gauss-Newton step is
-    one small solve applied to all pixels. ``v_ij`` is re-sampled at ``p + u_i(p)`` between
-    steps. Pairs are weighted robustly (Cauchy weights on each pair's mean residual), so one
-    failed or ambiguous pair does not pull its sections away.
+    The normal matrix is Z x Z, the same for every pixel, and banded (pairs couple sections
+    a few apart), so each Gauss-Newton step is one banded Cholesky factorisation applied to
+    all pixels by a forward and a backward sweep along z, holding a few sections at a time:
+    time linear in the number of sections, memory independent of it. ``v_ij`` is re-sampled
+    at ``p + u_i(p)`` between steps. Pairs are weighted robustly (Cauchy weights on each
+    pair's mean residual), so one failed or ambiguous pair does not pull its sections away.
 """
 from __future__ import annotations
 
@@ -111,17 +113,40 @@ def _resample_block(v: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return out.numpy()
 
 
-#: Bytes one block of the joint solve may take (the rows of nodes solved at once, for every
-#: section and pair): the solve's memory at any section size and number of sections.
+#: Bytes one block of the joint solve may take (the rows of nodes solved at once, for the
+#: few sections and pairs of its sweep along z): the solve's memory at any section size and
+#: number of sections.
 SOLVE_BLOCK_BYTES = 256 << 20
 
 
-def block_rows(z: int, n_pairs: int, w: int, *, max_bytes: int) -> int:
-    """Rows of nodes per block of :func:`solve_joint` under ``max_bytes``: per row, the
-    right-hand side (float64) and solution of every section, and each pair's map rows read
-    (with as many again around the block), its targets and sample positions."""
-    per_row = 2 * w * (z * (8 + 4) + n_pairs * 4 * 5)
+def block_rows(band: int, pairs_per_step: int, w: int, *, max_bytes: int) -> int:
+    """Rows of nodes per block of :func:`solve_joint` under ``max_bytes``: per row, for the
+    ``band + 1`` sections a sweep step holds, their current fields (float32), right-hand
+    sides, eliminated and solved rows (float64), and each of the step's pair maps read (with
+    as many rows again around the block), its targets and sample positions."""
+    per_row = 2 * w * ((band + 1) * (4 + 8 + 8 + 8) + pairs_per_step * 4 * 5)
     return max(1, int(max_bytes) // per_row)
+
+
+def _banded_cholesky(z: int, band: int, pairs, weight, prior: float, anchor):
+    """The lower Cholesky factor of the normal matrix in LAPACK's banded form
+    (``cb[d, k] = L[k + d, k]``): the matrix couples sections ``band`` apart at most."""
+    from scipy.linalg import cholesky_banded
+
+    ab = np.zeros((band + 1, z))
+    ab[0] = prior
+    if anchor is not None:
+        ab[0, anchor] += 1e6
+    for (i, j) in pairs:
+        wt = weight[(i, j)]
+        ab[0, i] += wt
+        ab[0, j] += wt
+        ab[abs(j - i), min(i, j)] -= wt
+    try:
+        return cholesky_banded(ab, lower=True)
+    except np.linalg.LinAlgError:
+        raise ValueError("the joint solve is singular: a section has no pair with a weight "
+                         "above 0 and the prior is 0; give prior > 0") from None
 
 
 def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
@@ -133,11 +158,15 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
                 progress: bool = False) -> JointSolution:
     """Find every section's field from pairwise fields (see the module docstring).
 
-    The solve runs over blocks of rows of nodes (at most ``max_bytes`` each): a block needs
-    its own rows of every section and, of every pair's map, the rows its sections' current
-    fields point into. Pair maps and the result may live on disk (zarr arrays): memory is
-    one block at any section size and number of sections, and the result is the same as
-    one block for all.
+    Pairs couple sections at most a few apart (``band``), so the normal matrix is banded:
+    each step is a banded Cholesky factorisation (Z x band numbers) and, for every node, a
+    forward sweep along z from the first section to the last and a backward sweep back,
+    each holding the ``band + 1`` sections around the current one. A sweep runs over a
+    block of node rows at a time (at most ``max_bytes``): each pair map is read twice per
+    step (the forward sweep's targets, the backward sweep's residuals), and only in the
+    rows the block's fields point into. Pair maps and the result may live on disk (zarr
+    arrays): memory is one block at any section size and number of sections, time is
+    linear in the number of sections, and the result is that of the dense solve.
 
     Parameters
     ----------
@@ -167,15 +196,21 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
         (:class:`hybridreg.fields.MapGrid`; ``spacing_xy`` is then the nodes' spacing):
         residuals and ``robust_scale_px`` are in section pixels all the same.
     out : array, shape (Z, 2, H, W), optional
-        Where to put the fields (e.g. a zarr array on disk); default a new ndarray.
+        Where to put the fields (e.g. a zarr array on disk); default a new ndarray. The
+        forward sweep's float64 rows go to a scratch array beside it: in memory when they
+        fit ``max_bytes``, else on disk (next to ``out`` when it has a ``path``, else in a
+        temporary folder).
     max_bytes : int, optional
         Memory of one block; default :data:`SOLVE_BLOCK_BYTES`.
     progress : bool
-        A progress bar over the iterations' blocks (stderr).
+        A progress bar over the sweeps' sections (stderr).
 
     Returns
     -------
     JointSolution
+
+    Residuals (and so the robust weights) are those of each step's solution: ``u_j - u_i -
+    v_ij(p + u_i)`` with ``v_ij`` sampled where the new ``u_i`` points.
     """
     if z < 1:
         raise ValueError(f"z must be >= 1, got {z}")
@@ -210,46 +245,31 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
                 prior_w[p] = float(wt)
     weight = dict(prior_w)
     resid = {p: 0.0 for p in pairs}
-    rows = min(h, block_rows(z, len(pairs), w, max_bytes=max_bytes or SOLVE_BLOCK_BYTES))
+    # pairs by the first section of the sweep that needs them: a pair's target is made at
+    # the lower of its two sections (forward) and its residual there too (backward)
+    starting = {}
+    for p in pairs:
+        starting.setdefault(min(p), []).append(p)
+    band = max(abs(j - i) for i, j in pairs)
+    budget = max_bytes or SOLVE_BLOCK_BYTES
+    rows = min(h, block_rows(band, max(map(len, starting.values())), w, max_bytes=budget))
     blocks = [(r0, min(h, r0 + rows)) for r0 in range(0, h, rows)]
+    scratch = _scratch((z, 2, h, w), out, in_memory=z * 2 * h * w * 8 <= budget)
     to_px = np.array([1.0 / spacing_xy[0], 1.0 / spacing_xy[1]], np.float32)[:, None, None]
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=max(1, iterations) * len(blocks), desc="joint solve", unit="block",
-               disable=not progress or len(blocks) < 2)
+    bar = tqdm(total=max(1, iterations) * len(blocks) * 2 * z, desc="joint solve",
+               unit="section", disable=not progress or len(blocks) * z < 200)
     for it in range(max(1, iterations)):
-        a = prior * np.eye(z)
-        if anchor is not None:
-            a[anchor, anchor] += 1e6
-        for (i, j) in pairs:
-            wt = weight[(i, j)]
-            a[i, i] += wt
-            a[j, j] += wt
-            a[i, j] -= wt
-            a[j, i] -= wt
-        # the same small matrix for every node: one inverse and a matrix product (BLAS 3),
-        # 16x faster than np.linalg.solve with 2*H*W right-hand sides (measured, 30 x 512^2)
-        inv = np.linalg.inv(a)
+        cb = _banded_cholesky(z, band, pairs, weight, prior, anchor)
         sums = {p: 0.0 for p in pairs}
         count = 0
         for r0, r1 in blocks:
-            # targets: v_ij sampled where section i's current field sends the block's nodes
-            target = _targets(pair_fields, pairs, out, to_px, r0, r1, h, first=it == 0)
-            rhs = np.zeros((z, 2 * (r1 - r0) * w))  # float64: a small prior makes `a`
-            for (i, j), t in target.items():         # ill-conditioned
-                t = weight[(i, j)] * t.reshape(-1).astype(np.float64)
-                rhs[j] += t
-                rhs[i] -= t
-            u = (inv @ rhs).astype(np.float32).reshape(z, 2, r1 - r0, w) / to_px
-            del rhs
-            out[:, :, r0:r1] = u
-            # residuals at this solution (section pixels), for the robust weights
-            mb = m[r0:r1]
-            count += int(mb.sum())
-            for (i, j), t in target.items():
-                r = (u[j] - u[i]) * to_px - t
-                sums[(i, j)] += float(np.sqrt((r ** 2).sum(axis=0))[mb].sum())
-            bar.update(1)
+            sweep = _Sweep(pair_fields, starting, cb, weight, to_px, r0, r1, h)
+            sweep.forward(out, scratch, first=it == 0, bar=bar)
+            for p, s in sweep.backward(out, scratch, m[r0:r1], bar=bar).items():
+                sums[p] += s
+            count += int(m[r0:r1].sum())
         resid = {p: sums[p] / max(1, count) * stride for p in pairs}
         if robust_scale_px == 0:
             continue
@@ -263,22 +283,98 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
     return JointSolution(fields=out, pair_residual_px=resid, pair_weight=weight)
 
 
-def _targets(pair_fields, pairs, u, to_px, r0: int, r1: int, h: int, *, first: bool,
-             batch: int = 8) -> dict:
-    """Each pair's target on the node rows ``[r0, r1)`` in node units: ``v_ij`` itself in the
-    first step, then ``v_ij`` sampled at ``p + u_i(p)`` (reading only the rows of ``v_ij``
-    that these positions reach, and the edge rows past which the map is constant)."""
-    if first:
-        return {p: np.asarray(pair_fields[p][:, r0:r1], np.float32) * to_px for p in pairs}
+def _scratch(shape, out, *, in_memory: bool):
+    """The forward sweep's float64 rows: an ndarray, or a zarr array on disk (beside
+    ``out`` when it lives in a folder, else in a temporary folder removed with it)."""
+    if in_memory:
+        return np.empty(shape, np.float64)
+    from pathlib import Path
+
+    from .stack import MapStack
+
+    folder = Path(out.path).parent if getattr(out, "path", None) else None
+    return MapStack(shape, folder, "solve-scratch.zarr", dtype=np.float64, temporary=True)
+
+
+class _Sweep:
+    """One block of node rows ``[r0, r1)`` of one step of :func:`solve_joint`: the forward
+    sweep (targets, right-hand sides, elimination) and the backward sweep (solution and
+    residuals), each holding only the sections within ``band`` of the current one."""
+
+    def __init__(self, pair_fields, starting, cb, weight, to_px, r0, r1, h):
+        self.pair_fields, self.starting, self.cb = pair_fields, starting, cb
+        self.weight, self.to_px, self.r0, self.r1, self.h = weight, to_px, r0, r1, h
+        self.band = cb.shape[0] - 1
+        self.z = cb.shape[1]
+
+    def forward(self, out, scratch, *, first: bool, bar) -> None:
+        """``scratch[k] = L^-1 rhs`` (node units) for the block's rows, k = 0 .. Z-1, with
+        each pair's target ``v_ij(p + u_i(p))`` at the fields ``out`` holds."""
+        r0, r1, cb = self.r0, self.r1, self.cb
+        u = {}      # current fields of the sections the targets need (node units)
+        rhs = {}    # right-hand sides not yet complete
+        y = {}      # the last `band` eliminated rows
+        for k in range(self.z):
+            todo = self.starting.get(k, [])
+            if first:
+                targets = {p: np.asarray(self.pair_fields[p][:, r0:r1], np.float32)
+                           * self.to_px for p in todo}
+            else:
+                for i, _ in todo:
+                    if i not in u:
+                        u[i] = np.asarray(out[i, :, r0:r1], np.float32) * self.to_px
+                targets = _sample(self.pair_fields, todo, u, self.to_px, r0, r1, self.h)
+            for (i, j), t in targets.items():
+                t = self.weight[(i, j)] * t.astype(np.float64)
+                rhs[j] = rhs[j] + t if j in rhs else t
+                rhs[i] = rhs[i] - t if i in rhs else -t
+            yk = rhs.pop(k, None)
+            yk = np.zeros((2, r1 - r0, out.shape[3])) if yk is None else yk
+            for d in range(1, min(self.band, k) + 1):
+                yk -= cb[d, k - d] * y[k - d]
+            yk /= cb[0, k]
+            y[k] = yk
+            y.pop(k - self.band, None)
+            u.pop(k, None)
+            scratch[k, :, r0:r1] = yk
+            bar.update(1)
+
+    def backward(self, out, scratch, mask, *, bar) -> dict:
+        """``out[k] = L^-T scratch`` for the block's rows, k = Z-1 .. 0; returns each pair's
+        sum of residual lengths (node units) over ``mask``."""
+        r0, r1, cb = self.r0, self.r1, self.cb
+        x = {}
+        sums = {}
+        for k in range(self.z - 1, -1, -1):
+            xk = np.asarray(scratch[k, :, r0:r1], np.float64)
+            for d in range(1, min(self.band, self.z - 1 - k) + 1):
+                xk -= cb[d, k] * x[k + d]
+            xk /= cb[0, k]
+            x[k] = xk
+            x.pop(k + self.band + 1, None)
+            out[k, :, r0:r1] = (xk / self.to_px).astype(np.float32)
+            todo = self.starting.get(k, [])
+            if todo:
+                new = {i: x[i].astype(np.float32) for i, _ in todo}
+                for (i, j), t in _sample(self.pair_fields, todo, new, self.to_px, r0, r1,
+                                              self.h).items():
+                    r = (x[j] - x[i]).astype(np.float32) - t
+                    sums[(i, j)] = float(np.sqrt((r ** 2).sum(axis=0))[mask].sum())
+            bar.update(1)
+        return sums
+
+
+def _sample(pair_fields, pairs, u, to_px, r0: int, r1: int, h: int, *,
+            batch: int = 8) -> dict:
+    """Each pair's ``v_ij`` on the node rows ``[r0, r1)`` sampled at ``p + u_i(p)``, node
+    units (``u[i]``: section i's field on these rows, node units), reading only the rows of
+    ``v_ij`` that these positions reach and the edge rows past which the map is constant."""
     out = {}
-    ui_all = {}
-    for i in {i for i, _ in pairs}:
-        ui_all[i] = np.asarray(u[i, :, r0:r1], np.float32) * to_px  # node units
+    ys = np.arange(r0, r1, dtype=np.float32)[:, None]
     for start in range(0, len(pairs), batch):
         chunk = pairs[start:start + batch]
-        ys = np.arange(r0, r1, dtype=np.float32)[:, None]
-        lo = min(float((ys + ui_all[i][1]).min()) for i, _ in chunk)
-        hi = max(float((ys + ui_all[i][1]).max()) for i, _ in chunk)
+        lo = min(float((ys + u[i][1]).min()) for i, _ in chunk)
+        hi = max(float((ys + u[i][1]).max()) for i, _ in chunk)
         q0 = int(np.clip(np.floor(lo) - 1, 0, h - 1))
         q1 = int(np.clip(np.ceil(hi) + 2, q0 + 1, h))
         v = np.stack([np.asarray(pair_fields[p][:, q0:q1], np.float32) for p in chunk]) * to_px
@@ -286,8 +382,8 @@ def _targets(pair_fields, pairs, u, to_px, r0: int, r1: int, h: int, *, first: b
         pos = np.empty((len(chunk), 2, r1 - r0, w), np.float32)
         xs = np.arange(w, dtype=np.float32)[None, :]
         for n, (i, _) in enumerate(chunk):
-            pos[n, 0] = xs + ui_all[i][0]
-            pos[n, 1] = ys - q0 + ui_all[i][1]
+            pos[n, 0] = xs + u[i][0]
+            pos[n, 1] = ys - q0 + u[i][1]
         # rows read: from one above the highest position to one below the lowest, or to the
         # map's edge, past which border padding keeps the edge value as on the whole map
         out.update(zip(chunk, _resample_block(v, pos)))

@@ -672,12 +672,13 @@ def memory_plan(shape_yx, *, itemsize: int, method: str, tile_px: int | None,
     registration = per_px * unit + 40 * min(h * w, NCC_MAX_PX) + 3 * 2 * nodes * 8
     if sections is None:
         solve = MAPS_IN_MEMORY_BYTES + SOLVE_BLOCK_BYTES
-    else:  # the maps, and the solve's float64 right-hand side and targets (joint.block_rows)
-        z = int(sections)
-        pairs = z * int(neighbours)
-        maps = (z + pairs) * 2 * nodes * 4
-        block = 2 * nodes * (z * 12 + pairs * 20)
-        solve = min(maps, MAPS_IN_MEMORY_BYTES) + min(block, SOLVE_BLOCK_BYTES)
+    else:  # the maps, the sweeps' sections and pairs (joint.block_rows), their scratch
+        z, n = int(sections), int(neighbours)
+        maps = (z + z * n) * 2 * nodes * 4
+        block = 2 * nodes * ((n + 1) * 28 + n * 20)
+        scratch = z * 2 * nodes * 8  # in memory when within a block's budget
+        solve = (min(maps, MAPS_IN_MEMORY_BYTES) + min(block, SOLVE_BLOCK_BYTES)
+                 + (scratch if scratch <= SOLVE_BLOCK_BYTES else 0))
     return {"baseline": base, "sections": sections, "registration": registration,
             "render": render, "solve": solve,
             "total": base + max(sections + registration, render, solve)}
