@@ -110,7 +110,7 @@ class StackRegistration:
 
 
 def register(fixed, moving, *, method="hybrid", references: Sequence = (),
-             spacing_xy=None, origin_xy=None, **options) -> Registration:
+             spacing_xy=None, origin_xy=None, intensity="auto", **options) -> Registration:
     """Register ``moving`` onto ``fixed``, ITK style.
 
     Parameters
@@ -124,6 +124,12 @@ def register(fixed, moving, *, method="hybrid", references: Sequence = (),
         Older aligned sections (oldest first) for the methods that use a window.
     spacing_xy, origin_xy : (float, float), optional
         The grid of array inputs (default spacing 1, origin 0).
+    intensity : str or (float, float)
+        How the two sections are put on the networks' 0-255 scale (learned, ssemnet,
+        hybrid by name, unless ``intensity_scale`` is given): ``"auto"`` (default: ``uint8``
+        and floats in [0, 255] as they are, floats in [0, 1] times 255, anything else by its
+        0.1 and 99.9 percentiles), ``"percentiles"``, ``"none"`` or ``(lo, hi)``; see
+        :func:`hybridreg.methods.intensity_map`.
     **options
         Options of the method (e.g. ``model=``, ``features=``, ``params=``, ``threads=``).
 
@@ -135,7 +141,7 @@ def register(fixed, moving, *, method="hybrid", references: Sequence = (),
     """
     from .fields import to_itk_transform
     from .itkimage import section_to_itk
-    from .methods.registry import build_method
+    from .methods.registry import build_method, with_intensity
 
     f, sp, org, _ = _section(fixed, "fixed", spacing_xy, origin_xy)
     m, msp, morg, _ = _section(moving, "moving", spacing_xy, origin_xy)
@@ -143,6 +149,7 @@ def register(fixed, moving, *, method="hybrid", references: Sequence = (),
         raise ValueError(f"fixed (spacing {sp}, origin {org}) and moving (spacing {msp}, "
                          f"origin {morg}) must share one grid")
     refs = [_section(r, f"references[{i}]", sp, org)[0] for i, r in enumerate(references)]
+    options, _ = with_intensity(method, options, np.stack([f, m]), intensity)
     impl = build_method(method, options)
     res = impl.register(f, m, references=refs, spacing_xy=sp, origin_xy=org)
     image = section_to_itk(res.warped, spacing_xy=sp, origin_xy=org)
@@ -179,7 +186,7 @@ def _stack(stack, spacing_xyz, origin_xyz):
 
 
 def align_stack(stack, *, method="hybrid", spacing_xyz=None, origin_xyz=None,
-                progress: bool = False, **options) -> StackRegistration:
+                progress: bool = False, intensity="auto", **options) -> StackRegistration:
     """Align a stack, ITK style.
 
     Parameters
@@ -191,6 +198,9 @@ def align_stack(stack, *, method="hybrid", spacing_xyz=None, origin_xyz=None,
         The grid of an array input (default spacing 1, origin 0).
     progress : bool
         A progress bar on stderr.
+    intensity : str or (float, float)
+        How the stack is put on the networks' 0-255 scale, one map for the whole stack: as
+        in :func:`register`.
     **options
         Options of :func:`hybridreg.stack.align_stack` (``mode``, ``neighbours``,
         ``prior``, ``anchor``, ``window``, ``drift_window``, ``work_dir``, ``order``,
@@ -203,7 +213,7 @@ def align_stack(stack, *, method="hybrid", spacing_xyz=None, origin_xyz=None,
     """
     from .fields import to_itk_transform
     from .itkimage import to_itk
-    from .methods.registry import build_method
+    from .methods.registry import build_method, with_intensity
     from .stack import align_stack as _align
 
     arr, sp, org = _stack(stack, spacing_xyz, origin_xyz)
@@ -211,6 +221,7 @@ def align_stack(stack, *, method="hybrid", spacing_xyz=None, origin_xyz=None,
                                               "window", "drift_window", "work_dir", "order",
                                               "client", "stride")
                   if k in options}
+    options, _ = with_intensity(method, options, arr, intensity)
     impl = build_method(method, options)
     res = _align(arr, impl, spacing_xy=sp[:2], origin_xy=org[:2], progress=progress,
                  **stack_opts)

@@ -207,14 +207,37 @@ def _compare_options(args, names: list[str]) -> dict:
             raise CLIError(f"--model {item!r}: expected METHOD=PATH, e.g. "
                            f"learned=net.safetensors")
         put(method.strip(), "model", path, "--model")
-    for item in args.option or ():
+    for method, key, value in _option_items(args.option):
+        put(method, key, value, "--option")
+    return options
+
+
+def _option_items(items) -> list:
+    """``[(method, key, value)]`` of --option METHOD.KEY=VALUE (VALUE as JSON or text)."""
+    out = []
+    for item in items or ():
         lhs, sep, value = item.partition("=")
         method, dot, key = lhs.partition(".")
         if not (sep and dot and method and key):
             raise CLIError(f"--option {item!r}: expected METHOD.KEY=VALUE, e.g. "
                            f"ssemnet.iterations=50")
-        put(method.strip(), key.strip(), _option_value(value), "--option")
-    return options
+        out.append((method.strip(), key.strip(), _option_value(value)))
+    return out
+
+
+def _intensity_arg(text: str):
+    from .methods.neural import INTENSITY_CHOICES
+
+    if text in INTENSITY_CHOICES:
+        return text
+    lo, sep, hi = text.partition(":")
+    try:
+        if sep:
+            return float(lo), float(hi)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected {', '.join(INTENSITY_CHOICES)} or LO:HI (the "
+                                     f"values that become 0 and 255), got {text!r}")
 
 
 def _read_labels(path, shape):
@@ -248,7 +271,8 @@ def cmd_compare(args) -> int:
         comparison = compare.compare_methods(
             case, names, options=options, threads=args.threads, mode=args.mode,
             neighbours=args.neighbours, prior=args.prior, window=args.window,
-            margin_px=args.margin, progress=not args.no_progress, client=client)
+            margin_px=args.margin, progress=not args.no_progress, client=client,
+            intensity=args.intensity)
     inputs = [args.stack] + ([args.labels] if args.labels else [])
     written = compare.write_comparison(comparison, args.report, overwrite=args.overwrite,
                                        inputs=inputs, save_aligned=args.save_aligned)
@@ -302,10 +326,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _method(args):
+def _method(args, sample=None):
+    """The method of --method with its options; with ``sample`` (the stack, or the two
+    sections), the --intensity map of it for the methods that take one (stated on stdout)."""
     from .methods import get_method
+    from .methods.registry import with_intensity
 
     options = {}
+    for method, key, value in _option_items(args.option):
+        if method != args.method:
+            raise CLIError(f"--option {method}.{key} is for method {method!r}, not "
+                           f"--method {args.method}")
+        options[key] = value
     if args.threads:
         options["threads"] = args.threads
     features = getattr(args, "features", None)
@@ -337,6 +369,11 @@ def _method(args):
             raise CLIError(f"--params is for --method elastix or hybrid, not {args.method}")
         if args.model:
             options["model"] = args.model
+    if sample is not None:
+        options, imap = with_intensity(args.method, options, sample, args.intensity)
+        if imap is not None:
+            print(f"intensities: {imap.note} (--intensity "
+                  f"{args.intensity if isinstance(args.intensity, str) else 'LO:HI'})")
     return _preflight(get_method(args.method, **options))
 
 
@@ -435,6 +472,8 @@ def _read_section(path):
 
 
 def cmd_register(args) -> int:
+    import numpy as np
+
     from .outputs import write_registration
 
     _refuse_onto_input([args.out, args.fields_out], [args.fixed, args.moving])
@@ -449,7 +488,7 @@ def cmd_register(args) -> int:
         log.warning("sections of %dx%d px are too small to register reliably (every method "
                     "needs at least %d px a side); expect little or no alignment",
                     *fixed.data.shape[1:], MIN_USEFUL_PX)
-    method = _tiled(args, _method(args))
+    method = _tiled(args, _method(args, np.concatenate([fixed.data, moving.data])))
     res = method.register(fixed.data[0].astype("float32"), moving.data[0].astype("float32"),
                           spacing_xy=spacing_xy)
     last = write_registration(res, out=args.out, moving=moving, fields_out=args.fields_out,
@@ -495,7 +534,7 @@ def cmd_align(args) -> int:
     if (args.workers or args.scheduler) and args.mode != "joint":
         raise CLIError("--workers and --scheduler need --mode joint (sequential alignment "
                        "cannot run in parallel)")
-    method = _tiled(args, _method(args), stack.data)
+    method = _tiled(args, _method(args, stack.data), stack.data)
     t0 = time.perf_counter()
     with _dask_client(args) as client:
         try:
@@ -741,7 +780,21 @@ def build_parser() -> argparse.ArgumentParser:
                             "em_bspline); hybrid: one B-spline map to adapt for the "
                             "refinement")
         p.add_argument("--threads", type=int, help="CPU threads of the method")
+        p.add_argument("--option", action="append", metavar="METHOD.KEY=VALUE",
+                       help="any option of the method, VALUE as JSON or text, e.g. "
+                            "learned.references=1 (repeatable; as on compare)")
+        intensity_option(p)
         p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+    def intensity_option(p):
+        p.add_argument("--intensity", type=_intensity_arg, default="auto",
+                       metavar="auto|percentiles|none|LO:HI",
+                       help="learned, ssemnet, hybrid: how intensities are put on the "
+                            "networks' 0-255 scale, one map for the whole stack. auto "
+                            "(default): uint8 and floats within 0..255 as they are, floats "
+                            "within 0..1 times 255, anything else (uint16, ...) by its 0.1 "
+                            "and 99.9 percentiles; percentiles: that for any dtype; none: "
+                            "as they are; LO:HI: LO to 0 and HI to 255")
 
     def cluster_options(p):
         p.add_argument("--workers", type=int, help="joint: register the pairs on a local Dask "
@@ -905,6 +958,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any method option, VALUE as JSON or text, e.g. "
                         "ssemnet.iterations=50 (repeatable)")
     p.add_argument("--threads", type=int, help="CPU threads of every method that takes them")
+    intensity_option(p)
     p.add_argument("--mode", choices=["joint", "sequential"], default="joint",
                    help="stack mode for every method (default joint, see align)")
     p.add_argument("--neighbours", type=int, default=1, help="joint: pairs per section")

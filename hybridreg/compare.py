@@ -267,9 +267,9 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _build_methods(methods, options, threads):
+def _build_methods(methods, options, threads, stack=None, intensity="auto"):
     """[(name, method or None, options, reason)] in order; never raises for one method."""
-    from .methods.registry import accepts, get_method
+    from .methods.registry import accepts, get_method, with_intensity
 
     built = []
     names = []
@@ -305,6 +305,10 @@ def _build_methods(methods, options, threads):
             continue
         if threads is not None and "threads" not in opts and accepts(name, "threads"):
             opts["threads"] = int(threads)
+        if stack is not None:
+            opts, imap = with_intensity(name, opts, stack, intensity)
+            if imap is not None:
+                log.info("%s: intensities %s", name, imap.note)
         try:
             out.append((name, get_method(name, **opts), opts, ""))
         except Exception as exc:  # missing weights, unknown name, bad option
@@ -369,7 +373,7 @@ def compare_methods(case: CompareCase, methods: Sequence, *,
                     options: Mapping[str, Mapping] | None = None, threads: int | None = None,
                     mode: str = "joint", neighbours: int = 1, prior: float = 0.3,
                     window: int = 1, margin_px: int | None = None,
-                    progress: bool = False, client=None) -> Comparison:
+                    progress: bool = False, client=None, intensity="auto") -> Comparison:
     """Align ``case.stack`` with every method and measure the results.
 
     Parameters
@@ -395,6 +399,10 @@ def compare_methods(case: CompareCase, methods: Sequence, *,
         Progress bars (tqdm, stderr) during the alignments.
     client : dask.distributed.Client, optional
         Joint mode: every method's pair registrations run on this client's workers.
+    intensity : str or (float, float)
+        How the stack is put on the networks' 0-255 scale for the methods given by name
+        that take ``intensity_scale`` (unless their options set it): see
+        :func:`hybridreg.methods.intensity_map` (default ``"auto"``).
 
     Returns
     -------
@@ -417,7 +425,7 @@ def compare_methods(case: CompareCase, methods: Sequence, *,
         raise ValueError(f"margin_px={margin_px} leaves no interior in {h}x{w} sections")
     if mode not in ("joint", "sequential"):
         raise ValueError(f"mode must be 'joint' or 'sequential', got {mode!r}")
-    built = _build_methods(list(methods), options, threads)
+    built = _build_methods(list(methods), options, threads, case.stack, intensity)
 
     stack32 = case.stack.astype(np.float32, copy=False)
     zero = np.zeros((z, 2, h, w), np.float32)

@@ -244,7 +244,7 @@ def test_cli_tile_options(pair, tmp_path, monkeypatch, capsys):
     from hybridreg import cli, io
 
     fixed, moving, truth = pair
-    monkeypatch.setattr(cli, "_method", lambda args: Shift())
+    monkeypatch.setattr(cli, "_method", lambda args, sample=None: Shift())
     io.write_stack(tmp_path / "fixed.tif", fixed)
     io.write_stack(tmp_path / "moving.tif", moving)
     base = ["register", str(tmp_path / "fixed.tif"), str(tmp_path / "moving.tif")]

@@ -8,7 +8,8 @@ torch) only when first used. What the torch-based methods share is
 from __future__ import annotations
 
 from .base import Method, RegistrationResult, check_pair
+from .neural import IntensityMap, intensity_map
 from .registry import ALL_METHODS, METHODS, get_method
 
 __all__ = ["Method", "RegistrationResult", "check_pair", "get_method", "METHODS",
-           "ALL_METHODS"]
+           "ALL_METHODS", "intensity_map", "IntensityMap"]

@@ -19,10 +19,12 @@ Intensities
     sections holding 0-255 values (what stack alignment passes on: aligned sections keep the
     original grey range, with 0 in the empty space) give the same result. Other ranges need
     the linear map ``x8 = intensity_scale * x + intensity_offset`` taking them to 0-255
-    (``intensity_scale=255`` for floats in [0, 1]); use the map the network was trained with,
-    :func:`hybridreg.training.eight_bit_scaling` of the stack (16-bit data: its 0.1 and 99.9
-    percentiles to 0 and 255). The map is fixed per method, never guessed per pair, so every
-    section of a stack is scaled alike.
+    (``intensity_scale=255`` for floats in [0, 1]). The map is fixed per method, never
+    guessed per pair, so every section of a stack is scaled alike. The API
+    (``hybridreg.register``, ``hybridreg.align_stack``), ``compare`` and the CLI
+    (``--intensity``) set it from the stack by default with
+    :func:`hybridreg.methods.intensity_map` (``uint8`` as is, floats in [0, 1] times 255,
+    16-bit data by its 0.1 and 99.9 percentiles), the map training uses.
 
 torch is imported when the first section is registered, not when this module is.
 """

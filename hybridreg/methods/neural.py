@@ -1,7 +1,8 @@
 """What the torch-based methods (learned, ssemnet, hybrid) share.
 
 Model sources (a checkpoint path loaded once, or an in-memory module), the device and thread
-settings, the normalisation of sections for the networks, the autoencoder's features at a
+settings, a stack's intensity map onto the networks' 0-255 scale (:func:`intensity_map`),
+the normalisation of sections for the networks, the autoencoder's features at a
 chosen encoder depth, and the NCC by which a method measures its own result. torch is
 imported on first use.
 """
@@ -21,7 +22,7 @@ from .base import content_mask
 log = logging.getLogger(__name__)
 
 __all__ = ["resolve_device", "is_a", "ModelSource", "set_threads", "normalized_sections",
-           "finite_float", "ncc_metric", "encoder_depth", "encoder_features"]
+           "IntensityMap", "intensity_map", "INTENSITY_CHOICES", "finite_float", "ncc_metric", "encoder_depth", "encoder_features"]
 
 
 def resolve_device(device: str, module=None):
@@ -133,6 +134,119 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(int(threads))  # process-wide, as torch has it
 
 
+#: The named ways of :func:`intensity_map` (``intensity=`` in the API, ``--intensity``);
+#: ``(lo, hi)`` (``LO:HI`` on the command line) is the fourth.
+INTENSITY_CHOICES = ("auto", "percentiles", "none")
+
+#: Pixels :func:`intensity_map` samples, over at most 16 evenly spaced sections.
+INTENSITY_SAMPLE_PX = 4_000_000
+
+
+class IntensityMap(tuple):
+    """``(gain, offset)``: ``x8 = gain * x + offset`` puts a stack on the 0-255 scale the
+    networks were trained on; ``note`` says how it was chosen. :meth:`options` gives the
+    methods' ``intensity_scale`` and ``intensity_offset``."""
+
+    def __new__(cls, gain: float, offset: float, note: str):
+        self = super().__new__(cls, (float(gain), float(offset)))
+        self.note = note
+        return self
+
+    gain = property(lambda self: self[0])
+    offset = property(lambda self: self[1])
+
+    def options(self) -> dict:
+        return {"intensity_scale": self.gain, "intensity_offset": self.offset}
+
+
+def intensity_map(stack, how="auto") -> IntensityMap:
+    """How a stack's intensities are put on the networks' 0-255 scale: one linear map for
+    the whole stack (never per pair or per section: every section is scaled alike).
+
+    ``how``:
+
+    - ``"auto"`` (the default everywhere): ``uint8`` and ``bool`` as they are; floats within
+      [0, 1] times 255; floats within [0, 255] as they are; anything else (``uint16``, other
+      integers, other floats) by its percentiles, as ``"percentiles"``. ``uint16`` EM data
+      rarely fills 0..65535 (12-bit cameras, narrow histograms): a fixed ``255 / 65535``
+      would squash it.
+    - ``"percentiles"``: the stack's 0.1 and 99.9 percentiles go to 0 and 255, any dtype.
+    - ``"none"``: as they are (the values are taken to be 0-255 grey values already).
+    - ``(lo, hi)``: ``lo`` goes to 0 and ``hi`` to 255.
+
+    Percentiles and ranges are taken from a sample of :data:`INTENSITY_SAMPLE_PX` pixels
+    spread over at most 16 evenly spaced sections (read by region when the stack is lazy):
+    cheap at any size. Train and register with the same map.
+
+    Parameters
+    ----------
+    stack : ndarray (any shape) or a lazy stack (Z, H, W)
+    how : str or (float, float)
+
+    Returns
+    -------
+    IntensityMap
+    """
+    dtype = np.dtype(stack.dtype)
+    if dtype.kind not in "uifb":
+        raise TypeError(f"stack must hold numeric intensities, got dtype {dtype}")
+    if not isinstance(how, str):
+        lo, hi = (float(v) for v in how)
+        if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+            raise ValueError(f"intensity range must be two finite values LO < HI, got {how!r}")
+        gain = 255.0 / (hi - lo)
+        return IntensityMap(gain, -lo * gain, f"{lo:g}..{hi:g} to 0..255 (given)")
+    if how not in INTENSITY_CHOICES:
+        raise ValueError(f"intensity must be one of {', '.join(INTENSITY_CHOICES)} or a "
+                         f"range (lo, hi), got {how!r}")
+    if how == "none":
+        return IntensityMap(1.0, 0.0, f"{dtype} values taken as 0-255 grey values (none)")
+    if how == "auto" and dtype in (np.uint8, np.bool_):
+        return IntensityMap(1.0, 0.0, f"{dtype}: as is (0-255)")
+    sub = _intensity_sample(stack)
+    if how == "auto" and dtype.kind == "f":
+        lo_all, hi_all = float(sub.min()), float(sub.max())
+        if lo_all >= 0 and hi_all <= 1:
+            return IntensityMap(255.0, 0.0, f"{dtype} within 0..1: times 255")
+        if lo_all >= 0 and hi_all <= 255:
+            return IntensityMap(1.0, 0.0, f"{dtype} within 0..255: as is")
+    lo, hi = (float(v) for v in np.percentile(sub, [0.1, 99.9]))
+    if not hi > lo:
+        log.warning("intensity map: the stack is flat (%g); mapping it to 128", lo)
+        return IntensityMap(1.0, 128.0 - lo, f"{dtype}, flat at {lo:g}: to 128")
+    gain = 255.0 / (hi - lo)
+    return IntensityMap(gain, -lo * gain, f"{dtype}: 0.1 and 99.9 percentiles {lo:g}..{hi:g} "
+                                          f"to 0..255")
+
+
+def _intensity_sample(stack) -> np.ndarray:
+    """About :data:`INTENSITY_SAMPLE_PX` pixels of ``stack``, float64: a strided subsample
+    of an ndarray; of a lazy stack, rows of at most 16 evenly spaced sections."""
+    if isinstance(stack, np.ndarray):
+        if stack.size == 0:
+            raise ValueError("stack is empty")
+        step = max(1, int(math.sqrt(stack.size / INTENSITY_SAMPLE_PX)))
+        sub = stack[..., ::step, ::step] if stack.ndim >= 2 else stack[::step]
+        return sub.astype(np.float64, copy=False)
+    from ..io import section_of
+
+    z = len(stack)
+    if z == 0 or 0 in tuple(stack.shape):
+        raise ValueError("stack is empty")
+    picks = np.unique(np.linspace(0, z - 1, min(z, 16)).round().astype(int))
+    per = INTENSITY_SAMPLE_PX // len(picks)
+    parts = []
+    for k in picks:
+        sec = section_of(stack, int(k))
+        h, w = sec.shape
+        step = max(1, math.ceil(math.sqrt(h * w / per)))
+        if isinstance(sec, np.ndarray):
+            parts.append(sec[::step, ::step].ravel())
+        else:  # a plane read by region: one row at a time
+            parts.extend(np.asarray(sec[r, ::step]).ravel() for r in range(0, h, step))
+    return np.concatenate(parts).astype(np.float64)
+
+
 def normalized_sections(sections: Sequence[np.ndarray], scale: float, offset: float,
                 method: str) -> np.ndarray:
     """``(n, H, W)`` float32 sections normalised for the networks.
@@ -149,7 +263,7 @@ def normalized_sections(sections: Sequence[np.ndarray], scale: float, offset: fl
     if float(np.abs(out).max()) > 20.0:
         log.warning("%s: intensities reach %.0f after the 8-bit scaling; the networks expect "
                     "0-255 grey values (set intensity_scale and intensity_offset, e.g. from "
-                    "hybridreg.training.eight_bit_scaling(stack), as in training)", method,
+                    "hybridreg.methods.intensity_map(stack), as the CLI and the API do)", method,
                     float(max(np.abs(s).max() for s in sections)) * scale + offset)
     return out
 

@@ -10,7 +10,8 @@ import inspect
 
 from .base import Method
 
-__all__ = ["METHODS", "ALL_METHODS", "method_class", "accepts", "get_method", "build_method"]
+__all__ = ["METHODS", "ALL_METHODS", "method_class", "accepts", "get_method", "build_method",
+           "with_intensity"]
 
 #: method name -> "module:class"
 METHODS = {
@@ -57,3 +58,20 @@ def build_method(method, options: dict) -> Method:
         raise TypeError(f"method must be a name or an object with register(), got "
                         f"{type(method).__name__}")
     return method
+
+
+def with_intensity(name, options: dict, stack, how="auto"):
+    """``(options, map)``: a method's options with the intensity map of ``stack``
+    (:func:`hybridreg.methods.neural.intensity_map`, ``how``) as its ``intensity_scale`` and
+    ``intensity_offset``, for a method given by name that takes them (learned, ssemnet,
+    hybrid) and whose options do not set them; else ``(options, None)``.
+
+    What the API, ``compare`` and the CLI do by default, so that a ``uint16`` stack or a
+    float one in [0, 1] reaches the networks on the 0-255 scale they were trained on."""
+    if (not isinstance(name, str) or not accepts(name, "intensity_scale")
+            or {"intensity_scale", "intensity_offset"} & set(options)):
+        return options, None
+    from .neural import intensity_map
+
+    imap = intensity_map(stack, how)
+    return {**options, **imap.options()}, imap

@@ -28,51 +28,15 @@ __all__ = ["StackSampler", "eight_bit_scaling"]
 
 # --- intensities ------------------------------------------------------------------------------
 
-def eight_bit_scaling(stack: np.ndarray) -> tuple[float, float]:
-    """The linear map ``x8 = gain * x + offset`` taking a stack to the 8-bit scale 0..255.
+def eight_bit_scaling(stack) -> tuple[float, float]:
+    """The linear map ``(gain, offset)``, ``x8 = gain * x + offset``, taking a stack to the
+    8-bit scale 0..255 the networks are fed (after :func:`hybridreg.models.normalize`):
+    :func:`hybridreg.methods.neural.intensity_map` with ``how="auto"`` (``uint8`` as is,
+    floats in [0, 1] times 255, others by their 0.1 and 99.9 percentiles). Use the same
+    map at inference as in training: the CLI and the API use it by default."""
+    from ..methods.neural import intensity_map
 
-    The networks are fed ``normalize(x8)`` with FAEMReg's statistics of 8-bit EM data
-    (:func:`hybridreg.models.normalize`); this decides ``x8`` for any dtype:
-
-    - ``uint8`` and ``bool``: unchanged, ``(1, 0)``;
-    - float data within [0, 1]: ``(255, 0)``; float data within [0, 255]: unchanged;
-    - anything else (``uint16``, other integers, other floats): the stack's 0.1 and 99.9
-      percentiles go to 0 and 255. ``uint16`` EM data rarely fills 0..65535 (12-bit
-      cameras, narrow histograms), so a fixed ``255 / 65535`` would squash it.
-
-    Use the same map at inference as in training.
-
-    Parameters
-    ----------
-    stack : ndarray, shape (Z, H, W) (or any shape)
-
-    Returns
-    -------
-    (gain, offset) : (float, float)
-    """
-    arr = np.asarray(stack)
-    if arr.dtype == np.uint8 or arr.dtype == bool:
-        return 1.0, 0.0
-    if arr.dtype.kind not in "uif":
-        raise TypeError(f"stack must hold numeric intensities, got dtype {arr.dtype}")
-    if arr.size == 0:
-        raise ValueError("stack is empty")
-    # a strided subsample is plenty for the range and the percentiles
-    step = max(1, int(math.sqrt(arr.size / 4_000_000)))
-    sub = arr[..., ::step, ::step] if arr.ndim >= 2 else arr[::step]
-    sub = sub.astype(np.float64, copy=False)
-    lo_all, hi_all = float(sub.min()), float(sub.max())
-    if arr.dtype.kind == "f":
-        if lo_all >= 0 and hi_all <= 1:
-            return 255.0, 0.0
-        if lo_all >= 0 and hi_all <= 255:
-            return 1.0, 0.0
-    lo, hi = (float(v) for v in np.percentile(sub, [0.1, 99.9]))
-    if not hi > lo:
-        log.warning("eight_bit_scaling: the stack is flat (%g); mapping it to 128", lo)
-        return 1.0, 128.0 - lo
-    gain = 255.0 / (hi - lo)
-    return gain, -lo * gain
+    return tuple(intensity_map(stack, "auto"))
 
 
 def _normalised(region: np.ndarray, gain: float, offset: float) -> np.ndarray:

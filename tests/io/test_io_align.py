@@ -79,7 +79,7 @@ def test_cli_align_zarr_to_zarr_and_resume(shifted, tmp_path, monkeypatch, capsy
 
     from hybridreg import stack
 
-    monkeypatch.setattr(cli, "_method", lambda args: PhaseCorrelation())
+    monkeypatch.setattr(cli, "_method", lambda args, sample=None: PhaseCorrelation())
     # the ITK transform files are tested in test_cli_align; here they would only load itk
     monkeypatch.setattr(stack, "save_alignment",
                         functools.partial(stack.save_alignment, transforms=False))
