@@ -3,6 +3,13 @@
 Both functions return ``(warped, valid_mask)``: ``valid_mask`` is True where the sampled
 moving point ``p + u(p)`` lies inside the moving image (between the centres of its border
 pixels), i.e. where the warped value is not made up from outside the section.
+
+The sampling rule of :func:`warp` and :func:`render` is ITK's (``ResampleImageFilter`` with
+elastix's ``FinalBSplineInterpolator``, i.e. what transformix does): a point within half a
+pixel of the section (continuous index in ``[-0.5, n - 0.5)`` on both axes) is interpolated
+with the image mirrored about its border pixels; a point beyond gets ``cval`` (elastix's
+``DefaultPixelValue``). So a transformix chain written by hybridreg reproduces hybridreg's
+rendering up to the border pixels, not only in the interior.
 """
 from __future__ import annotations
 
@@ -33,6 +40,13 @@ def valid_mask(u: np.ndarray, *, spacing_xy=(1.0, 1.0), margin_px: float = 0.0) 
     u = validate_field(u)
     return _inside(index_grid(u.shape[1:]) + to_pixels(u, spacing_xy), u.shape[1:],
                    margin_px=margin_px)
+
+
+def _sampled(pts_y: np.ndarray, pts_x: np.ndarray, shape_yx) -> np.ndarray:
+    """True where ITK's resampler interpolates (continuous index in ``[-0.5, n - 0.5)`` on
+    both axes); elsewhere it writes its default value."""
+    h, w = shape_yx
+    return (pts_y >= -0.5) & (pts_y < h - 0.5) & (pts_x >= -0.5) & (pts_x < w - 0.5)
 
 
 def _inside(pts: np.ndarray, shape_yx, *, margin_px: float = 0.0) -> np.ndarray:
@@ -78,11 +92,12 @@ def warp(moving: np.ndarray, u: np.ndarray, *, spacing_xy=(1.0, 1.0), order: int
     chans = moving[None] if moving.ndim == 2 else moving
     out_dtype = moving.dtype if order == 0 else np.float32
     src = chans if order == 0 else chans.astype(np.float32, copy=False)
+    outside = ~_sampled(coords[0], coords[1], u.shape[1:])
     warped = np.stack([
-        ndimage.map_coordinates(c, coords, order=order, mode="constant", cval=cval,
-                                prefilter=order > 1)
+        ndimage.map_coordinates(c, coords, order=order, mode="mirror", prefilter=order > 1)
         for c in src
     ]).astype(out_dtype, copy=False)
+    warped[:, outside] = cval
     if moving.ndim == 2:
         warped = warped[0]
     return warped, _inside(pts, u.shape[1:])
@@ -222,17 +237,18 @@ def render(moving: np.ndarray, m: np.ndarray, grid, *, order: int = 1, cval: flo
         coords[0] = to_pixels(u[1:2], (sy, sy))[0] + np.arange(y0, y1, dtype=np.float64)[:, None]
         coords[1] = to_pixels(u[0:1], (sx, sx))[0] + xs[None, :]
         del u
+        outside = ~_sampled(coords[0], coords[1], (h, w))  # ITK's rule, see the module
         if lazy:
             src = _region_of(moving, coords[0], coords[1], order)
             if src is None:  # every sample outside the section
                 out[y0 - y_lo:y1 - y_lo] = cval
                 continue
         if order == 0:
-            block = ndimage.map_coordinates(src, coords, order=0, mode="constant", cval=cval)
+            block = ndimage.map_coordinates(src, coords, order=0, mode="mirror")
         else:
-            block = ndimage.map_coordinates(src, coords, order=order, mode="constant",
-                                            cval=cval, prefilter=False,
-                                            output=np.float32)
+            block = ndimage.map_coordinates(src, coords, order=order, mode="mirror",
+                                            prefilter=False, output=np.float32)
+        block[outside] = cval
         if np.issubdtype(dtype, np.integer) and block.dtype != dtype:
             info = np.iinfo(dtype)
             block = np.clip(np.rint(block), info.min, info.max)

@@ -72,8 +72,7 @@ def test_transformix_reproduces_a_4096_section_from_its_written_map(tmp_path):
                     str(tmp_path), "-tp", str(tp)], check=True, capture_output=True)
     theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "result.mha")))
     ours = render(moving, m, grid)
-    inner = (slice(16, -16), slice(16, -16))
-    diff = np.abs(theirs.astype(np.float64) - ours)[inner]
+    diff = np.abs(theirs.astype(np.float64) - ours)  # up to the border pixels
     assert diff.max() < 0.05, diff.max()
     # and the files are small: the map and its .h5 under 1% of the uint8 section
     size = sum(p.stat().st_size for p in (tmp_path / "f").rglob("*") if p.is_file())

@@ -52,6 +52,24 @@ def _write_field_mha(path: Path, u, *, spacing_xy, origin_xy) -> None:
     write_field(path, u, spacing_xy=spacing_xy, origin_xy=origin_xy, overwrite=True)
 
 
+def _edge_padded(result, u0):
+    """``(u0 padded, its origin)``: the start field extended by its edge values as far as the
+    refinement reaches past the section, so that transformix evaluates the chain (the
+    refinement ``b``, then ``u0``) as hybridreg composes it (``fields.compose`` extends
+    ``u0`` by its edge values; ITK's displacement field has no displacement past its grid,
+    which would blank a border strip wherever ``b`` points outward)."""
+    from ..fields import to_pixels
+
+    # |b| <= |total| + |u0|: b(p) = total(p) - u0(p + b(p))
+    reach = (np.abs(to_pixels(result.field, result.spacing_xy)).max()
+             + np.abs(to_pixels(u0, result.spacing_xy)).max())
+    pad = int(np.ceil(reach)) + 2
+    sx, sy = result.spacing_xy
+    ox, oy = result.origin_xy
+    padded = np.pad(np.asarray(u0, np.float32), ((0, 0), (pad, pad), (pad, pad)), mode="edge")
+    return padded, (ox - pad * sx, oy - pad * sy)
+
+
 def _deformation_field_map(grid: Mapping[str, list[str]], field_link: str) -> dict:
     """A transformix map applying a displacement-field file (linear field interpolation)."""
     entry = dict(grid)
@@ -174,8 +192,11 @@ def export_transformix_chain(result: ElastixResult, directory, *, absolute_paths
         elif not any(m.get("Transform", [""])[0] == "DeformationFieldTransform" for m in chain):
             # itk-elastix that does not report the external transform: put it in front.
             chain.insert(0, _deformation_field_map(grid, link(field_name)))
-        _write_field_mha(directory / field_name, result.initial_field,
-                         spacing_xy=result.spacing_xy, origin_xy=result.origin_xy)
+        u0, origin = result.initial_field, result.origin_xy
+        if result.initial_mode == "resample":
+            u0, origin = _edge_padded(result, u0)
+        _write_field_mha(directory / field_name, u0, spacing_xy=result.spacing_xy,
+                         origin_xy=origin)
     if not chain:
         raise ValueError("the result holds no transform parameter maps")
 

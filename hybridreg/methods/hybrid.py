@@ -278,6 +278,10 @@ class HybridMethod:
                                  "set them in the parameter map")
             self.parameter_map, self.adapt_warnings = adapt_refinement_map(
                 params, n, weights=channel_weights, keep_penalties=initial == "resample")
+            # one rendering rule: the result, and the exported chain, resample with the
+            # method's order (linear), whatever order the user's file asks of elastix
+            self.parameter_map["FinalBSplineInterpolationOrder"] = [str(self.warped_order)]
+            self.parameter_map["WriteResultImage"] = ["false"]
         detail_options = PRESETS[preset]["detail"] if params is None else None
         if detail is False:
             detail_options = None
