@@ -28,6 +28,31 @@ def _spacing_xy(stack) -> tuple[float, float]:
     return (float(stack.spacing_xyz[0]), float(stack.spacing_xyz[1]))
 
 
+def _with_spacing(stack, args):
+    """``stack`` with --spacing SX SY [SZ] in place of the file's spacing, if given."""
+    given = getattr(args, "spacing", None)
+    if not given:
+        return stack
+    import dataclasses
+
+    if len(given) not in (2, 3) or not all(v > 0 for v in given):
+        raise CLIError(f"--spacing takes 2 or 3 positive values (SX SY [SZ]), got {given}")
+    xyz = tuple(float(v) for v in given) + tuple(stack.spacing_xyz[len(given):])
+    return dataclasses.replace(stack, spacing_xyz=xyz)
+
+
+def _span(text: str) -> tuple[int | None, int | None]:
+    """``START:STOP`` (either may be left out) -> (start, stop), 0-based, stop excluded."""
+    a, sep, b = text.partition(":")
+    try:
+        if sep:
+            return (int(a) if a.strip() else None), (int(b) if b.strip() else None)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected START:STOP (0-based, STOP excluded), got "
+                                     f"{text!r}")
+
+
 def _format_table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
         if isinstance(v, float):
@@ -253,17 +278,60 @@ def _read_labels(path, shape):
     return labels
 
 
+def _cut(data, sections, crop, where: str):
+    """``(array, (zs, ys, xs))``: the --sections START:STOP and --crop X Y W H part of a
+    lazy stack, read region by region (only what the cut holds)."""
+    import numpy as np
+
+    from .io import section_of
+
+    z, h, w = data.shape
+    zs = slice(*slice(*(sections or (None, None))).indices(z)[:2])
+    if crop is None:
+        ys, xs = slice(0, h), slice(0, w)
+    else:
+        x0, y0, cw, ch = crop
+        if cw < 1 or ch < 1 or x0 < 0 or y0 < 0 or x0 + cw > w or y0 + ch > h:
+            raise CLIError(f"--crop {x0} {y0} {cw} {ch} is not inside the {w}x{h} (W x H) "
+                           f"sections of {where}")
+        ys, xs = slice(y0, y0 + ch), slice(x0, x0 + cw)
+    if zs.stop - zs.start < 1:
+        raise CLIError(f"--sections {sections[0]}:{sections[1]} selects no section of the "
+                       f"{z} of {where}")
+    out = np.stack([np.asarray(section_of(data, k)[ys, xs]) for k in range(zs.start, zs.stop)])
+    return out, (zs, ys, xs)
+
+
 def cmd_compare(args) -> int:
     from . import compare, io
 
+    from .methods.registry import accepts
+
     names = _method_names(args.methods)
     options = _compare_options(args, names)
+    if args.device:
+        for n in names:
+            if accepts(n, "device"):
+                options.setdefault(n, {}).setdefault("device", args.device)
+    tile = None
+    if args.tile not in (None, "auto"):
+        tile = {"tile_px": args.tile, "overlap_px": args.tile_overlap,
+                "coarse": not args.no_coarse}
+    elif args.tile_overlap is not None or args.no_coarse:
+        raise CLIError("--tile-overlap and --no-coarse need --tile PX")
     compare.check_outputs(args.report, names=names, save_aligned=args.save_aligned,
                           overwrite=args.overwrite)
-    stack = io.read_stack(args.stack)
-    labels = None if args.labels is None else _read_labels(args.labels, stack.data.shape)
-    case = compare.make_case(stack.data, spacing_xy=_spacing_xy(stack), labels=labels,
-                             deform_seed=args.deform_seed, name=str(args.stack))
+    stack = _with_spacing(io.read_stack(args.stack, lazy=True), args)
+    data, cut = _cut(stack.data, args.sections, args.crop, str(args.stack))
+    labels = None
+    if args.labels is not None:
+        labels = _read_labels(args.labels, stack.data.shape)[cut]
+    name = str(args.stack) + ("" if args.sections is None and args.crop is None else
+                              f" [sections {cut[0].start}:{cut[0].stop}, rows "
+                              f"{cut[1].start}:{cut[1].stop}, columns {cut[2].start}:"
+                              f"{cut[2].stop}]")
+    case = compare.make_case(data, spacing_xy=_spacing_xy(stack), labels=labels,
+                             deform_seed=args.deform_seed, name=name)
     if (args.workers or args.scheduler) and args.mode != "joint":
         raise CLIError("--workers and --scheduler need --mode joint (sequential alignment "
                        "cannot run in parallel)")
@@ -272,7 +340,7 @@ def cmd_compare(args) -> int:
             case, names, options=options, threads=args.threads, mode=args.mode,
             neighbours=args.neighbours, prior=args.prior, window=args.window,
             margin_px=args.margin, progress=not args.no_progress, client=client,
-            intensity=args.intensity)
+            intensity=args.intensity, drift_window=args.drift_window, tile=tile)
     inputs = [args.stack] + ([args.labels] if args.labels else [])
     written = compare.write_comparison(comparison, args.report, overwrite=args.overwrite,
                                        inputs=inputs, save_aligned=args.save_aligned)
@@ -332,7 +400,14 @@ def _method(args, sample=None):
     from .methods import get_method
     from .methods.registry import with_intensity
 
+    from .methods.registry import accepts
+
     options = {}
+    if args.device:
+        if not accepts(args.method, "device"):
+            raise CLIError(f"--device is for the learned, ssemnet and hybrid methods, not "
+                           f"{args.method}")
+        options["device"] = args.device
     for method, key, value in _option_items(args.option):
         if method != args.method:
             raise CLIError(f"--option {method}.{key} is for method {method!r}, not "
@@ -477,7 +552,8 @@ def cmd_register(args) -> int:
     from .outputs import write_registration
 
     _refuse_onto_input([args.out, args.fields_out], [args.fixed, args.moving])
-    fixed, moving = _read_section(args.fixed), _read_section(args.moving)
+    fixed = _with_spacing(_read_section(args.fixed), args)
+    moving = _with_spacing(_read_section(args.moving), args)
     if fixed.data.shape != moving.data.shape:
         raise CLIError(f"fixed {args.fixed} {fixed.data.shape[1:]} and moving {args.moving} "
                        f"{moving.data.shape[1:]} must have the same size")
@@ -513,7 +589,7 @@ def cmd_align(args) -> int:
 
     # lazily: sections are read when a pair needs them (a bare .zarr output is written
     # section by section), so stacks larger than memory can be aligned
-    stack = io.read_stack(args.stack, lazy=True)
+    stack = _with_spacing(io.read_stack(args.stack, lazy=True), args)
     fields_out = Path(args.fields_out)
     _refuse_onto_input([args.out, fields_out], [args.stack])
     work = fields_out / "work"
@@ -783,8 +859,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--option", action="append", metavar="METHOD.KEY=VALUE",
                        help="any option of the method, VALUE as JSON or text, e.g. "
                             "learned.references=1 (repeatable; as on compare)")
-        intensity_option(p)
+        shared_options(p)
         p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+    def shared_options(p):
+        """What register, align and compare share beyond the method's own options."""
+        p.add_argument("--device", metavar="cpu|cuda|auto",
+                       help="learned, ssemnet, hybrid: where the networks run (default: the "
+                            "method's, auto = CUDA when available)")
+        p.add_argument("--spacing", type=float, nargs="+", metavar="S",
+                       help="SX SY [SZ]: the physical spacing of the input, in place of the "
+                            "file's (fields and transforms are in its units)")
+        intensity_option(p)
 
     def intensity_option(p):
         p.add_argument("--intensity", type=_intensity_arg, default="auto",
@@ -941,8 +1027,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "method that fails or is unavailable (e.g. missing "
                                    "weights) is reported with the reason; the others run.")
     p.add_argument("stack", help="the stack to align")
-    p.add_argument("--methods", default=",".join(ALL_METHODS), metavar="M[,M...]",
-                   help=f"methods, comma-separated (default {','.join(ALL_METHODS)})")
+    p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), metavar="M",
+                   help=f"methods, by spaces or commas (default {' '.join(ALL_METHODS)})")
     p.add_argument("--report", required=True, metavar="DIR",
                    help="output folder: metrics.csv, metrics.json, report.html")
     p.add_argument("--labels", help="instance labels of STACK (ids consistent across "
@@ -958,12 +1044,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any method option, VALUE as JSON or text, e.g. "
                         "ssemnet.iterations=50 (repeatable)")
     p.add_argument("--threads", type=int, help="CPU threads of every method that takes them")
-    intensity_option(p)
+    shared_options(p)
+    p.add_argument("--sections", type=_span, metavar="START:STOP",
+                   help="compare on these sections only (0-based, STOP excluded)")
+    p.add_argument("--crop", type=int, nargs=4, metavar=("X", "Y", "W", "H"),
+                   help="compare on this part of every section only (pixels; read region by "
+                        "region)")
     p.add_argument("--mode", choices=["joint", "sequential"], default="joint",
                    help="stack mode for every method (default joint, see align)")
     p.add_argument("--neighbours", type=int, default=1, help="joint: pairs per section")
     p.add_argument("--prior", type=float, default=0.3, help="joint: prior weight")
     p.add_argument("--window", type=int, default=1, help="sequential: aligned sections seen")
+    p.add_argument("--drift-window", type=int, default=0, metavar="N",
+                   help="sequential: drift correction over N sections (see align)")
+    tile_options(p)
     p.add_argument("--margin", type=int,
                    help="pixels left out at each edge in the metrics (default size/16)")
     p.add_argument("--save-aligned", action="store_true",

@@ -373,7 +373,8 @@ def compare_methods(case: CompareCase, methods: Sequence, *,
                     options: Mapping[str, Mapping] | None = None, threads: int | None = None,
                     mode: str = "joint", neighbours: int = 1, prior: float = 0.3,
                     window: int = 1, margin_px: int | None = None,
-                    progress: bool = False, client=None, intensity="auto") -> Comparison:
+                    progress: bool = False, client=None, intensity="auto",
+                    drift_window: int = 0, tile: Mapping | None = None) -> Comparison:
     """Align ``case.stack`` with every method and measure the results.
 
     Parameters
@@ -399,6 +400,12 @@ def compare_methods(case: CompareCase, methods: Sequence, *,
         Progress bars (tqdm, stderr) during the alignments.
     client : dask.distributed.Client, optional
         Joint mode: every method's pair registrations run on this client's workers.
+    drift_window : int
+        Sequential mode: the drift correction of :func:`hybridreg.stack.align_stack`.
+    tile : mapping, optional
+        Register over tiles: every method is wrapped in a
+        :class:`hybridreg.tiling.TiledMethod` with these options (``tile_px``,
+        ``overlap_px``, ``coarse``).
     intensity : str or (float, float)
         How the stack is put on the networks' 0-255 scale for the methods given by name
         that take ``intensity_scale`` (unless their options set it): see
@@ -426,6 +433,10 @@ def compare_methods(case: CompareCase, methods: Sequence, *,
     if mode not in ("joint", "sequential"):
         raise ValueError(f"mode must be 'joint' or 'sequential', got {mode!r}")
     built = _build_methods(list(methods), options, threads, case.stack, intensity)
+    if tile:
+        from .tiling import TiledMethod
+
+        built = [(n, m if m is None else TiledMethod(m, **tile), o, r) for n, m, o, r in built]
 
     stack32 = case.stack.astype(np.float32, copy=False)
     zero = np.zeros((z, 2, h, w), np.float32)
@@ -445,7 +456,7 @@ def compare_methods(case: CompareCase, methods: Sequence, *,
         try:
             result = align_stack(case.stack, method, spacing_xy=case.spacing_xy, mode=mode,
                                  neighbours=neighbours, prior=prior, window=window,
-                                 progress=progress,
+                                 drift_window=drift_window, progress=progress,
                                  client=client if mode == "joint" else None)
             total = time.perf_counter() - t0
             rows = _evaluate(case, result.aligned, result.fields, margin_px=margin_px,
@@ -470,7 +481,8 @@ def compare_methods(case: CompareCase, methods: Sequence, *,
         log.info("%s: %.1f s", name, total)
     settings = {"mode": mode, "threads": threads,
                 **({"neighbours": neighbours, "prior": prior} if mode == "joint"
-                   else {"window": window}),
+                   else {"window": window, "drift_window": drift_window}),
+                **({"tile": dict(tile)} if tile else {}),
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                 "date": time.strftime("%Y-%m-%d %H:%M")}
     return Comparison(case=case, runs=runs, margin_px=margin_px, settings=settings)

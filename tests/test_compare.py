@@ -339,3 +339,61 @@ def test_all_four_methods_run_through_compare(tmp_path, phantom_files, capsys):
     html = (tmp_path / "r" / "report.html").read_text()
     for name in ("elastix", "learned", "ssemnet", "hybrid"):
         assert f">{name}</td>" in html
+
+
+def test_cli_compare_takes_the_options_register_and_align_take(tmp_path, phantom_files,
+                                                                capsys, monkeypatch):
+    """Issue 18 item 11: methods by spaces or commas, a section range and a crop (read by
+    region), --spacing, --device, --drift-window, --tile and --intensity on compare."""
+    monkeypatch.setitem(METHODS, "stub", "test_compare:StubMethod")
+    stack, labels = phantom_files  # 4 sections of 64 x 64
+    report = tmp_path / "r"
+    assert run(["compare", stack, "--methods", "stub", "learned", "--labels", labels,
+                "--sections", "1:4", "--crop", 8, 4, 48, 40, "--spacing", 2, 3,
+                "--device", "cpu", "--mode", "sequential", "--drift-window", 3,
+                "--tile", 32, "--intensity", "percentiles", "--report", report,
+                "--no-progress"]) == 0
+    doc = json.loads((report / "metrics.json").read_text())
+    assert doc["case"]["sections"] == 3 and doc["case"]["shape_yx"] == [40, 48]
+    assert doc["case"]["spacing_xy"] == [2.0, 3.0]
+    assert "sections 1:4, rows 4:44, columns 8:56" in doc["case"]["name"]
+    assert doc["settings"]["drift_window"] == 3
+    assert doc["settings"]["tile"]["tile_px"] == 32
+    by_name = {m["name"]: m for m in doc["methods"]}
+    assert set(by_name) == {"none", "stub", "learned"}
+    assert by_name["learned"]["status"] == "ok", by_name["learned"]
+    assert by_name["learned"]["options"]["device"] == "cpu"
+    assert "device" not in by_name["stub"]["options"]  # stub takes no device
+    assert by_name["learned"]["options"]["intensity_scale"] != 1.0  # percentiles of uint8
+    # the same by commas
+    assert run(["compare", stack, "--methods", "stub,learned", "--report", tmp_path / "c",
+                "--no-progress"]) == 0
+    assert {m["name"] for m in json.loads((tmp_path / "c" / "metrics.json").read_text())[
+        "methods"]} == {"none", "stub", "learned"}
+    capsys.readouterr()
+    assert run(["compare", stack, "--methods", "stub", "--crop", 0, 0, 65, 10, "--report",
+                tmp_path / "x", "--no-progress"]) == 2
+    assert "--crop 0 0 65 10 is not inside the 64x64" in capsys.readouterr().err
+    assert run(["compare", stack, "--methods", "stub", "--sections", "7:9", "--report",
+                tmp_path / "x", "--no-progress"]) == 2
+    assert "selects no section" in capsys.readouterr().err
+
+
+def test_cli_register_and_align_take_spacing_and_device(tmp_path, phantom_files, capsys):
+    from hybridreg import io as hio
+
+    stack, _ = phantom_files
+    assert run(["align", stack, "--method", "learned", "--spacing", 4, 5, "--device", "cpu",
+                "--out", tmp_path / "a.tif", "--fields-out", tmp_path / "f",
+                "--no-progress"]) == 0
+    assert hio.read_stack(tmp_path / "a.tif").spacing_xyz[:2] == (4.0, 5.0)
+    from hybridreg.outputs import read_transforms
+
+    assert read_transforms(tmp_path / "f")[1].spacing_xy == (4.0, 5.0)
+    hio.write_stack(tmp_path / "one.tif", hio.read_stack(stack).data[:1])
+    assert run(["register", tmp_path / "one.tif", tmp_path / "one.tif", "--method", "elastix",
+                "--device", "cuda", "--out", tmp_path / "r.tif"]) == 2
+    assert "--device is for the learned, ssemnet and hybrid methods" in capsys.readouterr().err
+    assert run(["align", stack, "--method", "learned", "--spacing", 1, "--out",
+                tmp_path / "b.tif", "--fields-out", tmp_path / "g", "--no-progress"]) == 2
+    assert "--spacing takes 2 or 3" in capsys.readouterr().err

@@ -268,3 +268,25 @@ def test_workers_render_and_write_the_zarr_sections(stack, tmp_path):
                           np.asarray(io.read_stack(tmp_path / "workers.zarr").data))
     assert cli.main(["apply", str(tmp_path / "raw.tif"), "--fields", str(tmp_path / "f"),
                      "--out", str(tmp_path / "x.tif"), "--workers", "2"]) == 2
+
+
+def test_cli_workers_print_no_dask_chatter(tmp_path):
+    """`--workers 2` as a user runs it (issue 18 item 9): no Dask INFO lines, no dashboard on
+    :8787, no "killing" at the end; only hybridreg's own lines."""
+    import subprocess
+    import sys
+
+    from hybridreg import cli
+
+    assert cli.main(["phantom", "--out", str(tmp_path / "ph.tif"), "--sections", "4",
+                     "--size", "96", "96"]) == 0
+    proc = subprocess.run([sys.executable, "-m", "hybridreg.cli", "align",
+                           str(tmp_path / "ph.tif"), "--out", str(tmp_path / "a.tif"),
+                           "--fields-out", str(tmp_path / "f"), "--method", "learned",
+                           "--workers", "2", "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout + proc.stderr
+    for chatter in ("INFO", "8787", "dashboard", "killing", "distributed."):
+        assert chatter not in text, text
+    assert "aligned 4 sections" in proc.stdout
