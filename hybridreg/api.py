@@ -68,6 +68,11 @@ class Registration:
     result : RegistrationResult
         The method's full result (warnings, timings, ``info``: for ``hybrid`` the elastix
         result and the parameter maps it ran).
+    result_transform_parameters : itk.ParameterObject or None
+        What ``itk.elastix_registration_method`` returns next to the image: the transform
+        parameter maps elastix found (elastix and hybrid; for hybrid the refinement, which
+        acts after the learned start: ``field`` and ``transform`` hold the whole), None for
+        the other methods. Built when first read (imports itk).
     """
 
     image: Any
@@ -79,6 +84,31 @@ class Registration:
 
     def __iter__(self):
         return iter((self.image, self.transform))
+
+    @property
+    def result_transform_parameters(self):
+        er = self.result.info.get("elastix") if isinstance(self.result.info, dict) else None
+        if er is None:
+            return None
+        from .elastix import parameter_object
+
+        return parameter_object(er.transform_parameter_maps)
+
+
+#: itk-elastix's keyword names, and hybridreg's where they mean the same.
+ITK_ELASTIX_NAMES = {"parameter_object": "params", "number_of_threads": "threads"}
+
+
+def _itk_elastix_names(options: dict) -> dict:
+    """``options`` with itk-elastix's names (``parameter_object``, ``number_of_threads``)
+    renamed to hybridreg's; both names at once is an error."""
+    out = dict(options)
+    for theirs, ours in ITK_ELASTIX_NAMES.items():
+        if theirs in out:
+            if ours in out:
+                raise TypeError(f"give {theirs}= (itk-elastix's name) or {ours}=, not both")
+            out[ours] = out.pop(theirs)
+    return out
 
 
 @dataclass(frozen=True)
@@ -110,7 +140,8 @@ class StackRegistration:
 
 
 def register(fixed, moving, *, method="hybrid", references: Sequence = (),
-             spacing_xy=None, origin_xy=None, intensity="auto", **options) -> Registration:
+             spacing_xy=None, origin_xy=None, intensity="auto", fixed_mask=None,
+             moving_mask=None, log_to_console: bool = False, **options) -> Registration:
     """Register ``moving`` onto ``fixed``, ITK style.
 
     Parameters
@@ -130,14 +161,22 @@ def register(fixed, moving, *, method="hybrid", references: Sequence = (),
         and floats in [0, 255] as they are, floats in [0, 1] times 255, anything else by its
         0.1 and 99.9 percentiles), ``"percentiles"``, ``"none"`` or ``(lo, hi)``; see
         :func:`hybridreg.methods.intensity_map`.
+    fixed_mask, moving_mask : itk.Image or ndarray (H, W), optional
+        elastix's masks (nonzero = use, zero = excluded), for ``elastix`` and ``hybrid``
+        (its refinement); the learned methods do not take masks yet (an error).
+    log_to_console : bool
+        Print elastix's log (elastix and hybrid), as itk-elastix does.
     **options
-        Options of the method (e.g. ``model=``, ``features=``, ``params=``, ``threads=``).
+        Options of the method (e.g. ``model=``, ``features=``, ``params=``, ``threads=``);
+        itk-elastix's names ``parameter_object=`` and ``number_of_threads=`` are taken for
+        ``params=`` and ``threads=``.
 
     Returns
     -------
     Registration
         ``image, transform = hybridreg.register(...)`` works as with
-        ``itk.elastix_registration_method``.
+        ``itk.elastix_registration_method``; ``result_transform_parameters`` is the
+        ``itk.ParameterObject`` it returns next to the image.
     """
     from .fields import to_itk_transform
     from .itkimage import section_to_itk
@@ -149,9 +188,20 @@ def register(fixed, moving, *, method="hybrid", references: Sequence = (),
         raise ValueError(f"fixed (spacing {sp}, origin {org}) and moving (spacing {msp}, "
                          f"origin {morg}) must share one grid")
     refs = [_section(r, f"references[{i}]", sp, org)[0] for i, r in enumerate(references)]
-    options, _ = with_intensity(method, options, np.stack([f, m]), intensity)
+    options, _ = with_intensity(method, _itk_elastix_names(options), np.stack([f, m]),
+                                intensity)
     impl = build_method(method, options)
-    res = impl.register(f, m, references=refs, spacing_xy=sp, origin_xy=org)
+    masks = {k: v for k, v in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask))
+             if v is not None}
+    if masks:
+        import inspect
+
+        if not set(masks) <= set(inspect.signature(impl.register).parameters):
+            raise ValueError(f"the {impl.name} method does not take masks yet (elastix and "
+                             f"hybrid do)")
+    res = impl.register(f, m, references=refs, spacing_xy=sp, origin_xy=org, **masks)
+    if log_to_console and isinstance(res.info, dict) and res.info.get("elastix") is not None:
+        print(res.info["elastix"].log)
     image = section_to_itk(res.warped, spacing_xy=sp, origin_xy=org)
     transform = to_itk_transform(res.field, spacing_xy=sp, origin_xy=org)
     return Registration(image=image, transform=transform, field=res.field, spacing_xy=sp,
@@ -204,7 +254,8 @@ def align_stack(stack, *, method="hybrid", spacing_xyz=None, origin_xyz=None,
     **options
         Options of :func:`hybridreg.stack.align_stack` (``mode``, ``neighbours``,
         ``prior``, ``anchor``, ``window``, ``drift_window``, ``work_dir``, ``order``,
-        ``client``, ``stride``); the others go to the method.
+        ``client``, ``stride``); the others go to the method (itk-elastix's
+        ``parameter_object=`` and ``number_of_threads=`` as in :func:`register`).
 
     Returns
     -------
@@ -221,7 +272,7 @@ def align_stack(stack, *, method="hybrid", spacing_xyz=None, origin_xyz=None,
                                               "window", "drift_window", "work_dir", "order",
                                               "client", "stride")
                   if k in options}
-    options, _ = with_intensity(method, options, arr, intensity)
+    options, _ = with_intensity(method, _itk_elastix_names(options), arr, intensity)
     impl = build_method(method, options)
     res = _align(arr, impl, spacing_xy=sp[:2], origin_xy=org[:2], progress=progress,
                  **stack_opts)

@@ -111,3 +111,82 @@ def test_align_stack_passes_the_stack_options_through():
     a, b = corrected.alignment, chained.alignment
     np.testing.assert_allclose(a.maps, a.grid.quantize(drift_corrected(b.maps, 3)),
                                atol=1e-6)
+
+
+_ITK_ELASTIX_SCRIPT = r'''
+import json, sys
+import numpy as np, itk, hybridreg
+from scipy import ndimage
+from hybridreg.elastix import parameter_object
+
+def tex(seed):
+    f = ndimage.gaussian_filter(np.random.default_rng(seed).random((128, 128)), 3)
+    return ((f - f.min()) / (f.max() - f.min()) * 255).astype(np.float32)
+
+f = tex(0)
+m = ndimage.shift(f, (2, -3), order=1, mode="nearest")
+defect = f.copy()
+defect[:, :64] = tex(1)[:, :64]  # the fixed's left half is another section's
+mask = np.ones(f.shape, np.uint8)
+mask[:, :64] = 0
+truth = np.array([-3.0, 2.0])[:, None, None]
+err = lambda r: float(np.abs(r.field[:, 32:-32, 72:-8] - truth).mean())
+out = {}
+a = hybridreg.register(f, m, method="elastix", params=["em_rigid"], threads=1)
+b = hybridreg.register(f, m, method="elastix", parameter_object=parameter_object("em_rigid"),
+                       number_of_threads=1, log_to_console=True)
+out["same"] = bool(np.allclose(a.field, b.field, atol=1e-4))
+tp = b.result_transform_parameters
+out["tp"] = [type(tp).__name__, tp.GetNumberOfParameterMaps(), tp.GetParameter(0, "Transform")[0]]
+for method in ("elastix", "hybrid"):
+    out[method] = [err(hybridreg.register(defect, m, method=method, number_of_threads=1,
+                                          **kw)) for kw in ({"fixed_mask": mask}, {})]
+out["learned_tp"] = hybridreg.register(f, m, method="learned").result_transform_parameters
+errors = []
+for kw in ({"method": "learned", "fixed_mask": mask}, {"method": "elastix", "fixed_mask": mask * 0},
+           {"method": "elastix", "moving_mask": mask[:10]},
+           {"method": "elastix", "params": ["em_rigid"], "parameter_object": parameter_object("em_rigid")}):
+    try:
+        hybridreg.register(f, m, **kw)
+        errors.append(None)
+    except (ValueError, TypeError) as exc:
+        errors.append(str(exc))
+rot = itk.image_from_array(f)
+rot.SetDirection(itk.matrix_from_array(np.array([[0.0, 1.0], [-1.0, 0.0]])))
+try:
+    hybridreg.register(rot, rot, method="learned")
+    errors.append(None)
+except ValueError as exc:
+    errors.append(str(exc))
+print("RESULT " + json.dumps({**out, "errors": errors}))
+'''
+
+
+def test_itk_elastix_names_masks_and_result_parameters(tmp_path):
+    """Issue 18 item 13: itk-elastix's keyword names, its masks (elastix's convention) and the
+    transform parameter object next to the image; a rotated direction refused clearly.
+    Run in a fresh process (elastix in-process after other runs has diverged)."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _ITK_ELASTIX_SCRIPT], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.split("RESULT ")[-1])
+    assert res["same"]  # parameter_object= and number_of_threads= are params= and threads=
+    assert res["tp"] == ["elastixParameterObject", 1, "EulerTransform"]
+    assert "Registration" in proc.stdout or "elastix" in proc.stdout.lower()  # the log
+    # the defect half excluded: elastix exact (0.39 px without the mask, measured); the
+    # hybrid's refinement honours it, its learned start does not yet (0.15 against 0.23)
+    masked, plain = res["elastix"]
+    assert masked < 0.05 and masked < 0.5 * plain, (masked, plain)
+    masked, plain = res["hybrid"]
+    assert masked < 0.8 * plain, (masked, plain)
+    assert res["learned_tp"] is None
+    learned, empty, shape, both, rotated = res["errors"]
+    assert "learned method does not take masks yet" in learned
+    assert "excludes everything" in empty and "nonzero = tissue to use" in empty
+    assert "moving_mask has shape (10, 128)" in shape
+    assert "parameter_object= (itk-elastix's name) or params=, not both" in both
+    assert "non-identity direction" in rotated

@@ -21,6 +21,7 @@ Initial fields
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import re
@@ -204,6 +205,8 @@ class ElastixResult:
         ``"external"``: elastix's maps act after the initial field (``field`` is
         ``compose(initial_field, found)``); ``"resample"``: before it
         (``compose(found, initial_field)``). See :func:`register_pair`.
+    log : str
+        elastix's log of the run (what itk-elastix prints with ``log_to_console=True``).
     """
 
     field: np.ndarray
@@ -216,6 +219,7 @@ class ElastixResult:
     spacing_xy: tuple = (1.0, 1.0)
     origin_xy: tuple = (0.0, 0.0)
     initial_mode: str = "external"
+    log: str = dataclasses.field(default="", repr=False)
 
     @property
     def shape_yx(self) -> tuple[int, int]:
@@ -603,6 +607,7 @@ def register_pair(fixed, moving, *, params, spacing_xy=(1.0, 1.0), origin_xy=(0.
         spacing_xy=spacing_xy,
         origin_xy=origin_xy,
         initial_mode="resample" if resample_first else "external",
+        log=log_text,
     )
     log.info("elastix: %d map(s), %d channel(s), %dx%d px, final metric %s, %.2f s",
              len(maps), n_channels, shape[1], shape[0], result.final_metric, result.seconds)

@@ -12,7 +12,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-__all__ = ["RegistrationResult", "Method", "check_pair", "content_mask"]
+__all__ = ["RegistrationResult", "Method", "check_pair", "content_mask", "checked_mask"]
 
 
 @dataclass(frozen=True)
@@ -104,3 +104,22 @@ def content_mask(section: np.ndarray, *, background: float = 0.0, erode_px: int 
     if mask.all() or mask.mean() < min_fraction:
         return None
     return mask
+
+
+def checked_mask(mask, shape, name: str) -> np.ndarray:
+    """A mask (ndarray or itk.Image) as bool, elastix's convention (nonzero = use), checked
+    against the section's shape; one that excludes everything is an error."""
+    from ..itkimage import is_itk_image
+
+    if is_itk_image(mask):
+        import itk
+
+        mask = itk.array_from_image(mask)
+    mask = np.asarray(mask)
+    if mask.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {mask.shape}, the section {tuple(shape)}")
+    out = mask != 0
+    if not out.any():
+        raise ValueError(f"{name} excludes everything (elastix's convention: nonzero = "
+                         f"tissue to use, zero = excluded)")
+    return out

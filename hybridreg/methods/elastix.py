@@ -5,7 +5,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .base import RegistrationResult, check_pair, content_mask
+from .base import RegistrationResult, check_pair, checked_mask, content_mask
 
 __all__ = ["ElastixMethod", "DEFAULT_PARAMS"]
 
@@ -54,16 +54,37 @@ class ElastixMethod:
 
     def register(self, fixed: np.ndarray, moving: np.ndarray, *,
                  references: Sequence[np.ndarray] = (), spacing_xy=(1.0, 1.0),
-                 origin_xy=(0.0, 0.0)) -> RegistrationResult:
+                 origin_xy=(0.0, 0.0), fixed_mask=None, moving_mask=None
+                 ) -> RegistrationResult:
+        """As :meth:`Method.register`; ``fixed_mask`` and ``moving_mask`` (elastix's
+        convention: nonzero = use) are elastix's own masks (the fixed one combined with the
+        empty-space mask when ``mask_empty``).
+
+        With a mask given, a map's ``AutomaticTransformInitialization`` is switched off:
+        elastix would align the centre of the masked region with the other image's centre
+        (32 px off for a mask over half of a 128 px section, which ``em_affine`` did not
+        recover: 16.6 px error, measured), while sections on one grid start at the
+        identity, which is what it gives without masks."""
         from ..elastix import register_pair
 
         fixed, moving, _ = check_pair(fixed, moving, references)
+        maps = self.parameter_maps
+        if fixed_mask is not None or moving_mask is not None:
+            maps = [dict(m, AutomaticTransformInitialization=["false"])
+                    if m.get("AutomaticTransformInitialization", ["false"])[0] == "true"
+                    else m for m in maps]
         masks = {}
-        if self.mask_empty:
-            masks = {"fixed_mask": content_mask(fixed)}
-        r = register_pair(fixed, moving, params=self.parameter_maps, spacing_xy=spacing_xy,
+        if fixed_mask is not None:
+            masks["fixed_mask"] = checked_mask(fixed_mask, fixed.shape, "fixed_mask")
+        if moving_mask is not None:
+            masks["moving_mask"] = checked_mask(moving_mask, moving.shape, "moving_mask")
+        empty = content_mask(fixed) if self.mask_empty else None
+        if empty is not None:
+            masks["fixed_mask"] = empty & masks["fixed_mask"] if "fixed_mask" in masks else empty
+        r = register_pair(fixed, moving, params=maps, spacing_xy=spacing_xy,
                           origin_xy=origin_xy, threads=self.threads, **masks)
         return RegistrationResult(
             field=r.field, warped=r.warped, spacing_xy=tuple(spacing_xy),
             origin_xy=tuple(origin_xy), metric=r.final_metric, seconds=r.seconds,
             info={"elastix": r, "parameter_maps": r.parameter_maps})
+

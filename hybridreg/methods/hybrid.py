@@ -40,7 +40,7 @@ import numpy as np
 
 from ..checks import as_spacing_xy
 from ..fields import folding_fraction
-from .base import RegistrationResult, check_pair, content_mask
+from .base import RegistrationResult, check_pair, checked_mask, content_mask
 from .learned import LearnedMethod
 from .neural import (ModelSource, encoder_depth, encoder_features, ncc_metric,
                      normalized_sections)
@@ -349,8 +349,13 @@ class HybridMethod:
 
     def register(self, fixed: np.ndarray, moving: np.ndarray, *,
                  references: Sequence[np.ndarray] = (), spacing_xy=(1.0, 1.0),
-                 origin_xy=(0.0, 0.0)) -> RegistrationResult:
+                 origin_xy=(0.0, 0.0), fixed_mask=None, moving_mask=None
+                 ) -> RegistrationResult:
         """Register ``moving`` onto ``fixed``: learned field, its projection, the refinement.
+
+        ``fixed_mask`` and ``moving_mask`` (elastix's convention: nonzero = use) are the
+        refinement's elastix masks (the fixed one combined with the empty-space mask); the
+        learned start does not take masks yet.
 
         The refinement runs in up to two stages. The first (``refinement``) starts from the
         projected learned field; it is kept if it does not fold and does not lower the NCC
@@ -411,12 +416,17 @@ class HybridMethod:
                     for m in maps]
         t2 = time.perf_counter()
         mask = content_mask(fixed)
+        if fixed_mask is not None:
+            given = checked_mask(fixed_mask, fixed.shape, "fixed_mask")
+            mask = given if mask is None else mask & given
+        if moving_mask is not None:
+            moving_mask = checked_mask(moving_mask, moving.shape, "moving_mask")
         info = {"learned_field": learned_field, "start_field": start,
                 "parameter_maps": [maps[0]], "fallback": None,
                 "ncc_learned": start_ncc, "ncc_refined": None, "detail": None,
                 "seconds_learned": t1 - t0, "seconds_features": t2 - t1}
         pair = dict(fixed=fixed, moving=moving, spacing_xy=spacing_xy, origin_xy=origin_xy,
-                    channels=(fixed_ch, moving_ch), mask=mask)
+                    channels=(fixed_ch, moving_ch), mask=mask, moving_mask=moving_mask)
         refined, warped, ncc_refined, fallback = self._refine(
             maps[0], start, start_warped, start_ncc, **pair)
         if fallback is None and len(maps) > 1:
@@ -449,7 +459,7 @@ class HybridMethod:
             warnings=tuple(warnings), info=info)
 
     def _refine(self, params, start, start_warped, start_ncc, *, fixed, moving, spacing_xy,
-                origin_xy, channels, mask):
+                origin_xy, channels, mask, moving_mask=None):
         """One refinement from ``start``: ``(result, warped, ncc, fallback reason)``.
 
         ``fallback`` is None when the result is kept: elastix ran, the field is finite,
@@ -465,7 +475,8 @@ class HybridMethod:
                 fixed_channels=channels[0], moving_channels=channels[1],
                 initial_field=start, threads=self.threads, initial_mode=self.initial,
                 moving_resampled=start_warped if self.initial == "resample" else None,
-                **({"fixed_mask": mask} if mask is not None else {}))
+                **({"fixed_mask": mask} if mask is not None else {}),
+                **({"moving_mask": moving_mask} if moving_mask is not None else {}))
         except ElastixConfigError:  # the parameter file's fault: the same for every pair
             raise
         except Exception as exc:  # noqa: BLE001 - any failure falls back, flagged
