@@ -574,7 +574,8 @@ def cmd_register(args) -> int:
         print(f"transformix chain: transformix -in MOVING -out DIR -tp {last}")
     for warning in res.warnings:
         print(f"warning: {warning}")
-    metric = "" if res.metric is None else f", final metric {res.metric:.4g}"
+    name = getattr(method, "metric_name", None) or "the method's final metric"
+    metric = "" if res.metric is None else f"; {name}: {res.metric:.4g}"
     print(f"registered {args.moving} to {args.fixed} with {method.name} in "
           f"{res.seconds:.1f} s{metric} -> {args.out}")
     return 0

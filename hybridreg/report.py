@@ -120,6 +120,15 @@ def _ok_runs(comparison):
     return [r for r in comparison.runs if r.ok and r.aligned is not None]
 
 
+def _map_stride(comparison) -> int | None:
+    """The node spacing (px) of the methods' coarse maps, where the runs kept one."""
+    for r in comparison.runs:
+        grid = getattr(getattr(r, "alignment", None), "grid", None)
+        if grid is not None:
+            return int(grid.stride)
+    return None
+
+
 def _intensity_range(stack: np.ndarray, step: int) -> tuple[float, float]:
     sample = np.asarray(stack[:, ::step, ::step], dtype=np.float32)
     lo, hi = np.percentile(sample, [0.5, 99.5])
@@ -188,7 +197,7 @@ def figure_curves(comparison) -> bytes | None:
         return None
     cols = 2 if len(metrics) > 1 else 1
     nrows = math.ceil(len(metrics) / cols)
-    fig = _figure(5.2 * cols, 2.5 * nrows)
+    fig = _figure(6.2 * cols, 3.0 * nrows + 0.4)  # drawn at the page's full width
     axes = fig.subplots(nrows, cols, squeeze=False)
     for ax, m in zip(axes.flat, metrics):
         label, _ = CURVES[m]
@@ -200,14 +209,17 @@ def figure_curves(comparison) -> bytes | None:
             x, y = zip(*pts)
             ax.plot(x, y, marker="o", ms=3, lw=1.2, color=_colour(i), label=r.name,
                     ls="--" if r.name == "none" else "-")
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("section", fontsize=8)
+        ax.set_title(label, fontsize=11)
+        ax.set_xlabel("section", fontsize=10)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.tick_params(labelsize=7)
+        ax.tick_params(labelsize=9)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(metrics):]:
         ax.set_visible(False)
-    axes.flat[0].legend(fontsize=7, loc="best")
+    # one legend for all panels, above them, in type large enough to read
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 6),
+               fontsize=11, frameon=False)
     return _png(fig)
 
 
@@ -353,7 +365,7 @@ def figure_times(comparison) -> bytes | None:
     bars = ax.barh(names, totals, color=[_colour(i) for i, _ in runs], label="alignment")
     if any(setups):
         ax.barh(names, setups, left=totals, color="#cccccc", label="warm-up (loading)")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=10, loc="lower right")
     for bar, (_, r), setup in zip(bars, runs, setups):
         per = r.summary.get("seconds")
         text = f" {r.summary['total_seconds']:.1f} s"
@@ -384,25 +396,43 @@ def report_figures(comparison, *, sections: Sequence[int] | None = None,
     if png is not None:
         figs.append(("curves", "Per-section metrics (section 0, the fixed one, left out). "
                      "none: the stack as given.", png))
+    drawn = [r.name for r in _ok_runs(comparison)]
+    after = [n for n in drawn if n != "none"]
+    truth_col = comparison.case.reference is not None
     for k in sections:
-        figs.append((f"overlay-{k}", f"Section {k} against section {k - 1}, before (none) "
-                     f"and after each method. Differences: red where the first is brighter, "
-                     f"blue where darker.",
+        figs.append((f"overlay-{k}", f"Section {k} against section {k - 1}, one row each "
+                     f"for: {', '.join(drawn)} (none: before any registration). Columns: "
+                     f"the two sections overlaid (section {k - 1} magenta, section {k} green, "
+                     f"grey where they agree), their difference"
+                     + (f", and the difference of section {k} to the undeformed section "
+                        f"{k}" if truth_col else "")
+                     + ". Differences: red where the first is brighter, blue where darker, "
+                     "on one range for all rows.",
                      figure_overlays(comparison, k, max_px=min(max_px, 192))))
-    if sections:
+    if sections and after:
         k = sections[len(sections) // 2]
         png = figure_jacobians(comparison, k, max_px=max_px)
         if png is not None:
+            grid = _map_stride(comparison)
             figs.append((f"jacobian-{k}", f"Jacobian determinant of the fields of section "
-                         f"{k} (1: no area change; black: folded, det <= 0).", png))
+                         f"{k}: " + (", ".join((["truth"] if comparison.case.true_fields
+                                                is not None else []) + after))
+                         + " (1: no area change; black: folded, det <= 0)."
+                         + (f" The methods' transforms are coarse maps, nodes every {grid} px "
+                            f"interpolated bilinearly: their det J varies smoothly within "
+                            f"each {grid} px cell and changes slope at the nodes, so the maps "
+                            f"look blocky at that scale; the truth is dense." if grid and
+                            grid > 1 else ""), png))
     figs.append(("xz", "Cross-section (xz) of each aligned stack at the middle rows (a "
                  "5-row slab): a good alignment shows continuous structures along z.",
                  figure_xz(comparison, max_px=max(max_px, 384))))
     png = figure_times(comparison)
     if png is not None:
+        warm = any(_finite(s.get("setup_seconds")) for s in comparison.summaries)
         figs.append(("time", "Time per method: the whole alignment (registration, joint "
-                     "solve, warping), and the warm-up registration before it that loads the "
-                     "method's libraries or network (not part of the alignment's time).",
+                     "solve, warping)" + (", and the warm-up registration before it that "
+                                          "loads the method's libraries or network (not part "
+                                          "of the alignment's time)" if warm else "") + ".",
                      png))
     log.info("report figures in %.1f s", time.perf_counter() - t0)
     return figs
@@ -420,6 +450,10 @@ th { background: #f2f2f2; } td.name, th.name { text-align: left; }
 tr.unavailable td, tr.failed td { color: #a00; }
 figure { margin: 1em 0; } figcaption { font-size: 0.85em; color: #555; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figure[data-figure="curves"] img, figure[data-figure="time"] img { width: 100%; }
+dl.columns { font-size: 0.85em; color: #444; display: grid;
+             grid-template-columns: max-content auto; gap: 2px 12px; }
+dl.columns dt { font-weight: bold; } dl.columns dd { margin: 0; }
 .reason { font-size: 0.85em; color: #a00; } .meta { font-size: 0.85em; color: #555; }
 """
 
@@ -469,6 +503,59 @@ def _summary_table(comparison) -> str:
     return out
 
 
+#: What each summary column means (the report explains the columns it shows).
+COLUMN_MEANINGS = {
+    "method": "the registration method; none: the stack as given",
+    "status": "ok, failed (the reason below) or unavailable (e.g. missing weights)",
+    "epe_mean_px": "endpoint error against the known deformation, mean over the interior "
+                   "pixels and sections 1.. (px; lower is better)",
+    "epe_p95_px": "its 95th percentile (px)",
+    "ncc_prev": "normalised cross-correlation of each aligned section with the previous one "
+                "(higher is better; neighbours differ, so 1 is not reached)",
+    "ssim_prev": "structural similarity of each aligned section with the previous one",
+    "ncc_ref": "NCC of each aligned section with the undeformed one (ground truth known)",
+    "dice_mean": "Dice overlap of the labels warped with the fields against the undeformed "
+                 "labels, mean over labels",
+    "pixel_agreement": "fraction of pixels whose warped label equals the undeformed label",
+    "dice_prev": "Dice of each section's warped labels against the previous section's",
+    "folding_fraction": "fraction of pixels where the field folds (det J <= 0)",
+    "jac_min": "the smallest Jacobian determinant of any field (below 0: folded)",
+    "flagged": "sections the alignment flagged (see the table below)",
+    "total_seconds": "wall time of the whole alignment (registration, joint solve, warping)",
+    "setup_seconds": "one small registration before it that loads the method's libraries or "
+                     "network (not in the time)",
+    "seconds": "registration time per section",
+}
+
+
+def _column_meanings(comparison) -> str:
+    summaries = comparison.summaries
+    shown = [c for c in SUMMARY_COLUMNS
+             if c in ("method", "status") or any(_finite(s.get(c)) for s in summaries)]
+    items = "".join(f"<dt>{html.escape(SUMMARY_COLUMNS[c][0])}</dt>"
+                    f"<dd>{html.escape(COLUMN_MEANINGS[c])}</dd>"
+                    for c in shown if c in COLUMN_MEANINGS)
+    return f'<dl class="columns" id="columns">{items}</dl>'
+
+
+def _flagged_table(comparison) -> str:
+    """The sections each method's alignment flagged, with why."""
+    rows = []
+    for r in comparison.runs:
+        table = getattr(getattr(r, "alignment", None), "table", None) or []
+        for row in table:
+            if row.get("flagged"):
+                rows.append(f'<tr><td class="name">{html.escape(r.name)}</td>'
+                            f'<td>{int(row["section"])}</td><td class="name">'
+                            f'{html.escape(str(row.get("warnings") or ""))}</td></tr>')
+    if not rows:
+        return ('<h2>Flagged sections</h2><p class="meta" id="flagged">No method flagged a '
+                'section.</p>')
+    return ('<h2>Flagged sections</h2><table id="flagged"><thead><tr><th class="name">method'
+            '</th><th>section</th><th class="name">why</th></tr></thead><tbody>'
+            + "".join(rows) + "</tbody></table>")
+
+
 def _meta(comparison) -> str:
     from . import __version__
 
@@ -514,14 +601,10 @@ def render_report(comparison, *, title: str | None = None, sections: Sequence[in
         f"<title>{html.escape(title)}</title><style>{_CSS}</style>",
         f"<script>{_SCRIPT}</script></head><body>",
         f"<h1>{html.escape(title)}</h1>", _meta(comparison),
-        '<p class="meta" id="image-check">images not checked yet</p>',
-        "<h2>Summary</h2>", _summary_table(comparison),
-        '<p class="meta">EPE: endpoint error against the known deformation (px); NCC/SSIM '
-        "prev: similarity of neighbouring aligned sections; Dice and label agreement: labels "
-        "warped with the fields against the undeformed labels; Dice prev: against the "
-        "previous section's warped labels; folding: fraction of pixels with det J &lt;= 0; "
-        "time: the whole alignment; warm-up: one small registration before it that loads the "
-        "method's libraries or network; s/section: registration time per section.</p>",
+        # for a headless browser's check (data-images-ok), not for the reader
+        '<p class="meta" id="image-check" hidden>images not checked yet</p>',
+        "<h2>Summary</h2>", _summary_table(comparison), _column_meanings(comparison),
+        _flagged_table(comparison),
     ]
     headings = {"curves": "Per-section metrics", "overlay": "Sections before and after",
                 "jacobian": "Jacobian determinant", "xz": "Cross-section (xz)",

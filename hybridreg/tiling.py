@@ -269,6 +269,12 @@ class TiledMethod:
         ``"<method>+tiles"``.
     """
 
+    @property
+    def metric_name(self) -> str | None:
+        """What ``RegistrationResult.metric`` is: the wrapped method's, averaged over tiles."""
+        name = getattr(self.method, "metric_name", None)
+        return None if name is None else f"{name}, mean over tiles"
+
     def __init__(self, method, *, tile_px: int = 1024, overlap_px: int | None = None,
                  coarse: bool = True, coarse_px: int | None = None, min_content: float = 0.25):
         if not hasattr(method, "register"):

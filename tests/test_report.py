@@ -166,3 +166,44 @@ def test_report_renders_in_a_headless_browser(small, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     shutil.copy(shot, ARTIFACTS / "report_screenshot.png")
     shutil.copy(path, ARTIFACTS / "report.html")
+
+
+def test_report_explains_itself_to_the_reader(small):
+    """Issue 18 item 15: the flagged sections listed with why, every column explained,
+    captions naming only what is drawn, the coarse maps' blocky det J explained, and the
+    browser check kept out of the reader's sight."""
+    html = report.render_report(small)
+    flagged = re.search(r'<table id="flagged">.*?</table>', html, re.S).group(0)
+    run = next(r for r in small.runs if r.name == "phasecorr")
+    want = [row for row in run.alignment.table if row.get("flagged")]
+    assert want  # the fixture's phase correlation flags sections
+    for row in want:
+        assert f"<td>{row['section']}</td>" in flagged
+    assert "phasecorr" in flagged
+    columns = re.search(r'<dl class="columns" id="columns">.*?</dl>', html, re.S).group(0)
+    headers = re.findall(r"<th[^>]*>([^<]+)</th>",
+                         re.search(r'<table id="summary">.*?</table>', html, re.S).group(0))
+    for h in headers:
+        assert f"<dt>{h}</dt>" in columns, h
+    captions = re.findall(r'<figure data-figure="([^"]+)">.*?<figcaption>(.*?)</figcaption>',
+                          html, re.S)
+    for key, caption in captions:
+        assert "broken" not in caption and "no-such-method" not in caption, key
+        if key.startswith("overlay"):
+            assert "none, phasecorr" in caption and "undeformed section" in caption
+        if key.startswith("jacobian"):
+            assert "nodes every 32 px" in caption and "blocky" in caption
+    assert '<p class="meta" id="image-check" hidden>' in html
+
+
+def test_register_names_its_final_metric(tmp_path, capsys):
+    from hybridreg import cli, io
+
+    ph = phantom.make_phantom(sections=2, shape_yx=(64, 64), seed=0)
+    io.write_stack(tmp_path / "f.tif", ph.stack[:1])
+    io.write_stack(tmp_path / "m.tif", ph.stack[1:])
+    assert cli.main(["register", str(tmp_path / "f.tif"), str(tmp_path / "m.tif"), "--out",
+                     str(tmp_path / "o.tif"), "--method", "learned"]) == 0
+    out = capsys.readouterr().out
+    assert "final metric" not in out
+    assert "NCC of the warped section with the fixed one (higher is better)" in out

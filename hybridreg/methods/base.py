@@ -28,7 +28,8 @@ class RegistrationResult:
     spacing_xy, origin_xy : (float, float)
         The fixed grid.
     metric : float or None
-        The method's own final similarity/cost value, where it has one.
+        The method's own final similarity/cost value, where it has one; what it is differs
+        per method and is said by the method's ``metric_name``.
     seconds : float
         Wall time of the registration.
     warnings : tuple of str

@@ -48,6 +48,12 @@ class ElastixMethod:
         self.parameter_maps = parameter_maps(params)
 
     @property
+    def metric_name(self) -> str:
+        """What ``RegistrationResult.metric`` is: the last map's final metric value."""
+        metric = self.parameter_maps[-1].get("Metric", ["?"])[0]
+        return f"elastix's final {metric} value (its cost: lower is better)"
+
+    @property
     def config(self) -> dict:
         return {"method": self.name, "parameter_maps": self.parameter_maps,
                 "threads": self.threads, "mask_empty": self.mask_empty}

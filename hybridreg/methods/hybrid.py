@@ -42,7 +42,7 @@ from ..checks import as_spacing_xy
 from ..fields import folding_fraction
 from .base import RegistrationResult, check_pair, checked_mask, content_mask
 from .learned import LearnedMethod
-from .neural import (ModelSource, encoder_depth, encoder_features, ncc_metric,
+from .neural import (NCC_METRIC_NAME, ModelSource, encoder_depth, encoder_features, ncc_metric,
                      normalized_sections)
 
 log = logging.getLogger(__name__)
@@ -218,6 +218,8 @@ class HybridMethod:
     name = "hybrid"
     #: ``RegistrationResult.warped`` is ``warp(moving, field, order=warped_order)``
     warped_order = 1
+    #: What ``RegistrationResult.metric`` is.
+    metric_name = NCC_METRIC_NAME
 
     def __init__(self, model=None, features=None, *, preset: str = DEFAULT_PRESET,
                  params=None, refinement: dict | None = None, detail=None,

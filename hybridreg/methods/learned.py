@@ -41,7 +41,8 @@ import numpy as np
 from ..checks import as_spacing_xy
 from ..fields import to_physical
 from .base import RegistrationResult, check_pair
-from .neural import (ModelSource, finite_float, ncc_metric, normalized_sections, resolve_device,
+from .neural import (NCC_METRIC_NAME, ModelSource, finite_float, ncc_metric,
+                     normalized_sections, resolve_device,
                      set_threads)
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,8 @@ class LearnedMethod:
     name = "learned"
     #: ``RegistrationResult.warped`` is ``warp(moving, field, order=warped_order)``
     warped_order = 1
+    #: What ``RegistrationResult.metric`` is.
+    metric_name = NCC_METRIC_NAME
 
     def __init__(self, model=None, *, references: int = 3, intensity_scale: float = 1.0,
                  intensity_offset: float = 0.0, device: str = "auto",

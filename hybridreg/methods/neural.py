@@ -268,6 +268,10 @@ def normalized_sections(sections: Sequence[np.ndarray], scale: float, offset: fl
     return out
 
 
+#: What ``RegistrationResult.metric`` is for the methods that measure their result by NCC.
+NCC_METRIC_NAME = "NCC of the warped section with the fixed one (higher is better)"
+
+
 def finite_float(value, name: str) -> float:
     value = float(value)
     if not np.isfinite(value):

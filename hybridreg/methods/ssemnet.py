@@ -177,6 +177,9 @@ class SSEMnetMethod:
     name = "ssemnet"
     #: ``RegistrationResult.warped`` is ``warp(moving, field, order=warped_order)``
     warped_order = 1
+    #: What ``RegistrationResult.metric`` is.
+    metric_name = ("ssEMnet's feature loss at the end, in units of the references' feature "
+                   "variance (lower is better)")
 
     def __init__(self, model=None, *, feature_stride: int | None = 4, grid_px: float = 128.0,
                  pyramid: Sequence[int] = (4, 2, 1),
