@@ -310,22 +310,40 @@ def encoder_depth(ae, feature_stride: int | None) -> tuple[int, int]:
     return depth, int(feature_stride)
 
 
-def encoder_features(ae, x, n_layers: int, stride: int):
+def encoder_features(ae, x, n_layers: int, stride: int, *, first: int = 0):
     """The output of the first ``n_layers`` encoder layers (with their ReLUs) of ``x``.
 
     ``x`` is padded at the bottom and right (edge replicated) to a multiple of ``stride``, as
     :meth:`~hybridreg.models.FeatureAutoencoder.encode` pads to its full stride; with all
-    layers this equals ``ae.encode(x)``.
+    layers this equals ``ae.encode(x)``. With ``first > 0``, ``x`` is the output of the
+    first ``first`` layers (already padded) and only layers ``first .. n_layers - 1`` run.
     """
     import torch.nn.functional as F
 
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % stride, (-w) % stride
-    if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+    if first == 0:
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % stride, (-w) % stride
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
     last = len(ae.encoder) - 1
-    for i, conv in enumerate(ae.encoder[:n_layers]):
-        x = conv(x)
+    for i in range(first, n_layers):
+        x = ae.encoder[i](x)
         if i < last or ae.feature_relu:
             x = F.relu(x)
     return x
+
+
+def encoder_layers_at(ae, stride: int, n_layers: int) -> int:
+    """How many of the first ``n_layers`` encoder layers end at cumulative ``stride`` (the
+    deepest such; 0 for stride 1 before any layer)."""
+    if stride == 1:
+        return 0
+    cum, found = 1, None
+    for i, (_, _, s) in enumerate(ae.config["layers"][:n_layers]):
+        cum *= int(s)
+        if cum == stride:
+            found = i + 1
+    if found is None:
+        raise ValueError(f"warp_stride={stride} is not a stride the encoder's first {n_layers} "
+                         f"layers reach")
+    return found

@@ -178,3 +178,20 @@ def test_ssemnet_rejects_bad_models_and_sizes(tmp_path, ae_path, tiny_net_path):
         SSEMnetMethod(ae_path, pyramid=(1, 2))
     with pytest.raises(ValueError, match="one per pyramid stage"):
         SSEMnetMethod(ae_path, iterations=(5, 5))
+
+
+def test_ssemnet_warping_the_first_layers_output_recovers_the_shift(ae_path):
+    """warp_stride: the moving section's first encoder layers run once per stage and their
+    output is warped (issue 18 item 18: 5x faster at 1024^2, benchmarks/RESULTS.md); the
+    same optimisation, the same answer on a known shift; a stride the encoder does not reach
+    is refused when the model loads."""
+    fixed, moving = shifted_pair(64)
+    image = ssemnet(ae_path).register(fixed, moving)
+    feats = ssemnet(ae_path, warp_stride=2).register(fixed, moving)
+    assert epe(feats.field, true_field()) < 0.3
+    assert abs(epe(feats.field, true_field()) - epe(image.field, true_field())) < 0.15
+    assert ssemnet(ae_path, warp_stride=2).config["warp_stride"] == 2
+    with pytest.raises(ValueError, match="warp_stride=4 is not a stride"):
+        ssemnet(ae_path, warp_stride=4).register(fixed, moving)
+    with pytest.raises(ValueError, match="warp_stride must be an int >= 1"):
+        ssemnet(ae_path, warp_stride=0)
