@@ -174,9 +174,10 @@ def intensity_map(stack, how="auto") -> IntensityMap:
     - ``"none"``: as they are (the values are taken to be 0-255 grey values already).
     - ``(lo, hi)``: ``lo`` goes to 0 and ``hi`` to 255.
 
-    Percentiles and ranges are taken from a sample of :data:`INTENSITY_SAMPLE_PX` pixels
-    spread over at most 16 evenly spaced sections (read by region when the stack is lazy):
-    cheap at any size. Train and register with the same map.
+    Percentiles and ranges are taken from a sample of at most :data:`INTENSITY_SAMPLE_PX`
+    pixels spread over at most 16 evenly spaced sections (64 blocks of each when its
+    sections are read by region): cheap at any size and in any chunking. Train and register
+    with the same map.
 
     Parameters
     ----------
@@ -220,8 +221,9 @@ def intensity_map(stack, how="auto") -> IntensityMap:
 
 
 def _intensity_sample(stack) -> np.ndarray:
-    """About :data:`INTENSITY_SAMPLE_PX` pixels of ``stack``, float64: a strided subsample
-    of an ndarray; of a lazy stack, rows of at most 16 evenly spaced sections."""
+    """At most :data:`INTENSITY_SAMPLE_PX` pixels of ``stack``, float64: a strided subsample
+    of an ndarray; of a lazy stack, of at most 16 evenly spaced sections (those read region
+    by region: 64 square blocks spread over each)."""
     if isinstance(stack, np.ndarray):
         if stack.size == 0:
             raise ValueError("stack is empty")
@@ -242,8 +244,12 @@ def _intensity_sample(stack) -> np.ndarray:
         step = max(1, math.ceil(math.sqrt(h * w / per)))
         if isinstance(sec, np.ndarray):
             parts.append(sec[::step, ::step].ravel())
-        else:  # a plane read by region: one row at a time
-            parts.extend(np.asarray(sec[r, ::step]).ravel() for r in range(0, h, step))
+        else:  # a plane read by region: 8 x 8 square blocks spread over it, each a few
+            # chunks of a tiled or chunked file (rows would touch every chunk of a row)
+            side = max(1, min(h // 8, w // 8, int(math.sqrt(per / 64))))
+            for y in np.linspace(0, h - side, 8).round().astype(int):
+                for x in np.linspace(0, w - side, 8).round().astype(int):
+                    parts.append(np.asarray(sec[y:y + side, x:x + side]).ravel())
     return np.concatenate(parts).astype(np.float64)
 
 
