@@ -116,6 +116,12 @@ def cmd_deform(args) -> int:
                            f"got {labels.data.dtype}")
     if args.labels_out and labels is None:
         raise CLIError("--labels-out needs --labels")
+    defects = [d.strip() for d in (args.defects or "").split(",") if d.strip()]
+    if defects and not args.masks_out:
+        raise CLIError("--defects needs --masks-out (the defect masks: 0 on a defect, 255 "
+                       "on tissue to use)")
+    if args.masks_out and not defects:
+        raise CLIError("--masks-out needs --defects")
     inputs = [args.stack] + ([args.labels] if args.labels else [])
     spacing_xy = _spacing_xy(stack)
     t0 = time.perf_counter()
@@ -123,7 +129,8 @@ def cmd_deform(args) -> int:
         stack.data, seed=args.seed, labels=None if labels is None else labels.data,
         spacing_xy=spacing_xy, max_rotation_deg=args.max_rotation_deg,
         max_shift_px=args.max_shift_px, max_scale=args.max_scale, elastic_px=args.elastic_px,
-        elastic_spacing_px=args.elastic_spacing_px)
+        elastic_spacing_px=args.elastic_spacing_px, defects=defects,
+        defect_fraction=args.defect_fraction)
     io.write_stack(args.out, result.stack, spacing_xyz=stack.spacing_xyz,
                    overwrite=args.overwrite, inputs=inputs)
     io.write_fields(args.fields_out, result.fields, spacing_xy=spacing_xy, origin_xy=(0.0, 0.0),
@@ -131,6 +138,11 @@ def cmd_deform(args) -> int:
     if args.labels_out:
         io.write_stack(args.labels_out, result.labels, spacing_xyz=stack.spacing_xyz,
                        overwrite=args.overwrite, inputs=inputs)
+    if defects:
+        io.write_stack(args.masks_out, result.masks, spacing_xyz=stack.spacing_xyz,
+                       overwrite=args.overwrite, inputs=inputs)
+        hit = [k for k, d in enumerate(result.defects) if d]
+        print(f"defects ({', '.join(defects)}) in sections {hit}; masks -> {args.masks_out}")
     print(f"deformed {result.stack.shape[0]} sections (seed {args.seed}) in "
           f"{time.perf_counter() - t0:.1f} s -> {args.out}; ground-truth recovery fields -> "
           f"{args.fields_out}")
@@ -815,6 +827,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest elastic control-point displacement in pixels (default 6)")
     p.add_argument("--elastic-spacing-px", type=float, default=64.0,
                    help="elastic control-grid spacing in pixels (default 64)")
+    p.add_argument("--defects", metavar="KIND[,KIND]",
+                   help="also add section defects: folds, cracks, debris (comma-separated); "
+                        "the truth fields stay exact (a crack's sides apart, a fold's band "
+                        "collapsed onto its line); the same --seed without --defects gives "
+                        "the same case without them")
+    p.add_argument("--defect-fraction", type=float, default=0.5, metavar="P",
+                   help="probability per section and kind of defect (default 0.5)")
+    p.add_argument("--masks-out", help="with --defects: the defect masks (uint8; 0 on a "
+                                       "defect, 255 on tissue to use: elastix's convention)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=cmd_deform)
 

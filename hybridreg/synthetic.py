@@ -43,7 +43,10 @@ from .warp import warp
 log = logging.getLogger(__name__)
 
 __all__ = ["Deformation", "DeformedStack", "random_deformation", "deform_stack",
-           "max_displacement_px", "MAGNITUDES"]
+           "max_displacement_px", "MAGNITUDES", "DEFECTS", "Defect", "random_defect"]
+
+#: The kinds of section defects :func:`deform_stack` can add (``defects=``).
+DEFECTS = ("folds", "cracks", "debris")
 
 #: The magnitude options of :func:`random_deformation` (and of :func:`deform_stack`),
 #: with their defaults.
@@ -143,6 +146,11 @@ class DeformedStack:
     valid : ndarray of bool, shape (Z, H, W)
         True where the deformed pixel was sampled from inside the original section.
     spacing_xy : (float, float)
+    masks : ndarray of uint8, shape (Z, H, W), or None
+        With ``defects``: elastix's convention, 255 where the deformed section shows tissue
+        to use, 0 on a defect (a fold's collapsed band, a crack's gap, debris).
+    defects : list of list of Defect
+        The defects of each section (empty without ``defects``).
     """
 
     stack: np.ndarray
@@ -151,6 +159,8 @@ class DeformedStack:
     forward_fields: np.ndarray
     valid: np.ndarray
     spacing_xy: tuple[float, float]
+    masks: np.ndarray | None = None
+    defects: list | None = None
 
 
 # --- the analytic map -------------------------------------------------------------------------
@@ -394,8 +404,83 @@ def random_deformation(shape_yx: Sequence[int], *, rng: np.random.Generator | No
     )
 
 
+@dataclass(frozen=True)
+class Defect:
+    """One defect of a deformed section, in its (final) pixel grid.
+
+    ``kind`` is ``"fold"``, ``"crack"`` or ``"debris"``. Folds and cracks lie along the line
+    through ``centre`` (x, y) with unit normal ``normal`` (x, y); ``width`` (px) is the band
+    of tissue a fold collapses onto the line, or the gap a crack opens (the two sides move
+    apart by half of it each). Debris is a dark ellipse at ``centre`` with semi-axes
+    ``axes`` (px).
+    """
+
+    kind: str
+    centre: tuple
+    normal: tuple = (0.0, 1.0)
+    width: float = 0.0
+    axes: tuple = (0.0, 0.0)
+
+    def side(self, x, y):
+        """Signed distance (px) of points from the line (folds, cracks)."""
+        return (x - self.centre[0]) * self.normal[0] + (y - self.centre[1]) * self.normal[1]
+
+    def pull(self, x, y):
+        """``D`` with ``final(q) = before(q + D(q))`` at final points ``q``: the tissue on
+        each side of a crack moved apart by ``width / 2``, of a fold towards the line by as
+        much; zero for debris and in a crack's gap (empty) and a fold's line."""
+        if self.kind == "debris":
+            return np.zeros_like(x), np.zeros_like(y)
+        s = self.side(x, y)
+        sign = np.sign(s)
+        half = self.width / 2.0
+        if self.kind == "crack":
+            shift = np.where(np.abs(s) > half, -sign * half, 0.0)
+        else:  # fold: the band |s| < width / 2 of the tissue before is folded under
+            shift = sign * half
+        return shift * self.normal[0], shift * self.normal[1]
+
+    def push(self, x, y):
+        """``E`` with ``before(x) = final(x + E(x))`` at points ``x`` before the defect:
+        the inverse of :meth:`pull` (a fold's collapsed band goes onto its line)."""
+        if self.kind == "debris":
+            return np.zeros_like(x), np.zeros_like(y)
+        s = self.side(x, y)
+        half = self.width / 2.0
+        if self.kind == "crack":
+            shift = np.sign(s) * half
+        else:
+            shift = np.where(np.abs(s) > half, -np.sign(s) * half, -s)
+        return shift * self.normal[0], shift * self.normal[1]
+
+    def masked(self, x, y):
+        """True on the final points the defect spoils (the crack's gap, the fold's line
+        with a pixel either side, the debris)."""
+        if self.kind == "debris":
+            ax, ay = self.axes
+            return ((x - self.centre[0]) / ax) ** 2 + ((y - self.centre[1]) / ay) ** 2 <= 1.0
+        s = self.side(x, y)
+        return np.abs(s) <= (self.width / 2.0 if self.kind == "crack" else 1.5)
+
+
+def random_defect(kind: str, shape_yx, rng: np.random.Generator) -> Defect:
+    """A defect of ``kind`` (``"folds"``, ``"cracks"``, ``"debris"``) placed at random: a
+    line through the central half at any angle; a fold 6-20 px wide, a crack opening
+    4-12 px, one ellipse of debris 6-24 px across."""
+    h, w = shape_yx
+    centre = (float(rng.uniform(0.25, 0.75) * (w - 1)), float(rng.uniform(0.25, 0.75) * (h - 1)))
+    if kind == "debris":
+        return Defect("debris", centre, axes=(float(rng.uniform(3, 12)),
+                                             float(rng.uniform(3, 12))))
+    angle = float(rng.uniform(0, np.pi))
+    normal = (math.cos(angle), math.sin(angle))
+    width = float(rng.uniform(6, 20) if kind == "folds" else rng.uniform(4, 12))
+    return Defect("fold" if kind == "folds" else "crack", centre, normal, width)
+
+
 def deform_stack(stack: np.ndarray, *, seed: int, labels: np.ndarray | None = None,
-                 spacing_xy=(1.0, 1.0), order: int = 3, **magnitudes) -> DeformedStack:
+                 spacing_xy=(1.0, 1.0), order: int = 3, defects: Sequence[str] = (),
+                 defect_fraction: float = 0.5, **magnitudes) -> DeformedStack:
     """Deform every section but the first with its own random deformation.
 
     Section 0 is returned unchanged (its fields are zero); section ``k >= 1`` gets an
@@ -415,6 +500,16 @@ def deform_stack(stack: np.ndarray, *, seed: int, labels: np.ndarray | None = No
     order : int
         Interpolation order for the image (1 bilinear, 3 cubic). Integer images are rounded
         and clipped to their dtype's range.
+    defects : sequence of str
+        Kinds of section defects to add (:data:`DEFECTS`): each section but the first gets
+        each kind with probability ``defect_fraction``, placed by :func:`random_defect`,
+        after its smooth deformation. The truth stays exact: the forward field is the
+        defect's piecewise translation composed with the smooth map, the recovery field the
+        smooth recovery composed with the defect's inverse (a crack's two sides apart, a
+        fold's band collapsed onto its line). The defects come from their own random
+        stream: the same ``seed`` without ``defects`` gives the same case without them.
+    defect_fraction : float
+        Probability per section and kind, in [0, 1].
     **magnitudes
         The options of :func:`random_deformation` (``max_rotation_deg``, ``max_shift_px``,
         ``max_scale``, ``elastic_px``, ``elastic_spacing_px``), pixels.
@@ -445,6 +540,15 @@ def deform_stack(stack: np.ndarray, *, seed: int, labels: np.ndarray | None = No
             raise ValueError(f"labels must be integers, got dtype {lab.dtype}")
     _check_magnitudes(magnitudes)
     spacing = as_spacing_xy(spacing_xy)
+    defects = [defects] if isinstance(defects, str) else list(defects)
+    unknown = sorted(set(defects) - set(DEFECTS))
+    if unknown:
+        raise ValueError(f"unknown defect kind(s) {unknown}; choose from {', '.join(DEFECTS)}")
+    if not 0.0 <= defect_fraction <= 1.0:
+        raise ValueError(f"defect_fraction must be in [0, 1], got {defect_fraction!r}")
+    defect_rng = np.random.default_rng([int(seed), 17])  # its own stream: see `defects`
+    masks = np.full((z, h, w), 255, np.uint8) if defects else None
+    placed: list = [[] for _ in range(z)]
 
     rng = np.random.default_rng(seed)
     out = np.empty_like(arr)
@@ -459,12 +563,61 @@ def deform_stack(stack: np.ndarray, *, seed: int, labels: np.ndarray | None = No
         dfm = random_deformation((h, w), rng=rng, spacing_xy=spacing, **magnitudes)
         fields[k] = dfm.recovery
         forward[k] = dfm.forward
-        warped, valid[k] = warp(arr[k].astype(np.float32), dfm.forward, spacing_xy=spacing,
+        kinds = [kind for kind in defects if defect_rng.uniform() < defect_fraction]
+        placed[k] = [random_defect(kind, (h, w), defect_rng) for kind in kinds]
+        spoiled = None
+        if placed[k]:
+            forward[k], fields[k], spoiled = _with_defects(dfm, placed[k], (h, w), spacing)
+            masks[k][np.any(spoiled, axis=0)] = 0
+        warped, valid[k] = warp(arr[k].astype(np.float32), forward[k], spacing_xy=spacing,
                                 order=order, cval=0.0)
+        if spoiled is not None:
+            warped = _paint_defects(warped, placed[k], spoiled, arr[k])
         out[k] = cast_to_dtype(warped, arr.dtype)
         if lab is not None:
-            out_labels[k] = warp(lab[k], dfm.forward, spacing_xy=spacing, order=0, cval=0)[0]
+            out_labels[k] = warp(lab[k], forward[k], spacing_xy=spacing, order=0, cval=0)[0]
+            if spoiled is not None:
+                out_labels[k][masks[k] == 0] = 0
         log.debug("section %d: rotation %.3f deg, scale %.4f, shift (%.2f, %.2f) px", k,
                   dfm.rotation_deg, dfm.scale, *dfm.shift_px)
     return DeformedStack(stack=out, labels=out_labels, fields=fields, forward_fields=forward,
-                         valid=valid, spacing_xy=spacing)
+                         valid=valid, spacing_xy=spacing, masks=masks, defects=placed)
+
+
+def _with_defects(dfm, placed, shape_yx, spacing):
+    """``(forward, recovery, spoiled)`` of a smooth deformation followed by the ``placed``
+    defects, in order, exact (the smooth map evaluated analytically): a final point is
+    pulled through the defects, last first, then through the smooth map; an original point
+    goes through the smooth recovery, then pushed through the defects, first first.
+    ``spoiled``: one mask per defect, in the final grid."""
+    from .fields import to_pixels
+
+    h, w = shape_yx
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    px, py = x, y
+    spoiled = []
+    for d in reversed(placed):
+        spoiled.append(d.masked(px, py))  # where this defect shows, seen through later ones
+        dx, dy = d.pull(px, py)
+        px, py = px + dx, py + dy
+    spoiled.reverse()
+    src = np.stack([px, py])
+    fwd = src + dfm.displacement_px(src) - np.stack([x, y])
+    rec = to_pixels(dfm.recovery, spacing).astype(np.float64)
+    rx, ry = x + rec[0], y + rec[1]
+    for d in placed:
+        ex, ey = d.push(rx, ry)
+        rx, ry = rx + ex, ry + ey
+    recovery = np.stack([rx - x, ry - y])
+    return (to_physical(fwd, spacing).astype(np.float32),
+            to_physical(recovery, spacing).astype(np.float32), spoiled)
+
+
+def _paint_defects(warped: np.ndarray, placed, spoiled, original: np.ndarray) -> np.ndarray:
+    """What a defect looks like: a crack's gap empty (0), a fold a dark line (two layers of
+    tissue), debris a dark blob."""
+    dark = float(np.percentile(original, 2))
+    out = warped.copy()
+    for d, where in zip(placed, spoiled):
+        out[where] = 0.0 if d.kind == "crack" else dark * 0.5
+    return out

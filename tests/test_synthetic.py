@@ -336,3 +336,88 @@ def test_coarse_solve_is_close_to_the_exact_recovery(shape):
     assert np.abs(coarse.forward - exact.forward).max() < 0.1
     with pytest.raises(ValueError, match="solve_step_px"):
         random_deformation(shape, seed=3, solve_step_px=0)
+
+
+# --- defects (issue 17 item 6) ------------------------------------------------------------------
+
+def test_defect_pull_and_push_are_inverse_and_a_fold_collapses_onto_its_line():
+    from hybridreg.synthetic import Defect
+
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 100, (2, 2000))
+    for kind in ("fold", "crack"):
+        d = Defect(kind, (50.0, 40.0), (0.6, 0.8), 10.0)
+        ex, ey = d.push(x, y)
+        fx, fy = x + ex, y + ey
+        seen = ~d.masked(fx, fy)  # final points that show tissue
+        dx, dy = d.pull(fx, fy)
+        np.testing.assert_allclose((fx + dx)[seen], x[seen], atol=1e-9)
+        np.testing.assert_allclose((fy + dy)[seen], y[seen], atol=1e-9)
+    fold = Defect("fold", (50.0, 40.0), (0.6, 0.8), 10.0)
+    band = np.abs(fold.side(x, y)) < 5.0
+    ex, ey = fold.push(x, y)
+    np.testing.assert_allclose(fold.side(x + ex, y + ey)[band], 0.0, atol=1e-9)
+    crack = Defect("crack", (50.0, 40.0), (0.6, 0.8), 10.0)
+    ex, ey = crack.push(x, y)
+    assert np.all(np.abs(crack.side(x + ex, y + ey)) >= 5.0 - 1e-9)  # nothing in the gap
+
+
+def test_defects_keep_the_truth_exact_and_the_seed_s_case(em):
+    from scipy import ndimage
+
+    from hybridreg.fields import index_grid
+
+    plain = deform_stack(em.stack, seed=3)
+    none = deform_stack(em.stack, seed=3, defects=("folds", "cracks"), defect_fraction=0.0)
+    np.testing.assert_array_equal(none.stack, plain.stack)
+    np.testing.assert_array_equal(none.fields, plain.fields)
+    d = deform_stack(em.stack, seed=3, defects=("folds", "cracks", "debris"),
+                     defect_fraction=1.0)
+    z, h, w = em.stack.shape
+    assert d.masks.dtype == np.uint8 and d.masks.shape == (z, h, w)
+    assert np.all(d.masks[0] == 255) and d.defects[0] == []
+    for k in range(1, z):
+        assert sorted(x.kind for x in d.defects[k]) == ["crack", "debris", "fold"]
+        assert 0.01 < (d.masks[k] == 0).mean() < 0.3
+        # the truth restores the original away from the defects, as well as without them
+        back, valid = warp(d.stack[k].astype(np.float32), d.fields[k], order=3)
+        target = index_grid((h, w)) + d.fields[k]
+        far = ndimage.binary_erosion(d.masks[k] > 0, iterations=3).astype(np.float32)
+        away = ndimage.map_coordinates(far, [target[1], target[0]], order=0) > 0
+        inner = np.zeros((h, w), bool)
+        inner[16:-16, 16:-16] = True
+        err = np.abs(back - em.stack[k])[away & valid & inner].mean()
+        back0, valid0 = warp(plain.stack[k].astype(np.float32), plain.fields[k], order=3)
+        err0 = np.abs(back0 - em.stack[k])[valid0 & inner].mean()
+        assert err < 1.3 * err0 + 0.5, (k, err, err0)
+    # a crack alone: every original point moves half the opening away from the line, on
+    # top of the smooth recovery of the same seed (to the float32 of the fields)
+    cracked = deform_stack(em.stack, seed=3, defects=("cracks",), defect_fraction=1.0)
+    for k in range(1, z):
+        crack = cracked.defects[k][0]
+        moved = np.hypot(*(cracked.fields[k] - plain.fields[k]))
+        np.testing.assert_allclose(moved, crack.width / 2, atol=1e-3)
+        yy, xx = np.mgrid[0:h, 0:w]
+        gap = crack.masked(xx, yy)
+        assert gap.sum() > 0 and np.all(cracked.masks[k][gap] == 0)
+        assert np.all(cracked.stack[k][gap] == 0)  # the gap is empty
+
+
+def test_cli_deform_with_defects(tmp_path, capsys):
+    from hybridreg import cli, io
+
+    run = lambda *a: cli.main([str(x) for x in a])  # noqa: E731
+    assert run("phantom", "--out", tmp_path / "ph.tif", "--sections", 4, "--size", 96, 96) == 0
+    assert run("deform", tmp_path / "ph.tif", "--out", tmp_path / "d.tif", "--fields-out",
+               tmp_path / "t", "--seed", 1, "--defects", "folds,cracks,debris",
+               "--defect-fraction", 1, "--masks-out", tmp_path / "m.tif") == 0
+    assert "defects (folds, cracks, debris) in sections [1, 2, 3]" in capsys.readouterr().out
+    masks = io.read_stack(tmp_path / "m.tif").data
+    assert masks.dtype == np.uint8 and masks.shape == (4, 96, 96) and (masks == 0).any()
+    assert run("deform", tmp_path / "ph.tif", "--out", tmp_path / "e.tif", "--fields-out",
+               tmp_path / "u", "--seed", 1, "--defects", "folds") == 2
+    assert "--defects needs --masks-out" in capsys.readouterr().err
+    assert run("deform", tmp_path / "ph.tif", "--out", tmp_path / "e.tif", "--fields-out",
+               tmp_path / "u", "--seed", 1, "--defects", "holes", "--masks-out",
+               tmp_path / "n.tif") == 2
+    assert "unknown defect kind(s) ['holes']" in capsys.readouterr().err
