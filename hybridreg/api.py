@@ -194,9 +194,9 @@ def register(fixed, moving, *, method="hybrid", references: Sequence = (),
     masks = {k: v for k, v in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask))
              if v is not None}
     if masks:
-        import inspect
+        from .methods.base import takes_masks
 
-        if not set(masks) <= set(inspect.signature(impl.register).parameters):
+        if not takes_masks(impl):
             raise ValueError(f"the {impl.name} method does not take masks yet (elastix and "
                              f"hybrid do)")
     res = impl.register(f, m, references=refs, spacing_xy=sp, origin_xy=org, **masks)

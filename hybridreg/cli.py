@@ -577,8 +577,24 @@ def cmd_register(args) -> int:
                     "needs at least %d px a side); expect little or no alignment",
                     *fixed.data.shape[1:], MIN_USEFUL_PX)
     method = _tiled(args, _method(args, np.concatenate([fixed.data, moving.data])))
+    masks = {}
+    for key, path in (("fixed_mask", args.fixed_mask), ("moving_mask", args.moving_mask)):
+        if path is None:
+            continue
+        from .methods.base import checked_mask, takes_masks
+
+        if not takes_masks(method):
+            raise CLIError(f"--{key.replace('_', '-')} is for --method elastix or hybrid "
+                           f"without --tile (the learned methods and tiles do not take masks "
+                           f"yet)")
+        mask = _read_section(path).data[0]
+        if mask.shape != fixed.data.shape[1:]:
+            raise CLIError(f"--{key.replace('_', '-')} {path} is {mask.shape[1]}x"
+                           f"{mask.shape[0]} (W x H), the sections "
+                           f"{fixed.data.shape[2]}x{fixed.data.shape[1]}")
+        masks[key] = checked_mask(mask, mask.shape, f"--{key.replace('_', '-')} {path}")
     res = method.register(fixed.data[0].astype("float32"), moving.data[0].astype("float32"),
-                          spacing_xy=spacing_xy)
+                          spacing_xy=spacing_xy, **masks)
     last = write_registration(res, out=args.out, moving=moving, fields_out=args.fields_out,
                               spacing_xy=spacing_xy, overwrite=args.overwrite,
                               inputs=[args.fixed, args.moving])
@@ -938,6 +954,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the warped moving section")
     p.add_argument("--fields-out", help="folder for the field (section_0000.mha), the ITK "
                                         "transform (.h5) and elastix's transformix chain")
+    p.add_argument("--fixed-mask", metavar="MASK",
+                   help="elastix, hybrid: where the similarity is measured in FIXED (elastix's "
+                        "convention: nonzero = tissue to use, zero = excluded, e.g. a fold)")
+    p.add_argument("--moving-mask", metavar="MASK", help="the same for MOVING")
     method_options(p)
     tile_options(p)
     p.set_defaults(func=cmd_register)

@@ -302,3 +302,57 @@ def test_register_chain_reproduces_the_result_up_to_the_border(tmp_path, method)
     theirs = transformix(moved, chain[-1], tmp_path / "tx")
     assert (ours == 0).mean() > 0.01  # the section moved: there is a border to get right
     np.testing.assert_allclose(theirs, ours, atol=0.05, rtol=0)
+
+
+def test_register_takes_masks_in_elastix_s_convention(tmp_path, capsys):
+    """Issue 17 items 1 and 8 (register): --fixed-mask excludes a defect from elastix's
+    similarity; masks the method cannot take, of another size, or keeping little of the
+    section (inverted?) are said before any work. Run as a program (elastix in a fresh
+    process)."""
+    from scipy import ndimage
+
+    def tex(seed):
+        f = ndimage.gaussian_filter(np.random.default_rng(seed).random((128, 128)), 3)
+        return ((f - f.min()) / (f.max() - f.min()) * 255).astype(np.float32)
+
+    fixed = tex(0)
+    moving = ndimage.shift(fixed, (2, -3), order=1, mode="nearest")
+    fixed[:, :64] = tex(1)[:, :64]  # the fixed section's left half is a defect
+    mask = np.full((128, 128), 255, np.uint8)
+    mask[:, :64] = 0
+    io.write_stack(tmp_path / "f.tif", fixed[None])
+    io.write_stack(tmp_path / "m.tif", moving[None])
+    io.write_stack(tmp_path / "mask.tif", mask[None])
+    io.write_stack(tmp_path / "small.tif", mask[None, :64])
+    inverted = np.where(mask > 0, 0, 255).astype(np.uint8)
+    inverted[:, 60:64] = 255
+    io.write_stack(tmp_path / "inv.tif", inverted[None, :, :])
+    err = {}
+    for tag, extra in (("masked", ["--fixed-mask", str(tmp_path / "mask.tif")]), ("plain", [])):
+        subprocess.run([sys.executable, "-m", "hybridreg.cli", "register",
+                        str(tmp_path / "f.tif"), str(tmp_path / "m.tif"), "--out",
+                        str(tmp_path / f"{tag}.tif"), "--fields-out", str(tmp_path / tag),
+                        "--params", "em_affine", "--threads", "1", *extra],
+                       check=True, capture_output=True)
+        u = io.read_fields(tmp_path / tag)[0][0][:, 32:-32, 72:-8]
+        err[tag] = float(np.abs(u - np.array([-3.0, 2.0])[:, None, None]).mean())
+    assert err["masked"] < 0.05 and err["masked"] < 0.5 * err["plain"], err
+    base = ["register", tmp_path / "f.tif", tmp_path / "m.tif", "--out", tmp_path / "x.tif"]
+    assert run(base + ["--method", "learned", "--fixed-mask", tmp_path / "mask.tif"]) == 2
+    assert "--fixed-mask is for --method elastix or hybrid" in capsys.readouterr().err
+    assert run(base + ["--moving-mask", tmp_path / "small.tif"]) == 2
+    assert "is 128x64 (W x H), the sections 128x128" in capsys.readouterr().err
+    proc = subprocess.run([sys.executable, "-m", "hybridreg.cli", "register",
+                           str(tmp_path / "f.tif"), str(tmp_path / "m.tif"), "--out",
+                           str(tmp_path / "y.tif"), "--params", "em_rigid", "--fixed-mask",
+                           str(tmp_path / "inv.tif")], capture_output=True, text=True)
+    assert "keeps only 50% of the section" not in proc.stderr  # half is not "mostly zero"
+    assert proc.returncode == 0
+    mostly_zero = np.zeros((128, 128), np.uint8)
+    mostly_zero[:, 40:60] = 255  # 16% kept: the defect's mask, inverted by mistake
+    io.write_stack(tmp_path / "inv2.tif", mostly_zero[None])
+    proc = subprocess.run([sys.executable, "-m", "hybridreg.cli", "register",
+                           str(tmp_path / "f.tif"), str(tmp_path / "m.tif"), "--out",
+                           str(tmp_path / "z.tif"), "--params", "em_rigid", "--fixed-mask",
+                           str(tmp_path / "inv2.tif")], capture_output=True, text=True)
+    assert "nonzero = tissue to use, zero = excluded; is it inverted?" in proc.stderr

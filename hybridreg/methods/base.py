@@ -7,12 +7,16 @@ field on the fixed grid with ``warped(p) = moving(p + field(p))``, in physical u
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field as dc_field
 from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-__all__ = ["RegistrationResult", "Method", "check_pair", "content_mask", "checked_mask"]
+log = logging.getLogger(__name__)
+
+__all__ = ["RegistrationResult", "Method", "check_pair", "content_mask", "checked_mask",
+           "takes_masks"]
 
 
 @dataclass(frozen=True)
@@ -123,4 +127,20 @@ def checked_mask(mask, shape, name: str) -> np.ndarray:
     if not out.any():
         raise ValueError(f"{name} excludes everything (elastix's convention: nonzero = "
                          f"tissue to use, zero = excluded)")
+    if out.mean() < MOSTLY_EXCLUDED:
+        log.warning("%s keeps only %.0f%% of the section: elastix's convention is nonzero = "
+                    "tissue to use, zero = excluded; is it inverted?", name, 100 * out.mean())
     return out
+
+
+#: A mask keeping less than this fraction of its section is warned about (inverted?).
+MOSTLY_EXCLUDED = 0.25
+
+
+def takes_masks(method) -> bool:
+    """Whether ``method.register`` takes ``fixed_mask`` and ``moving_mask`` (elastix and
+    hybrid; the learned methods do not yet)."""
+    import inspect
+
+    params = inspect.signature(method.register).parameters
+    return "fixed_mask" in params and "moving_mask" in params
