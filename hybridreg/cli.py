@@ -620,7 +620,7 @@ def cmd_align(args) -> int:
     # section by section), so stacks larger than memory can be aligned
     stack = _with_spacing(io.read_stack(args.stack, lazy=True), args)
     fields_out = Path(args.fields_out)
-    _refuse_onto_input([args.out, fields_out], [args.stack])
+    _refuse_onto_input([args.out, fields_out], [args.stack, args.masks])
     work = fields_out / "work"
     if work.exists() and not args.resume:
         raise CLIError(f"{work} holds an interrupted run; pass --resume to continue it, or "
@@ -640,6 +640,22 @@ def cmd_align(args) -> int:
         raise CLIError("--workers and --scheduler need --mode joint (sequential alignment "
                        "cannot run in parallel)")
     method = _tiled(args, _method(args, stack.data), stack.data)
+    masks = None
+    if args.masks:
+        masks = io.read_stack(args.masks, lazy=True).data
+        if tuple(masks.shape) != tuple(stack.data.shape):
+            raise CLIError(f"--masks {args.masks} holds {masks.shape[0]} sections of "
+                           f"{masks.shape[2]}x{masks.shape[1]} (W x H), the stack "
+                           f"{args.stack} {stack.data.shape[0]} of {stack.data.shape[2]}x"
+                           f"{stack.data.shape[1]}: one mask per section, the same size")
+        from .methods.base import takes_masks
+
+        if not takes_masks(method):
+            raise CLIError(f"--masks is for --method elastix or hybrid without tiles (the "
+                           f"learned methods and tiles do not take masks yet); got "
+                           f"{method.name}")
+        if args.mode != "joint":
+            raise CLIError("--masks needs --mode joint for now")
     t0 = time.perf_counter()
     with _dask_client(args) as client:
         try:
@@ -649,7 +665,7 @@ def cmd_align(args) -> int:
                                  drift_window=args.drift_window,
                                  work_dir=work,
                                  progress=not args.no_progress, client=client,
-                                 stride=args.stride or _DEFAULT_STRIDE)
+                                 stride=args.stride or _DEFAULT_STRIDE, masks=masks)
         except ValueError:
             # a user error found on the first pair (a parameter map elastix cannot run):
             # a work folder with nothing finished in it must not block the corrected rerun
@@ -997,6 +1013,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixels between the nodes of the coarse maps that hold every "
                         f"transform (default {_DEFAULT_STRIDE}; 1 = dense fields, 8 bytes a "
                         "pixel per section in memory and on disk)")
+    p.add_argument("--masks", metavar="STACK",
+                   help="defect masks, one per section (elastix's convention: nonzero = "
+                        "tissue to use, zero = a fold, crack, debris); joint mode, elastix "
+                        "and hybrid: each pair's registration ignores its masked pixels")
     p.add_argument("--dense-fields", action="store_true",
                    help="also write every dense field to FIELDS_OUT/dense/ (large: 8 bytes "
                         "a pixel before compression)")

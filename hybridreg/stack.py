@@ -474,18 +474,28 @@ def _one_line(exc: Exception) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def register_map(method: Method, fixed, moving, refs, grid: MapGrid, *, what: str = "pair"):
+def register_map(method: Method, fixed, moving, refs, grid: MapGrid, *, what: str = "pair",
+                 masks=None):
     """Register a pair and give its transform as a coarse map on ``grid``.
 
     A method with ``register_map`` (:class:`hybridreg.tiling.TiledMethod`: large sections,
     tile by tile) makes the map itself, never holding a dense field of the section; any
     other registers the pair densely and the field is projected on the nodes.
 
+    ``masks``: ``(fixed_mask, moving_mask)`` for a method that takes them
+    (:func:`hybridreg.methods.base.takes_masks`).
+
     Returns
     -------
     (ndarray (2, h, w), RegistrationResult)
         The map, and the method's result (``field`` may be the map itself).
     """
+    if masks is not None:
+        res = method.register(fixed, moving, references=refs, spacing_xy=grid.spacing_xy,
+                              origin_xy=grid.origin_xy, fixed_mask=np.asarray(masks[0]),
+                              moving_mask=np.asarray(masks[1]))
+        u = validate_field(res.field, name=f"field of {what}", shape_yx=grid.shape_yx)
+        return grid.project(u), res
     if hasattr(method, "register_map"):
         res = method.register_map(fixed, moving, grid, references=refs)
         return grid.validate(res.field, name=f"map of {what}"), res
@@ -496,7 +506,7 @@ def register_map(method: Method, fixed, moving, refs, grid: MapGrid, *, what: st
 
 
 def _register(method: Method, fixed, moving, refs, *, grid: MapGrid, what,
-              pair_ncc: bool = True, keep_warped: bool = False):
+              pair_ncc: bool = True, keep_warped: bool = False, masks=None):
     """Run one registration; never raises: a failure comes back as (None, row).
 
     The transform comes back as a coarse map on ``grid`` (:func:`register_map`).
@@ -511,7 +521,7 @@ def _register(method: Method, fixed, moving, refs, *, grid: MapGrid, what,
     u = None
     warped = None
     try:
-        u, res = register_map(method, fixed, moving, refs, grid, what=what)
+        u, res = register_map(method, fixed, moving, refs, grid, what=what, masks=masks)
         metric = res.metric
         warped = res.warped if grid.stride == 1 else None
         warnings += list(res.warnings)
@@ -531,10 +541,13 @@ def _register(method: Method, fixed, moving, refs, *, grid: MapGrid, what,
     return u, row
 
 
-def _register_sections(method: Method, stack, i: int, j: int, **kwargs):
+def _register_sections(method: Method, stack, i: int, j: int, mask_stack=None, **kwargs):
     """:func:`_register` of sections ``i`` (fixed) and ``j`` (moving), read here (on a
-    Dask worker: by the worker, from the file of a lazy stack)."""
-    return _register(method, section_of(stack, i), section_of(stack, j), [], **kwargs)
+    Dask worker: by the worker, from the file of a lazy stack), with their masks."""
+    masks = None if mask_stack is None else (section_of(mask_stack, i),
+                                             section_of(mask_stack, j))
+    return _register(method, section_of(stack, i), section_of(stack, j), [], masks=masks,
+                     **kwargs)
 
 
 #: Sections larger than this many pixels have their pair NCC measured on a reduced copy.
@@ -613,7 +626,7 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
                 prior: float = 0.3, window: int = 1, drift_window: int = 0,
                 anchor: int | None = None, work_dir=None, order: int = 1,
                 progress: bool = False, client=None,
-                stride: int = DEFAULT_STRIDE) -> StackAlignment:
+                stride: int = DEFAULT_STRIDE, masks=None) -> StackAlignment:
     """Align a stack section by section with ``method``.
 
     Parameters
@@ -657,6 +670,11 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
         Pixels between the nodes of the coarse maps that hold every transform (default
         :data:`hybridreg.fields.DEFAULT_STRIDE`; 1 keeps dense fields, ``Z * 8`` bytes a
         pixel in memory). See :mod:`hybridreg.fields`.
+    masks : ndarray or array-like, shape (Z, H, W), optional
+        Defect masks in elastix's convention (nonzero = tissue to use, zero = excluded),
+        read a section at a time: each pair's registration gets its two sections' masks
+        (joint mode; methods that take masks: elastix, hybrid). A pair whose mask excludes
+        everything is flagged and left out of the solve.
 
     Returns
     -------
@@ -705,6 +723,8 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
                              "with mode='joint'")
     if mode == "joint":
         check_prior(prior, anchor)
+    if masks is not None:
+        masks = _checked_masks(masks, shape, method, mode)
     if shape[0] == 1:
         log.warning("the stack holds one section: there is nothing to align it to, so it "
                     "keeps its place (the identity transform)")
@@ -719,6 +739,8 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
     settings = {"mode": mode, "spacing_xy": spacing_xy, "origin_xy": origin_xy,
                 "stride": grid.stride}
     settings.update({"neighbours": neighbours} if mode == "joint" else {"window": window})
+    if masks is not None:
+        settings["masks"] = _fingerprint(masks, method, {})["stack"]
     work = None
     if work_dir is not None:
         work = _WorkDir(work_dir, _fingerprint(stack, method, settings), grid)
@@ -727,7 +749,8 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
     else:
         raw = stack.astype(np.float32, copy=False)
     run = _align_joint if mode == "joint" else _align_sequential
-    kw = ({"neighbours": neighbours, "prior": prior, "anchor": anchor, "client": client}
+    kw = ({"neighbours": neighbours, "prior": prior, "anchor": anchor, "client": client,
+           "masks": masks}
           if mode == "joint"
           else {"window": window, "drift_window": drift_window})
     result = run(raw, method, grid=grid, work=work, order=order, progress=progress, **kw)
@@ -737,6 +760,35 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
         result = replace(result, aligned=AlignedSections(stack, result.maps, result.grid,
                                                          order=order))
     return result
+
+
+def _checked_masks(masks, shape, method, mode):
+    """``masks`` checked before any work: its shape, the method, the mode; a warning names
+    the sections whose mask keeps under a quarter (inverted?) or nothing."""
+    from .methods.base import MOSTLY_EXCLUDED, takes_masks
+
+    if hasattr(masks, "data") and hasattr(masks, "spacing_xyz"):  # a hybridreg.io.Stack
+        masks = masks.data
+    if not _is_lazy(masks):
+        masks = np.asarray(masks)
+    if tuple(masks.shape) != tuple(shape):
+        raise ValueError(f"the masks have shape {tuple(masks.shape)}, the stack {tuple(shape)} "
+                         f"(sections, rows, columns): one mask per section, the same size")
+    if not takes_masks(method):
+        raise ValueError(f"the {method.name} method does not take masks yet (elastix and "
+                         f"hybrid do, without tiles)")
+    if mode != "joint":
+        raise ValueError("masks need mode='joint' for now")
+    kept = [float(np.mean(np.asarray(section_of(masks, k)) != 0)) for k in range(shape[0])]
+    few = [k for k, f in enumerate(kept) if 0 < f < MOSTLY_EXCLUDED]
+    none = [k for k, f in enumerate(kept) if f == 0]
+    if few:
+        log.warning("the masks of sections %s keep under a quarter of the section: elastix's "
+                    "convention is nonzero = tissue to use, zero = excluded; inverted?", few)
+    if none:
+        log.warning("the masks of sections %s exclude everything: their pairs are flagged and "
+                    "left out of the solve", none)
+    return masks
 
 
 def _depth(raw) -> int:
@@ -891,7 +943,7 @@ def _align_sequential(raw, method, *, grid, work, order, progress, window, drift
 
 
 def _align_joint(raw, method, *, grid, work, order, progress, neighbours, prior, anchor=None,
-                 client=None):
+                 client=None, masks=None):
     z, (h, w) = _depth(raw), grid.shape_yx
     all_pairs = pair_list(z, neighbours=neighbours)
     scratch = None if work is None else work.path
@@ -931,12 +983,14 @@ def _align_joint(raw, method, *, grid, work, order, progress, neighbours, prior,
     if client is None:
         bar = _bar(todo, desc=desc, progress=progress)
         for n, (i, j) in enumerate(bar, 1):
+            pair_masks = None if masks is None else (section_of(masks, i),
+                                                     section_of(masks, j))
             finished((i, j), *_register(method, raw[i], raw[j], [], what=f"pair {i}-{j}",
-                                        **kwargs))
+                                        masks=pair_masks, **kwargs))
             show_rate(bar, n, h * w)
             release_memory(n)
     else:
-        _run_on_client(client, method, raw, todo, kwargs, finished,
+        _run_on_client(client, method, raw, todo, kwargs, finished, masks=masks,
                        bar=_bar(None, desc=desc, progress=progress, total=len(todo)))
     pair_rows = dict(sorted(pair_rows.items()))
     if z == 1:
@@ -1005,7 +1059,7 @@ def _align_joint(raw, method, *, grid, work, order, progress, neighbours, prior,
                           grid=grid)
 
 
-def _run_on_client(client, method, raw, todo, kwargs, finished, *, bar) -> None:
+def _run_on_client(client, method, raw, todo, kwargs, finished, *, bar, masks=None) -> None:
     """Register the pairs ``todo`` on a Dask client's workers, at most a few per worker in
     flight; ``finished(pair, u, row)`` is called here as each completes, in any order.
 
@@ -1033,12 +1087,14 @@ def _run_on_client(client, method, raw, todo, kwargs, finished, *, bar) -> None:
     def submit(pair) -> None:
         i, j = pair
         what = f"pair {i}-{j}"
-        if by_path:
+        if by_path and (masks is None or isinstance(masks, LazySections)):
             fut = client.submit(_register_sections, method, stack, i, j, what=what,
-                                pure=False, **kwargs)
+                                pure=False, mask_stack=masks, **kwargs)
         else:
+            pair_masks = None if masks is None else (np.asarray(section_of(masks, i)),
+                                                     np.asarray(section_of(masks, j)))
             fut = client.submit(_register, method, raw[i], raw[j], [], what=what, pure=False,
-                                **kwargs)
+                                masks=pair_masks, **kwargs)
         futures[fut] = pair
 
     for pair in pending:

@@ -356,3 +356,33 @@ def test_register_takes_masks_in_elastix_s_convention(tmp_path, capsys):
                            str(tmp_path / "z.tif"), "--params", "em_rigid", "--fixed-mask",
                            str(tmp_path / "inv2.tif")], capture_output=True, text=True)
     assert "nonzero = tissue to use, zero = excluded; is it inverted?" in proc.stderr
+
+
+def test_align_takes_a_mask_stack(tmp_path, capsys):
+    """Issue 17 items 1 and 8 (align): `--masks` with deform's defect masks runs the joint
+    alignment with each pair's masks; a mask stack of another shape names both, and a
+    method or mode that cannot take masks is refused, before any work."""
+    assert run(["phantom", "--out", tmp_path / "ph.tif", "--sections", 4, "--size", 96, 96,
+                "--seed", 2]) == 0
+    assert run(["deform", tmp_path / "ph.tif", "--out", tmp_path / "d.tif", "--fields-out",
+                tmp_path / "t", "--seed", 3, "--defects", "folds,debris", "--defect-fraction",
+                1, "--masks-out", tmp_path / "m.tif"]) == 0
+    proc = subprocess.run([sys.executable, "-m", "hybridreg.cli", "align",
+                           str(tmp_path / "d.tif"), "--masks", str(tmp_path / "m.tif"),
+                           "--params", "em_rigid", "--threads", "1", "--out",
+                           str(tmp_path / "a.tif"), "--fields-out", str(tmp_path / "f"),
+                           "--no-progress"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert io.read_stack(tmp_path / "a.tif").data.shape == (4, 96, 96)
+    masks = io.read_stack(tmp_path / "m.tif").data
+    io.write_stack(tmp_path / "m3.tif", masks[:3])
+    base = ["align", tmp_path / "d.tif", "--out", tmp_path / "b.tif", "--fields-out",
+            tmp_path / "g", "--no-progress"]
+    capsys.readouterr()
+    assert run(base + ["--masks", tmp_path / "m3.tif"]) == 2
+    assert "holds 3 sections of 96x96 (W x H), the stack" in capsys.readouterr().err
+    assert run(base + ["--masks", tmp_path / "m.tif", "--method", "learned"]) == 2
+    assert "--masks is for --method elastix or hybrid" in capsys.readouterr().err
+    assert run(base + ["--masks", tmp_path / "m.tif", "--mode", "sequential"]) == 2
+    assert "--masks needs --mode joint" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()

@@ -290,3 +290,60 @@ def test_drift_correction_is_the_moving_mean_in_place_on_disk(tmp_path, window):
     disk[:] = f
     assert drift_corrected(disk, window, out=disk) is disk
     np.testing.assert_allclose(np.asarray(disk), want, atol=1e-5)
+
+
+class _MaskedShift(PhaseCorrelation):
+    """Phase correlation that takes elastix's masks and records what each pair got."""
+
+    name = "masked-shift"
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {}
+
+    def register(self, fixed, moving, *, references=(), spacing_xy=(1.0, 1.0),
+                 origin_xy=(0.0, 0.0), fixed_mask=None, moving_mask=None):
+        from hybridreg.methods.base import checked_mask
+
+        key = (int((fixed_mask != 0).sum()), int((moving_mask != 0).sum()))
+        checked_mask(fixed_mask, fixed.shape, "fixed_mask", warn=False)  # may refuse
+        checked_mask(moving_mask, moving.shape, "moving_mask", warn=False)
+        self.seen[key] = True
+        return super().register(fixed, moving, references=references, spacing_xy=spacing_xy,
+                                origin_xy=origin_xy)
+
+
+def test_masks_reach_every_pair_and_a_fully_masked_section_is_flagged(tmp_path, caplog):
+    """Issue 17 items 1, 5 and 8 (align): each pair's registration gets its two sections'
+    masks; a section masked everywhere fails its pairs, which are flagged and left out of
+    the solve, without crashing; shapes, methods and modes that cannot take masks are
+    refused before any work; masks keeping little of a section are warned about."""
+    stack = np.random.default_rng(0).uniform(0, 255, (4, 40, 48)).astype(np.float32)
+    masks = np.full(stack.shape, 255, np.uint8)
+    for k in range(4):
+        masks[k, :, : 4 * (k + 1)] = 0  # a different count of kept pixels per section
+    method = _MaskedShift()
+    align_stack(stack, method, masks=masks, neighbours=2, stride=8)
+    kept = [int((masks[k] != 0).sum()) for k in range(4)]
+    assert set(method.seen) == {(kept[i], kept[j]) for i in range(4)
+                                for j in range(i + 1, min(4, i + 3))}
+    masks[2] = 0  # section 2 lost: its pairs fail, the others stand
+    caplog.clear()
+    res = align_stack(stack, _MaskedShift(), masks=masks, neighbours=2, stride=8)
+    failed = {(p["fixed"], p["moving"]) for p in res.pairs if p["weight"] == 0.0}
+    assert failed == {(0, 2), (1, 2), (2, 3)}
+    assert res.table[2]["flagged"]
+    assert "sections [2] exclude everything" in caplog.text
+    masks[2] = 255
+    masks[1] = 0
+    masks[1, :, 20:26] = 255  # 12% kept: an inverted defect mask?
+    caplog.clear()
+    align_stack(stack, _MaskedShift(), masks=masks, neighbours=2, stride=8)
+    assert "sections [1] keep under a quarter" in caplog.text and "inverted?" in caplog.text
+    with pytest.raises(ValueError, match=r"the masks have shape \(4, 40, 40\), the stack "
+                                         r"\(4, 40, 48\)"):
+        align_stack(stack, _MaskedShift(), masks=masks[:, :, :40])
+    with pytest.raises(ValueError, match="does not take masks yet"):
+        align_stack(stack, PhaseCorrelation(), masks=masks)
+    with pytest.raises(ValueError, match="masks need mode='joint'"):
+        align_stack(stack, _MaskedShift(), masks=masks, mode="sequential")

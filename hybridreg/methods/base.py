@@ -111,7 +111,7 @@ def content_mask(section: np.ndarray, *, background: float = 0.0, erode_px: int 
     return mask
 
 
-def checked_mask(mask, shape, name: str) -> np.ndarray:
+def checked_mask(mask, shape, name: str, *, warn: bool = True) -> np.ndarray:
     """A mask (ndarray or itk.Image) as bool, elastix's convention (nonzero = use), checked
     against the section's shape; one that excludes everything is an error."""
     from ..itkimage import is_itk_image
@@ -127,7 +127,7 @@ def checked_mask(mask, shape, name: str) -> np.ndarray:
     if not out.any():
         raise ValueError(f"{name} excludes everything (elastix's convention: nonzero = "
                          f"tissue to use, zero = excluded)")
-    if out.mean() < MOSTLY_EXCLUDED:
+    if warn and out.mean() < MOSTLY_EXCLUDED:
         log.warning("%s keeps only %.0f%% of the section: elastix's convention is nonzero = "
                     "tissue to use, zero = excluded; is it inverted?", name, 100 * out.mean())
     return out

@@ -419,14 +419,18 @@ class HybridMethod:
         t2 = time.perf_counter()
         mask = content_mask(fixed)
         if fixed_mask is not None:
-            given = checked_mask(fixed_mask, fixed.shape, "fixed_mask")
+            given = checked_mask(fixed_mask, fixed.shape, "fixed_mask", warn=False)
             mask = given if mask is None else mask & given
         if moving_mask is not None:
-            moving_mask = checked_mask(moving_mask, moving.shape, "moving_mask")
+            moving_mask = checked_mask(moving_mask, moving.shape, "moving_mask", warn=False)
         info = {"learned_field": learned_field, "start_field": start,
                 "parameter_maps": [maps[0]], "fallback": None,
                 "ncc_learned": start_ncc, "ncc_refined": None, "detail": None,
                 "seconds_learned": t1 - t0, "seconds_features": t2 - t1}
+        if fixed_mask is not None or moving_mask is not None:
+            from .elastix import user_mask_map
+
+            maps = [user_mask_map(m) for m in maps]  # see ElastixMethod.register
         pair = dict(fixed=fixed, moving=moving, spacing_xy=spacing_xy, origin_xy=origin_xy,
                     channels=(fixed_ch, moving_ch), mask=mask, moving_mask=moving_mask)
         refined, warped, ncc_refined, fallback = self._refine(
