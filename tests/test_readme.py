@@ -75,6 +75,10 @@ def inputs(tmp_path_factory):
                          "--fields-out", str(d / "truth"), "--labels", str(d / "labels.tif"),
                          "--labels-out", str(d / "deformed_labels.tif"), "--seed", "1"],
                    check=True, capture_output=True)
+    subprocess.run(hr + ["deform", str(d / "phantom.tif"), "--out", str(d / "defects.tif"),
+                         "--fields-out", str(d / "truth_defects"), "--seed", "1", "--defects",
+                         "folds,cracks,debris", "--masks-out", str(d / "masks.tif")],
+                   check=True, capture_output=True)
     deformed = io.read_stack(d / "deformed.tif").data
     io.write_stack(d / "fixed.tif", deformed[1:2])
     io.write_stack(d / "moving.tif", deformed[2:3])
@@ -151,6 +155,12 @@ def test_every_readme_example_runs_and_improves_on_no_registration(inputs, tmp_p
                 "hybridreg align big.tif") or cmd.startswith("hybridreg align raw.zarr"):
             epe = _epe(work / "fields", work / "truth", shape)
             assert epe < none, f"{cmd}: {epe:.2f} px, no registration {none:.2f} px"
+        if cmd.startswith("hybridreg align defects.tif"):
+            truth_d = np.asarray(io.read_fields(work / "truth_defects")[0])
+            none_d = float(np.mean([np.sqrt((truth_d[k] ** 2).sum(axis=0))[16:-16, 16:-16]
+                                    .mean() for k in range(1, len(truth_d))]))
+            epe = _epe(work / "fields", work / "truth_defects", shape)
+            assert epe < none_d, f"{cmd}: {epe:.2f} px, no registration {none_d:.2f} px"
         if cmd.startswith("hybridreg compare") and "--deform-seed" in cmd:
             doc = json.loads((work / "cmp" / "metrics.json").read_text())
             s = {x["method"]: x for x in doc["summaries"]}
