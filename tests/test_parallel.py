@@ -290,3 +290,42 @@ def test_cli_workers_print_no_dask_chatter(tmp_path):
     for chatter in ("INFO", "8787", "dashboard", "killing", "distributed."):
         assert chatter not in text, text
     assert "aligned 4 sections" in proc.stdout
+
+
+class MaskFraction:
+    """A method whose field says what masks it got: u_x = 10 x the kept fraction of the
+    fixed mask, u_y of the moving one."""
+
+    name = "mask-fraction"
+
+    def register(self, fixed, moving, *, references=(), spacing_xy=(1.0, 1.0),
+                 origin_xy=(0.0, 0.0), fixed_mask=None, moving_mask=None):
+        from hybridreg.methods import RegistrationResult
+
+        u = np.zeros((2,) + fixed.shape, np.float32)
+        u[0] = 10.0 * float(np.mean(np.asarray(fixed_mask) != 0))
+        u[1] = 10.0 * float(np.mean(np.asarray(moving_mask) != 0))
+        return RegistrationResult(field=u, warped=np.asarray(moving, np.float32))
+
+
+def test_masks_reach_the_pairs_on_workers(stack, tmp_path):
+    """align --masks on Dask workers (issue 17): the same result as one process, with the
+    masks sent with each pair, or read by the workers from a lazily read mask stack."""
+    from hybridreg import io
+
+    masks = np.full(stack.shape, 255, np.uint8)
+    for k in range(len(stack)):
+        masks[k, :, : 8 * (k + 1)] = 0  # a different kept fraction per section
+    serial = align_stack(stack, MaskFraction(), neighbours=2, masks=masks)
+    plain = align_stack(stack, MaskFraction(), neighbours=2, masks=np.full_like(masks, 255))
+    assert not np.array_equal(np.asarray(serial.maps), np.asarray(plain.maps))
+    io.write_stack(tmp_path / "s.tif", stack)
+    io.write_stack(tmp_path / "m.tif", masks)
+    lazy = io.read_stack(tmp_path / "s.tif", lazy=True).data
+    lazy_masks = io.read_stack(tmp_path / "m.tif", lazy=True).data
+    with cluster(2) as client:
+        sent = align_stack(stack, MaskFraction(), neighbours=2, masks=masks, client=client)
+        read = align_stack(lazy, MaskFraction(), neighbours=2, masks=lazy_masks,
+                           client=client)
+    assert np.array_equal(np.asarray(sent.maps), np.asarray(serial.maps))
+    assert np.array_equal(np.asarray(read.maps), np.asarray(serial.maps))
