@@ -97,6 +97,7 @@ __all__ = [
     "to_itk_transform",
     "from_itk_transform",
     "sampling_grid",
+    "normalized_coords",
     "MapGrid",
     "DEFAULT_STRIDE",
 ]
@@ -407,7 +408,8 @@ def from_itk_transform(transform, *, shape_yx, spacing_xy=(1.0, 1.0),
 def sampling_grid(u_px: "torch.Tensor", *, align_corners: bool) -> "torch.Tensor":
     """Pixel displacements to the normalised sampling grid of ``torch.nn.functional.grid_sample``.
 
-    The only place where normalised coordinates are computed.
+    Normalised coordinates come from :func:`normalized_coords`, the one place they are
+    computed.
 
     Parameters
     ----------
@@ -431,15 +433,19 @@ def sampling_grid(u_px: "torch.Tensor", *, align_corners: bool) -> "torch.Tensor
     ys = torch.arange(h, dtype=u_px.dtype, device=u_px.device)
     xs = torch.arange(w, dtype=u_px.dtype, device=u_px.device)
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    x = gx + u_px[:, 0]
-    y = gy + u_px[:, 1]
-    if align_corners:
-        xn = 2.0 * x / (w - 1) - 1.0
-        yn = 2.0 * y / (h - 1) - 1.0
-    else:
-        xn = (2.0 * x + 1.0) / w - 1.0
-        yn = (2.0 * y + 1.0) / h - 1.0
+    xn, yn = normalized_coords(gx + u_px[:, 0], gy + u_px[:, 1], (h, w),
+                               align_corners=align_corners)
     return torch.stack([xn, yn], dim=-1)
+
+
+def normalized_coords(x, y, shape_yx, *, align_corners: bool):
+    """Pixel positions ``x`` (columns), ``y`` (rows) of an input of ``shape_yx`` in
+    ``grid_sample``'s normalised coordinates (arrays or tensors): the one place they are
+    computed (:func:`sampling_grid`, and the joint solve's sampling of pair maps)."""
+    h, w = shape_yx
+    if align_corners:
+        return 2.0 * x / (w - 1) - 1.0, 2.0 * y / (h - 1) - 1.0
+    return (2.0 * x + 1.0) / w - 1.0, (2.0 * y + 1.0) / h - 1.0
 
 
 # --- coarse maps -----------------------------------------------------------------------------

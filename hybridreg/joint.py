@@ -37,7 +37,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .fields import validate_field
+from .fields import normalized_coords, validate_field
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +101,10 @@ def _resample_block(v: np.ndarray, pos: np.ndarray) -> np.ndarray:
     # a map one node wide is constant along that axis: a repeated edge node keeps it so
     v = np.pad(v, ((0, 0), (0, 0), (0, int(v.shape[2] < 2)), (0, int(v.shape[3] < 2))),
                mode="edge")
-    rows, w = v.shape[-2:]
     p, _, r, c = pos.shape
     grid = np.empty((p, r, c, 2), np.float32)
-    grid[..., 0] = 2.0 * pos[:, 0] / (w - 1) - 1.0
-    grid[..., 1] = 2.0 * pos[:, 1] / (rows - 1) - 1.0
+    grid[..., 0], grid[..., 1] = normalized_coords(pos[:, 0], pos[:, 1], v.shape[-2:],
+                                                   align_corners=True)
     with torch.inference_mode():
         out = F.grid_sample(torch.from_numpy(np.ascontiguousarray(v, np.float32)),
                             torch.from_numpy(grid), mode="bilinear", padding_mode="border",
