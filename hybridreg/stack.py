@@ -376,18 +376,24 @@ def apply_fields(stack: np.ndarray, fields: np.ndarray, *, spacing_xy=(1.0, 1.0)
 
 # --- resume ----------------------------------------------------------------------------------
 
-def _stack_bytes(stack, strip_px: int = 1 << 22):
-    """The stack's bytes in memory order, a strip of rows (about ``strip_px`` pixels) at a
-    time for a lazy stack (its large sections read region by region), never copied whole."""
+def _strips(section, strip_px: int = 1 << 22):
+    """A section (ndarray or plane read by region) a strip of rows at a time, about
+    ``strip_px`` pixels each: any section size."""
+    h, w = section.shape
+    step = max(1, strip_px // max(1, w))
+    for y in range(0, h, step):
+        yield np.asarray(section[y:y + step, :])
+
+
+def _stack_bytes(stack):
+    """The stack's bytes in memory order, a strip of rows at a time for a lazy stack (its
+    large sections read region by region), never copied whole."""
     if isinstance(stack, np.ndarray):
         yield np.ascontiguousarray(stack)
         return
     for k in range(stack.shape[0]):
-        section = section_of(stack, k)
-        h, w = section.shape
-        step = max(1, strip_px // max(1, w))
-        for y in range(0, h, step):
-            yield np.ascontiguousarray(section[y:y + step, :])
+        for strip in _strips(section_of(stack, k)):
+            yield np.ascontiguousarray(strip)
 
 
 def _fingerprint(stack, method: Method, settings: dict) -> dict:
@@ -490,17 +496,12 @@ def register_map(method: Method, fixed, moving, refs, grid: MapGrid, *, what: st
     (ndarray (2, h, w), RegistrationResult)
         The map, and the method's result (``field`` may be the map itself).
     """
-    if masks is not None:
-        res = method.register(fixed, moving, references=refs, spacing_xy=grid.spacing_xy,
-                              origin_xy=grid.origin_xy, fixed_mask=np.asarray(masks[0]),
-                              moving_mask=np.asarray(masks[1]))
-        u = validate_field(res.field, name=f"field of {what}", shape_yx=grid.shape_yx)
-        return grid.project(u), res
-    if hasattr(method, "register_map"):
+    if hasattr(method, "register_map"):  # (takes no masks: align_stack refuses them)
         res = method.register_map(fixed, moving, grid, references=refs)
         return grid.validate(res.field, name=f"map of {what}"), res
+    kw = {} if masks is None else {"fixed_mask": masks[0], "moving_mask": masks[1]}
     res = method.register(fixed, moving, references=refs, spacing_xy=grid.spacing_xy,
-                          origin_xy=grid.origin_xy)
+                          origin_xy=grid.origin_xy, **kw)
     u = validate_field(res.field, name=f"field of {what}", shape_yx=grid.shape_yx)
     return grid.project(u), res
 
@@ -541,13 +542,18 @@ def _register(method: Method, fixed, moving, refs, *, grid: MapGrid, what,
     return u, row
 
 
+def _pair_masks(masks, i: int, j: int):
+    """``(mask of section i, mask of section j)`` as ndarrays, or None without masks."""
+    if masks is None:
+        return None
+    return np.asarray(section_of(masks, i)), np.asarray(section_of(masks, j))
+
+
 def _register_sections(method: Method, stack, i: int, j: int, mask_stack=None, **kwargs):
     """:func:`_register` of sections ``i`` (fixed) and ``j`` (moving), read here (on a
     Dask worker: by the worker, from the file of a lazy stack), with their masks."""
-    masks = None if mask_stack is None else (section_of(mask_stack, i),
-                                             section_of(mask_stack, j))
-    return _register(method, section_of(stack, i), section_of(stack, j), [], masks=masks,
-                     **kwargs)
+    return _register(method, section_of(stack, i), section_of(stack, j), [],
+                     masks=_pair_masks(mask_stack, i, j), **kwargs)
 
 
 #: Sections larger than this many pixels have their pair NCC measured on a reduced copy.
@@ -739,10 +745,10 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
     settings = {"mode": mode, "spacing_xy": spacing_xy, "origin_xy": origin_xy,
                 "stride": grid.stride}
     settings.update({"neighbours": neighbours} if mode == "joint" else {"window": window})
-    if masks is not None:
-        settings["masks"] = _fingerprint(masks, method, {})["stack"]
     work = None
     if work_dir is not None:
+        if masks is not None:  # a run's checkpoints belong to its masks too
+            settings["masks"] = _fingerprint(masks, method, {})["stack"]
         work = _WorkDir(work_dir, _fingerprint(stack, method, settings), grid)
     if lazy:
         raw = _SectionCache(stack, (neighbours if mode == "joint" else window) + 2)
@@ -797,11 +803,7 @@ def _depth(raw) -> int:
 
 def _finite(stack, k: int) -> bool:
     try:
-        section = section_of(stack, k)
-        h, w = section.shape
-        step = max(1, (1 << 22) // w)  # strips of about 4 Mpx: any section size
-        return all(np.isfinite(np.asarray(section[y:y + step, :])).all()
-                   for y in range(0, h, step))
+        return all(np.isfinite(strip).all() for strip in _strips(section_of(stack, k)))
     except ValueError:  # hybridreg.io.StackError: LazySections checks on reading
         return False
 
@@ -983,10 +985,8 @@ def _align_joint(raw, method, *, grid, work, order, progress, neighbours, prior,
     if client is None:
         bar = _bar(todo, desc=desc, progress=progress)
         for n, (i, j) in enumerate(bar, 1):
-            pair_masks = None if masks is None else (section_of(masks, i),
-                                                     section_of(masks, j))
             finished((i, j), *_register(method, raw[i], raw[j], [], what=f"pair {i}-{j}",
-                                        masks=pair_masks, **kwargs))
+                                        masks=_pair_masks(masks, i, j), **kwargs))
             show_rate(bar, n, h * w)
             release_memory(n)
     else:
@@ -1091,10 +1091,8 @@ def _run_on_client(client, method, raw, todo, kwargs, finished, *, bar, masks=No
             fut = client.submit(_register_sections, method, stack, i, j, what=what,
                                 pure=False, mask_stack=masks, **kwargs)
         else:
-            pair_masks = None if masks is None else (np.asarray(section_of(masks, i)),
-                                                     np.asarray(section_of(masks, j)))
             fut = client.submit(_register, method, raw[i], raw[j], [], what=what, pure=False,
-                                masks=pair_masks, **kwargs)
+                                masks=_pair_masks(masks, i, j), **kwargs)
         futures[fut] = pair
 
     for pair in pending:
