@@ -22,7 +22,8 @@ from .base import content_mask
 log = logging.getLogger(__name__)
 
 __all__ = ["resolve_device", "is_a", "ModelSource", "set_threads", "normalized_sections",
-           "IntensityMap", "intensity_map", "INTENSITY_CHOICES", "finite_float", "ncc_metric", "encoder_depth", "encoder_features"]
+           "IntensityMap", "intensity_map", "INTENSITY_CHOICES", "finite_float", "ncc_metric",
+           "encoder_depth", "encoder_features", "encoder_layers_at"]
 
 
 def resolve_device(device: str, module=None):
@@ -299,9 +300,11 @@ def ncc_metric(fixed: np.ndarray, warped: np.ndarray, valid: np.ndarray) -> floa
     return value if np.isfinite(value) else None
 
 
-def encoder_depth(ae, feature_stride: int | None) -> tuple[int, int]:
-    """``(n_layers, stride)``: how many encoder layers give features at ``feature_stride``."""
-    layers = ae.config["layers"]
+def encoder_depth(ae, feature_stride: int | None, *, within: int | None = None,
+                  name: str = "feature_stride") -> tuple[int, int]:
+    """``(n_layers, stride)``: how many encoder layers give features at ``feature_stride``
+    (among the first ``within`` layers; the deepest at that stride wins)."""
+    layers = ae.config["layers"][:within]
     if feature_stride is None:
         return len(layers), int(math.prod(s for _, _, s in layers))
     cum, depth, reached = 1, None, []
@@ -311,8 +314,9 @@ def encoder_depth(ae, feature_stride: int | None) -> tuple[int, int]:
         if cum == int(feature_stride):
             depth = i + 1  # the deepest layer at that stride wins
     if depth is None:
-        raise ValueError(f"feature_stride={feature_stride} is not a stride this autoencoder's "
-                         f"encoder reaches; it reaches {sorted(set(reached))}")
+        raise ValueError(f"{name}={feature_stride} is not a stride this autoencoder's "
+                         f"encoder reaches{'' if within is None else f' in {within} layers'}; "
+                         f"it reaches {sorted(set(reached))}")
     return depth, int(feature_stride)
 
 
@@ -341,15 +345,7 @@ def encoder_features(ae, x, n_layers: int, stride: int, *, first: int = 0):
 
 def encoder_layers_at(ae, stride: int, n_layers: int) -> int:
     """How many of the first ``n_layers`` encoder layers end at cumulative ``stride`` (the
-    deepest such; 0 for stride 1 before any layer)."""
+    deepest such; 0 for stride 1, before any layer): ssEMnet's ``warp_stride``."""
     if stride == 1:
         return 0
-    cum, found = 1, None
-    for i, (_, _, s) in enumerate(ae.config["layers"][:n_layers]):
-        cum *= int(s)
-        if cum == stride:
-            found = i + 1
-    if found is None:
-        raise ValueError(f"warp_stride={stride} is not a stride the encoder's first {n_layers} "
-                         f"layers reach")
-    return found
+    return encoder_depth(ae, stride, within=n_layers, name="warp_stride")[0]

@@ -59,8 +59,9 @@ import numpy as np
 from ..checks import as_spacing_xy
 from ..fields import to_physical, to_pixels, validate_field
 from .base import RegistrationResult, check_pair, content_mask
-from .neural import (ModelSource, encoder_depth, encoder_features, finite_float, ncc_metric,
-                     normalized_sections, resolve_device, set_threads)
+from .neural import (ModelSource, encoder_depth, encoder_features, encoder_layers_at,
+                     finite_float, ncc_metric, normalized_sections, resolve_device,
+                     set_threads)
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +268,6 @@ class SSEMnetMethod:
 
     def _check_strides(self, ae) -> None:
         """``feature_stride`` and ``warp_stride`` are strides the encoder reaches."""
-        from .neural import encoder_layers_at
-
         depth, _ = encoder_depth(ae, self.feature_stride)
         encoder_layers_at(ae, self.warp_stride, depth)
 
@@ -444,13 +443,10 @@ class SSEMnetMethod:
                        weights, *, factor, warnings):
         """The objective of one pyramid stage: ``problem(c, drop) -> (data, strain)``."""
         import torch
+        import torch.nn.functional as F
 
         from ..models import downsample_mask, smoothness, ssemnet_masked_loss
         from ..warp import warp_torch
-
-        import torch.nn.functional as F
-
-        from .neural import encoder_layers_at
 
         imgs_l = _downsample(imgs, level)
         masks_l = _downsample(full_masks, level) > 0.999  # conservative: wholly content
