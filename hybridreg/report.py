@@ -483,10 +483,15 @@ def _cell(column: str, value) -> str:
         return html.escape(str(value))
 
 
+def _shown_columns(comparison) -> list[str]:
+    """The summary columns the report shows: method, status and those with a value."""
+    return [c for c in SUMMARY_COLUMNS if c in ("method", "status")
+            or any(_finite(s.get(c)) for s in comparison.summaries)]
+
+
 def _summary_table(comparison) -> str:
     summaries = comparison.summaries
-    columns = [c for c in SUMMARY_COLUMNS
-               if c in ("method", "status") or any(_finite(s.get(c)) for s in summaries)]
+    columns = _shown_columns(comparison)
     head = "".join(f'<th class="{"name" if c in ("method", "status") else ""}">'
                    f"{html.escape(SUMMARY_COLUMNS[c][0])}</th>" for c in columns)
     body = []
@@ -529,12 +534,9 @@ COLUMN_MEANINGS = {
 
 
 def _column_meanings(comparison) -> str:
-    summaries = comparison.summaries
-    shown = [c for c in SUMMARY_COLUMNS
-             if c in ("method", "status") or any(_finite(s.get(c)) for s in summaries)]
     items = "".join(f"<dt>{html.escape(SUMMARY_COLUMNS[c][0])}</dt>"
                     f"<dd>{html.escape(COLUMN_MEANINGS[c])}</dd>"
-                    for c in shown if c in COLUMN_MEANINGS)
+                    for c in _shown_columns(comparison) if c in COLUMN_MEANINGS)
     return f'<dl class="columns" id="columns">{items}</dl>'
 
 
