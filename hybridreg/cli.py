@@ -410,9 +410,7 @@ def _method(args, sample=None):
     """The method of --method with its options; with ``sample`` (the stack, or the two
     sections), the --intensity map of it for the methods that take one (stated on stdout)."""
     from .methods import get_method
-    from .methods.registry import with_intensity
-
-    from .methods.registry import accepts
+    from .methods.registry import accepts, with_intensity
 
     options = {}
     if args.device:
@@ -583,16 +581,15 @@ def cmd_register(args) -> int:
             continue
         from .methods.base import checked_mask, takes_masks
 
+        flag = "--" + key.replace("_", "-")
         if not takes_masks(method):
-            raise CLIError(f"--{key.replace('_', '-')} is for --method elastix or hybrid "
-                           f"without --tile (the learned methods and tiles do not take masks "
-                           f"yet)")
+            raise CLIError(f"{flag} is for --method elastix or hybrid without --tile (the "
+                           f"learned methods and tiles do not take masks yet)")
         mask = _read_section(path).data[0]
         if mask.shape != fixed.data.shape[1:]:
-            raise CLIError(f"--{key.replace('_', '-')} {path} is {mask.shape[1]}x"
-                           f"{mask.shape[0]} (W x H), the sections "
-                           f"{fixed.data.shape[2]}x{fixed.data.shape[1]}")
-        masks[key] = checked_mask(mask, mask.shape, f"--{key.replace('_', '-')} {path}")
+            raise CLIError(f"{flag} {path} is {mask.shape[1]}x{mask.shape[0]} (W x H), the "
+                           f"sections {fixed.data.shape[2]}x{fixed.data.shape[1]}")
+        masks[key] = checked_mask(mask, mask.shape, f"{flag} {path}")
     res = method.register(fixed.data[0].astype("float32"), moving.data[0].astype("float32"),
                           spacing_xy=spacing_xy, **masks)
     last = write_registration(res, out=args.out, moving=moving, fields_out=args.fields_out,
@@ -808,7 +805,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hybridreg",
         description="Learned, iterative and hybrid registration of serial-section EM stacks.",
         epilog="Stacks: multi-page TIFF, a folder of TIFF/PNG sections, HDF5 "
-               "(file.h5:/dataset), zarr, and to read .mha/.mhd/.nrrd/.nii(.gz). Fields: one .mha per section, DIR/section_0000.mha.")
+               "(file.h5:/dataset), zarr, and to read .mha/.mhd/.nrrd/.nii(.gz). Fields: "
+               "one .mha per section, DIR/section_0000.mha.")
     parser.add_argument("--version", action="version", version=f"hybridreg {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (-vv for debug)")

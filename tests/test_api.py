@@ -143,9 +143,11 @@ for method in ("elastix", "hybrid"):
                                           **kw)) for kw in ({"fixed_mask": mask}, {})]
 out["learned_tp"] = hybridreg.register(f, m, method="learned").result_transform_parameters
 errors = []
-for kw in ({"method": "learned", "fixed_mask": mask}, {"method": "elastix", "fixed_mask": mask * 0},
+for kw in ({"method": "learned", "fixed_mask": mask},
+           {"method": "elastix", "fixed_mask": mask * 0},
            {"method": "elastix", "moving_mask": mask[:10]},
-           {"method": "elastix", "params": ["em_rigid"], "parameter_object": parameter_object("em_rigid")}):
+           {"method": "elastix", "params": ["em_rigid"],
+            "parameter_object": parameter_object("em_rigid")}):
     try:
         hybridreg.register(f, m, **kw)
         errors.append(None)

@@ -111,6 +111,10 @@ def content_mask(section: np.ndarray, *, background: float = 0.0, erode_px: int 
     return mask
 
 
+#: A mask keeping less than this fraction of its section is warned about (inverted?).
+MOSTLY_EXCLUDED = 0.25
+
+
 def checked_mask(mask, shape, name: str, *, warn: bool = True) -> np.ndarray:
     """A mask (ndarray or itk.Image) as bool, elastix's convention (nonzero = use), checked
     against the section's shape; one that excludes everything is an error."""
@@ -131,10 +135,6 @@ def checked_mask(mask, shape, name: str, *, warn: bool = True) -> np.ndarray:
         log.warning("%s keeps only %.0f%% of the section: elastix's convention is nonzero = "
                     "tissue to use, zero = excluded; is it inverted?", name, 100 * out.mean())
     return out
-
-
-#: A mask keeping less than this fraction of its section is warned about (inverted?).
-MOSTLY_EXCLUDED = 0.25
 
 
 def takes_masks(method) -> bool:

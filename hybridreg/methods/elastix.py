@@ -81,10 +81,10 @@ class ElastixMethod:
         if fixed_mask is not None or moving_mask is not None:
             maps = [user_mask_map(m) for m in maps]
         masks = {}
-        if fixed_mask is not None:
-            masks["fixed_mask"] = checked_mask(fixed_mask, fixed.shape, "fixed_mask", warn=False)
-        if moving_mask is not None:
-            masks["moving_mask"] = checked_mask(moving_mask, moving.shape, "moving_mask", warn=False)
+        for name, mask, section in (("fixed_mask", fixed_mask, fixed),
+                                    ("moving_mask", moving_mask, moving)):
+            if mask is not None:
+                masks[name] = checked_mask(mask, section.shape, name, warn=False)
         empty = content_mask(fixed) if self.mask_empty else None
         if empty is not None:
             masks["fixed_mask"] = empty & masks["fixed_mask"] if "fixed_mask" in masks else empty
@@ -94,7 +94,6 @@ class ElastixMethod:
             field=r.field, warped=r.warped, spacing_xy=tuple(spacing_xy),
             origin_xy=tuple(origin_xy), metric=r.final_metric, seconds=r.seconds,
             info={"elastix": r, "parameter_maps": r.parameter_maps})
-
 
 
 def user_mask_map(m: dict) -> dict:
