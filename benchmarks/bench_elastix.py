@@ -91,6 +91,23 @@ def run_meta(**extra) -> dict:
             "date": time.strftime("%Y-%m-%d")}
 
 
+def in_fresh_process(script, *args, cwd=ROOT) -> dict:
+    """Run ``python script ARGS`` in a fresh process under ``/usr/bin/time -f %M``: the JSON
+    of its last line of output, with ``peak_rss_gb`` (that process's peak RSS, 10^9 bytes).
+    A failure prints the end of its stderr and exits with its code."""
+    import json
+    import subprocess
+
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, str(script),
+                           *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    if proc.returncode:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(proc.returncode)
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    row["peak_rss_gb"] = round(int(proc.stderr.strip().splitlines()[-1]) * 1024 / 1e9, 3)
+    return row
+
+
 def write_results(path, meta: dict, results: dict) -> None:
     """The benchmark's JSON: ``{"meta": ..., "results": ...}``."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -75,15 +74,11 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="hybridreg-solve-") as folder:
             print(json.dumps(run_case(z, n, folder)))
         return 0
+    from bench_elastix import in_fresh_process  # here: the measured processes skip it
+
     rows = []
     for case in args.cases:
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, __file__,
-                               "--one", case], capture_output=True, text=True, cwd=ROOT)
-        if proc.returncode:
-            print(proc.stderr[-2000:], file=sys.stderr)
-            return proc.returncode
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        row["peak_rss_gb"] = round(int(proc.stderr.strip().splitlines()[-1]) * 1024 / 1e9, 3)
+        row = in_fresh_process(__file__, "--one", case)
         rows.append(row)
         print(json.dumps(row), flush=True)
     Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows},

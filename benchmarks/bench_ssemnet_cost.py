@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -77,16 +76,12 @@ def main(argv=None) -> int:
     if args.one:
         print(json.dumps(run_variant(args.one, args.threads, args.seed)))
         return 0
+    from bench_elastix import in_fresh_process  # here: the measured processes skip it
+
     out = []
     for v in args.variants:
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, __file__, "--one", v,
-                               "--threads", str(args.threads), "--seed", str(args.seed)],
-                              capture_output=True, text=True, cwd=ROOT)
-        if proc.returncode:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            return proc.returncode
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
-        res["peak_rss_gb"] = round(int(proc.stderr.strip().splitlines()[-1]) * 1024 / 1e9, 3)
+        res = in_fresh_process(__file__, "--one", v, "--threads", args.threads,
+                               "--seed", args.seed)
         out.append(res)
         for stack in STACKS:
             rows = [r for r in res["rows"] if r["stack"] == stack]
