@@ -197,8 +197,8 @@ def register(fixed, moving, *, method="hybrid", references: Sequence = (),
         from .methods.base import checked_mask, takes_masks
 
         if not takes_masks(impl):
-            raise ValueError(f"the {impl.name} method does not take masks yet (elastix and "
-                             f"hybrid do)")
+            raise ValueError(f"the {impl.name} method does not take masks (every built-in "
+                             f"method does)")
         masks = {k: checked_mask(v, f.shape, k) for k, v in masks.items()}
     res = impl.register(f, m, references=refs, spacing_xy=sp, origin_xy=org, **masks)
     if log_to_console and isinstance(res.info, dict) and res.info.get("elastix") is not None:

@@ -136,6 +136,46 @@ def _bilinear(img: np.ndarray, tx: np.ndarray, ty: np.ndarray, *, border: bool
     return out[0].numpy()
 
 
+class _Nonzero:
+    """A mask seen as 1 where it keeps the section and 0 on a defect (elastix's convention:
+    any nonzero value keeps), read region by region."""
+
+    def __init__(self, mask):
+        self.mask = mask
+        self.shape = tuple(mask.shape)
+        self.dtype = np.dtype(np.uint8)
+
+    def __getitem__(self, key):
+        return (np.asarray(self.mask[key]) != 0).astype(np.uint8)
+
+
+def _mask_down(mask, f: int) -> np.ndarray:
+    """Where every pixel of an ``f x f`` block is kept (:func:`downsample`'s blocks)."""
+    return downsample(_Nonzero(mask), f) >= 1.0 - 1e-6
+
+
+def _tile_masks(fixed_mask, moving_mask, crop, moving_at=None) -> dict:
+    """The masks of one tile: the fixed one cropped, the moving one cropped or, with
+    ``moving_at`` (tx, ty: the coarse field's sample positions), warped as the tile's moving
+    section is (kept where wholly kept). ``{}`` without masks."""
+    out = {}
+    if fixed_mask is not None:
+        out["fixed_mask"] = np.asarray(fixed_mask[crop]) != 0
+    if moving_mask is not None:
+        if moving_at is None:
+            out["moving_mask"] = np.asarray(moving_mask[crop]) != 0
+        else:
+            tx, ty = moving_at
+            out["moving_mask"] = _warp_region(_Nonzero(moving_mask), tx.copy(),
+                                              ty.copy()) >= 1.0 - 1e-6
+    return out
+
+
+def _too_masked(masks: dict, min_content: float) -> bool:
+    """A tile whose masks keep less than ``min_content`` of it: left to the fill."""
+    return any(m.mean() < min_content for m in masks.values())
+
+
 def _warp_region(moving: np.ndarray, tx: np.ndarray, ty: np.ndarray) -> np.ndarray:
     """The section ``moving`` (any dtype, any size, read region by region) sampled at index
     positions (tx, ty) of one tile, 0 outside: only the region the positions need is read
@@ -312,17 +352,17 @@ class TiledMethod:
 
     # --- the pieces --------------------------------------------------------------------------
 
-    def _coarse(self, fixed, moving, refs, spacing, origin):
+    def _coarse(self, fixed, moving, refs, spacing, origin, masks=(None, None)):
         """The coarse field on the full grid, or None (with a warning) when it failed."""
         u_c, c_spacing, c_origin, info, warnings = self._coarse_small(
-            fixed, moving, refs, spacing, origin, check=False)
+            fixed, moving, refs, spacing, origin, check=False, masks=masks)
         if u_c is None:
             return None, info, warnings
         full = resample(u_c, spacing_xy=c_spacing, origin_xy=c_origin,
                         to_shape_yx=fixed.shape, to_spacing_xy=spacing, to_origin_xy=origin)
         return full, info, warnings
 
-    def _tiles(self, fixed, moving, refs, spacing, origin):
+    def _tiles(self, fixed, moving, refs, spacing, origin, masks=(None, None)):
         """Register every tile; returns the tile rows (with their fields) and warnings."""
         h, w = fixed.shape
         t = self.tile_px
@@ -335,8 +375,10 @@ class TiledMethod:
                 row = {"tile": (a, b), "y0": y0, "y1": y1, "x0": x0, "x1": x1,
                        "field": None, "metric": None, "warnings": ""}
                 f_t, m_t = fixed[crop], moving[crop]
+                t_masks = _tile_masks(*masks, crop)
                 if not (_has_content(f_t, self.min_content)
-                        and _has_content(m_t, self.min_content)):
+                        and _has_content(m_t, self.min_content)) or _too_masked(
+                            t_masks, self.min_content):
                     row["status"] = "blank"
                     warnings.append(f"tile {a},{b} (y {y0}:{y1}, x {x0}:{x1}) blank or mostly "
                                     f"empty: filled in")
@@ -345,7 +387,8 @@ class TiledMethod:
                 t_origin = (origin[0] + x0 * spacing[0], origin[1] + y0 * spacing[1])
                 try:
                     res = self.method.register(f_t, m_t, references=[r[crop] for r in refs],
-                                               spacing_xy=spacing, origin_xy=t_origin)
+                                               spacing_xy=spacing, origin_xy=t_origin,
+                                               **t_masks)
                     row["field"] = validate_field(res.field, name=f"field of tile {a},{b}",
                                                   shape_yx=f_t.shape)
                     row.update(status="ok", metric=res.metric,
@@ -393,7 +436,8 @@ class TiledMethod:
 
     # --- coarse maps, tile by tile (sections of any size) ------------------------------------
 
-    def _coarse_small(self, fixed, moving, refs, spacing, origin, *, check: bool = True):
+    def _coarse_small(self, fixed, moving, refs, spacing, origin, *, check: bool = True,
+                      masks=(None, None)):
         """The coarse pass on its own grid: ``(u_c, c_spacing, c_origin, info, warnings)``,
         ``u_c`` None when it failed (or, with ``check``, matched worse than none)."""
         h, w = fixed.shape
@@ -403,9 +447,12 @@ class TiledMethod:
         c_origin = (origin[0] + (f - 1) / 2 * sx, origin[1] + (f - 1) / 2 * sy)
         small = [downsample(a, f) for a in (fixed, moving, *refs)]
         info = {"factor": f, "shape_yx": small[0].shape}
+        kw = {name: _mask_down(m, f) for name, m in zip(("fixed_mask", "moving_mask"), masks)
+              if m is not None}
+        kw = {name: m for name, m in kw.items() if m.mean() >= self.min_content}
         try:
             res = self.method.register(small[0], small[1], references=small[2:],
-                                       spacing_xy=c_spacing, origin_xy=c_origin)
+                                       spacing_xy=c_spacing, origin_xy=c_origin, **kw)
             u_c = validate_field(res.field, name="coarse field", shape_yx=small[0].shape)
         except Exception as exc:
             msg = f"coarse pass (1/{f}) failed: {type(exc).__name__}: {exc}"
@@ -429,7 +476,8 @@ class TiledMethod:
         return u_c, c_spacing, c_origin, info, warnings
 
     def register_map(self, fixed: np.ndarray, moving: np.ndarray, grid, *,
-                     references: Sequence[np.ndarray] = ()) -> RegistrationResult:
+                     references: Sequence[np.ndarray] = (), fixed_mask=None,
+                     moving_mask=None) -> RegistrationResult:
         """Register ``moving`` onto ``fixed`` and give the transform as a coarse map.
 
         The same registration as :meth:`register` (coarse pass, tiles, blending), but the
@@ -438,6 +486,10 @@ class TiledMethod:
         nodes with its blending weight, and the nodes are solved once at the end. No dense
         field, float copy or warped copy of the whole section is made: memory is the two
         sections in their own dtype and one tile's work, at any section size.
+
+        ``fixed_mask``, ``moving_mask`` (elastix's convention, read region by region): each
+        tile's method gets its part of them (the moving one warped with the tile), the
+        coarse pass their reduced copies; a tile they leave mostly empty is filled in.
 
         Returns
         -------
@@ -454,12 +506,14 @@ class TiledMethod:
             raise ValueError(f"the map grid {grid} is not the sections' {h}x{w}")
         spacing, origin = grid.spacing_xy, grid.origin_xy
         f32 = np.float32
+        whole = (slice(0, h), slice(0, w))
         if h <= self.tile_px and w <= self.tile_px:  # one tile: the section, whole
             res = self.method.register(np.asarray(fixed).astype(f32, copy=False),
                                        np.asarray(moving).astype(f32, copy=False),
                                        references=[np.asarray(r).astype(f32, copy=False)
                                                    for r in refs],
-                                       spacing_xy=spacing, origin_xy=origin)
+                                       spacing_xy=spacing, origin_xy=origin,
+                                       **_tile_masks(fixed_mask, moving_mask, whole))
             m = grid.project(validate_field(res.field, name="field", shape_yx=(h, w)))
             return RegistrationResult(
                 field=m, warped=None, spacing_xy=grid.node_spacing_xy, origin_xy=origin,
@@ -469,7 +523,7 @@ class TiledMethod:
         u_c, coarse_info = None, None
         if self.coarse:
             u_c, c_spacing, c_origin, coarse_info, msgs = self._coarse_small(
-                fixed, moving, refs, spacing, origin)
+                fixed, moving, refs, spacing, origin, masks=(fixed_mask, moving_mask))
             warnings += msgs
 
         def coarse_on(y0, y1, x0, x1):
@@ -498,13 +552,17 @@ class TiledMethod:
                 jx = np.arange(x0, x1, dtype=f32)[None, :]
                 iy = np.arange(y0, y1, dtype=f32)[:, None]
                 f_t = np.asarray(fixed[crop]).astype(f32)
+                at = None
                 if u_c is not None:  # the moving tile warped by the coarse field
                     uc_t = coarse_on(y0, y1, x0, x1)
-                    m_t = _warp_region(moving, jx + uc_t[0] / f32(sx), iy + uc_t[1] / f32(sy))
+                    at = (jx + uc_t[0] / f32(sx), iy + uc_t[1] / f32(sy))
+                    m_t = _warp_region(moving, at[0].copy(), at[1].copy())
                 else:
                     m_t = np.asarray(moving[crop]).astype(f32)
+                t_masks = _tile_masks(fixed_mask, moving_mask, crop, at)
                 if not (_has_content(f_t, self.min_content)
-                        and _has_content(m_t, self.min_content)):
+                        and _has_content(m_t, self.min_content)) or _too_masked(
+                            t_masks, self.min_content):
                     row["status"] = "blank"
                     warnings.append(f"tile {a},{b} (y {y0}:{y1}, x {x0}:{x1}) blank or mostly "
                                     f"empty: filled in")
@@ -515,12 +573,12 @@ class TiledMethod:
                     if hasattr(self.method, "predict_field"):
                         # the field alone: the tile's warp and metric would be thrown away
                         r_t, _ = self.method.predict_field(f_t, m_t, references=t_refs,
-                                                           spacing_xy=spacing)
+                                                           spacing_xy=spacing, **t_masks)
                         res = None
                     else:
                         res = self.method.register(
                             f_t, m_t, references=t_refs, spacing_xy=spacing,
-                            origin_xy=(origin[0] + x0 * sx, origin[1] + y0 * sy))
+                            origin_xy=(origin[0] + x0 * sx, origin[1] + y0 * sy), **t_masks)
                         r_t = res.field
                     r_t = validate_field(r_t, name=f"field of tile {a},{b}",
                                          shape_yx=f_t.shape)
@@ -563,7 +621,8 @@ class TiledMethod:
 
     def register(self, fixed: np.ndarray, moving: np.ndarray, *,
                  references: Sequence[np.ndarray] = (), spacing_xy=(1.0, 1.0),
-                 origin_xy=(0.0, 0.0)) -> RegistrationResult:
+                 origin_xy=(0.0, 0.0), fixed_mask=None, moving_mask=None
+                 ) -> RegistrationResult:
         """Register ``moving`` onto ``fixed`` coarse-then-fine over tiles.
 
         Parameters
@@ -573,6 +632,10 @@ class TiledMethod:
             Passed on (reduced for the coarse pass, cropped for the tiles).
         spacing_xy, origin_xy : (float, float)
             The sections' grid.
+        fixed_mask, moving_mask : ndarray (H, W), optional
+            Defect masks, elastix's convention: each tile's method gets its part (the
+            moving one warped with the coarse field, as the tile), the coarse pass their
+            reduced copies; a tile they leave mostly empty is filled in.
 
         Returns
         -------
@@ -594,9 +657,11 @@ class TiledMethod:
         spacing = tuple(float(s) for s in spacing_xy)
         origin = tuple(float(o) for o in origin_xy)
         h, w = fixed.shape
+        masks = (fixed_mask, moving_mask)
         if h <= self.tile_px and w <= self.tile_px:  # one tile: the section, whole
             res = self.method.register(fixed, moving, references=refs, spacing_xy=spacing,
-                                       origin_xy=origin)
+                                       origin_xy=origin,
+                                       **_tile_masks(*masks, (slice(0, h), slice(0, w))))
             return RegistrationResult(
                 field=res.field, warped=res.warped, spacing_xy=spacing, origin_xy=origin,
                 metric=res.metric, seconds=time.perf_counter() - t0, warnings=res.warnings,
@@ -605,11 +670,15 @@ class TiledMethod:
         u_c, coarse_info = None, None
         pre = moving
         if self.coarse:
-            u_c, coarse_info, msgs = self._coarse(fixed, moving, refs, spacing, origin)
+            u_c, coarse_info, msgs = self._coarse(fixed, moving, refs, spacing, origin,
+                                                  masks=masks)
             warnings += msgs
             if u_c is not None:
                 pre = warp(moving, u_c, spacing_xy=spacing)[0]
-        rows, ys, xs, msgs = self._tiles(fixed, pre, refs, spacing, origin)
+                if moving_mask is not None:  # warped with the section, kept where wholly
+                    masks = (fixed_mask, warp((np.asarray(moving_mask) != 0).astype(
+                        np.float32), u_c, spacing_xy=spacing)[0] >= 1.0 - 1e-6)
+        rows, ys, xs, msgs = self._tiles(fixed, pre, refs, spacing, origin, masks=masks)
         warnings += msgs
         self._fill(rows, ys, xs, have_coarse=u_c is not None)
         residual = self._blend(rows, ys, xs, (h, w))

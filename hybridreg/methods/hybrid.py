@@ -40,7 +40,7 @@ import numpy as np
 
 from ..checks import as_spacing_xy
 from ..fields import folding_fraction
-from .base import RegistrationResult, check_pair, checked_mask, content_mask
+from .base import RegistrationResult, check_pair, checked_mask, checked_masks, content_mask
 from .learned import LearnedMethod
 from .neural import (NCC_METRIC_NAME, ModelSource, encoder_depth, encoder_features, ncc_metric,
                      normalized_sections)
@@ -356,8 +356,9 @@ class HybridMethod:
         """Register ``moving`` onto ``fixed``: learned field, its projection, the refinement.
 
         ``fixed_mask`` and ``moving_mask`` (elastix's convention: nonzero = use) are the
-        refinement's elastix masks (the fixed one combined with the empty-space mask); the
-        learned start does not take masks yet.
+        refinement's elastix masks (the fixed one combined with the empty-space mask), and
+        the learned start's (:meth:`LearnedMethod.predict_field`: filled inputs, no trust
+        in its motion under a defect).
 
         The refinement runs in up to two stages. The first (``refinement``) starts from the
         projected learned field; it is kept if it does not fold and does not lower the NCC
@@ -388,8 +389,11 @@ class HybridMethod:
         moving = moving.astype(np.float32, copy=False)
         spacing_xy = as_spacing_xy(spacing_xy)
         origin_xy = tuple(float(o) for o in origin_xy)
+        fixed_mask, moving_mask = checked_masks(fixed_mask, moving_mask, fixed.shape)
         learned_field, _ = self.learned.predict_field(fixed, moving, references=refs,
-                                                      spacing_xy=spacing_xy)
+                                                      spacing_xy=spacing_xy,
+                                                      fixed_mask=fixed_mask,
+                                                      moving_mask=moving_mask)
         start = project_start(learned_field, sigma_px=self.start_smoothing_px)
         # the one warp of the moving section by the start: the start's NCC, the fallback's
         # result and the resample start of the refinement
@@ -400,8 +404,12 @@ class HybridMethod:
         warnings = list(self.adapt_warnings)
         ae = self.autoencoder()
         if ae is not None:
+            from ..defects import neutral_fill
+
+            # a defect's edges are no feature: the encoder sees it filled
             fixed_ch, moving_ch = feature_maps(
-                ae, fixed, moving, n_channels=self.feature_channels,
+                ae, neutral_fill(fixed, fixed_mask), neutral_fill(moving, moving_mask),
+                n_channels=self.feature_channels,
                 feature_stride=self.feature_stride, downsample=self.feature_downsample,
                 intensity_scale=self.learned.intensity_scale,
                 intensity_offset=self.learned.intensity_offset,

@@ -40,7 +40,7 @@ import numpy as np
 
 from ..checks import as_spacing_xy
 from ..fields import to_physical
-from .base import RegistrationResult, check_pair
+from .base import RegistrationResult, check_pair, checked_masks, defect_free
 from .neural import (NCC_METRIC_NAME, ModelSource, finite_float, ncc_metric,
                      normalized_sections, resolve_device,
                      set_threads)
@@ -226,9 +226,14 @@ class LearnedMethod:
         return state
 
     def predict_field(self, fixed: np.ndarray, moving: np.ndarray, *,
-                      references: Sequence[np.ndarray] = (), spacing_xy=(1.0, 1.0)
-                      ) -> tuple[np.ndarray, dict]:
+                      references: Sequence[np.ndarray] = (), spacing_xy=(1.0, 1.0),
+                      fixed_mask=None, moving_mask=None) -> tuple[np.ndarray, dict]:
         """The network's pull field of ``moving`` onto ``fixed``, without warping.
+
+        ``fixed_mask``, ``moving_mask`` (elastix's convention: nonzero = use): the network
+        sees the excluded pixels filled with the section's mean grey value, and its motion
+        there (under the fixed mask, or pointing into the moving one's defects) is replaced
+        by the trusted motion around (:func:`hybridreg.defects.trusted_field`).
 
         Returns
         -------
@@ -240,8 +245,12 @@ class LearnedMethod:
 
         from ..models import make_window
 
+        from ..defects import neutral_fill, trusted_field
+
         fixed, moving, refs = check_pair(fixed, moving, references)
         spacing_xy = as_spacing_xy(spacing_xy)
+        fixed_mask, moving_mask = checked_masks(fixed_mask, moving_mask, fixed.shape)
+        fixed, moving = neutral_fill(fixed, fixed_mask), neutral_fill(moving, moving_mask)
         net = self.network()
         h, w = fixed.shape
         minimum = self.min_size_px(net)
@@ -263,11 +272,15 @@ class LearnedMethod:
                 u_px = net(x)[0].float().cpu().numpy()
         info = {"model": self._source.description, "config": net.config,
                 "references_used": len(used), "window": net.window}
-        return to_physical(u_px, spacing_xy), info
+        u = to_physical(u_px, spacing_xy)
+        if fixed_mask is not None or moving_mask is not None:
+            u = trusted_field(u, fixed_mask, moving_mask, spacing_xy=spacing_xy)
+        return u, info
 
     def register(self, fixed: np.ndarray, moving: np.ndarray, *,
                  references: Sequence[np.ndarray] = (), spacing_xy=(1.0, 1.0),
-                 origin_xy=(0.0, 0.0)) -> RegistrationResult:
+                 origin_xy=(0.0, 0.0), fixed_mask=None, moving_mask=None
+                 ) -> RegistrationResult:
         """Register ``moving`` onto ``fixed`` (and the older ``references``).
 
         Parameters
@@ -279,6 +292,9 @@ class LearnedMethod:
             Older aligned sections, oldest first.
         spacing_xy, origin_xy : (float, float)
             The sections' grid.
+        fixed_mask, moving_mask : ndarray (H, W), optional
+            Defect masks, elastix's convention (see :meth:`predict_field`); the metric is
+            measured where both keep the section.
 
         Returns
         -------
@@ -291,9 +307,12 @@ class LearnedMethod:
         t0 = time.perf_counter()
         fixed, moving, refs = check_pair(fixed, moving, references)
         spacing_xy = as_spacing_xy(spacing_xy)
-        field, info = self.predict_field(fixed, moving, references=refs, spacing_xy=spacing_xy)
+        fixed_mask, moving_mask = checked_masks(fixed_mask, moving_mask, fixed.shape)
+        field, info = self.predict_field(fixed, moving, references=refs, spacing_xy=spacing_xy,
+                                         fixed_mask=fixed_mask, moving_mask=moving_mask)
         warped, valid = warp(moving.astype(np.float32, copy=False), field,
                              spacing_xy=spacing_xy, order=1)
+        valid = valid & defect_free(fixed_mask, moving_mask, field, spacing_xy)
         metric = ncc_metric(fixed.astype(np.float32, copy=False), warped, valid)
         return RegistrationResult(
             field=field, warped=warped, spacing_xy=spacing_xy,

@@ -58,7 +58,7 @@ import numpy as np
 
 from ..checks import as_spacing_xy
 from ..fields import to_physical, to_pixels, validate_field
-from .base import RegistrationResult, check_pair, content_mask
+from .base import RegistrationResult, check_pair, checked_masks, content_mask, defect_free
 from .neural import (ModelSource, encoder_depth, encoder_features, encoder_layers_at,
                      finite_float, ncc_metric, normalized_sections, resolve_device,
                      set_threads)
@@ -309,8 +309,8 @@ class SSEMnetMethod:
 
     def register(self, fixed: np.ndarray, moving: np.ndarray, *,
                  references: Sequence[np.ndarray] = (), spacing_xy=(1.0, 1.0),
-                 origin_xy=(0.0, 0.0), initial_field: np.ndarray | None = None
-                 ) -> RegistrationResult:
+                 origin_xy=(0.0, 0.0), initial_field: np.ndarray | None = None,
+                 fixed_mask=None, moving_mask=None) -> RegistrationResult:
         """Register ``moving`` onto ``fixed`` (and the older ``references``) by optimisation.
 
         Parameters
@@ -325,6 +325,12 @@ class SSEMnetMethod:
             The sections' grid.
         initial_field : ndarray, shape (2, H, W), optional
             Start from this pull field (physical units) instead of the identity.
+        fixed_mask, moving_mask : ndarray (H, W), optional
+            Defect masks, elastix's convention (nonzero = use): their excluded pixels leave
+            the loss as empty space does (whatever ``mask_empty``), the encoder sees them
+            filled with the section's mean grey value, and the motion under them is
+            replaced by the trusted motion around
+            (:func:`hybridreg.defects.trusted_field`).
 
         Returns
         -------
@@ -341,9 +347,12 @@ class SSEMnetMethod:
 
         from ..models import loss_drop_fraction
 
+        from ..defects import neutral_fill, trusted_field
+
         t0 = time.perf_counter()
         fixed, moving, refs = check_pair(fixed, moving, references)
         spacing_xy = as_spacing_xy(spacing_xy)
+        fixed_mask, moving_mask = checked_masks(fixed_mask, moving_mask, fixed.shape)
         h, w = fixed.shape
         ae = self.autoencoder()
         depth, fstride = encoder_depth(ae, self.feature_stride)
@@ -360,15 +369,18 @@ class SSEMnetMethod:
         n_refs = min(len(self.reference_weights), len(refs) + 1)
         used = (list(refs) + [fixed])[-n_refs:]  # oldest first, fixed last
         weights = self.reference_weights[-n_refs:]
-        images = normalized_sections(used + [moving], self.intensity_scale,
-                                     self.intensity_offset, self.name)
         content = [content_mask(s) for s in used + [moving]]
+        given = [None] * (n_refs - 1) + [fixed_mask, moving_mask]
+        content = [c if g is None else (g if c is None else c & g)
+                   for c, g in zip(content, given)]
+        images = normalized_sections([neutral_fill(s, g) for s, g in zip(used + [moving], given)],
+                                     self.intensity_scale, self.intensity_offset, self.name)
         u0 = None if initial_field is None else validate_field(
             initial_field, name="initial_field", shape_yx=(h, w))
         if self.match_intensity:
             images = match_grey_values(images, content, target=n_refs - 1, moving_field=u0,
                                         spacing_xy=spacing_xy)
-        masks = content if self.mask_empty else [None] * len(content)
+        masks = content if self.mask_empty else given
 
         dev = self._device
         imgs = torch.from_numpy(images).to(dev)[:, None]  # (n_refs + 1, 1, H, W)
@@ -422,10 +434,13 @@ class SSEMnetMethod:
         with torch.no_grad():
             u_px = (base_full + _upsample_map(c.detach(), (h, w)))[0].cpu().numpy()
         field = to_physical(u_px, spacing_xy)
+        if fixed_mask is not None or moving_mask is not None:
+            field = trusted_field(field, fixed_mask, moving_mask, spacing_xy=spacing_xy)
         from ..warp import warp
 
         warped, valid = warp(moving.astype(np.float32, copy=False), field,
                              spacing_xy=spacing_xy, order=1)
+        valid = valid & defect_free(fixed_mask, moving_mask, field, spacing_xy)
         final = stage_info[-1]["final_data"]
         info = {"model": self._source.description, "loss_curve": curve,
                 "initial_loss": curve[0] if curve else None, "final_loss": final,
