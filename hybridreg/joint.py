@@ -133,7 +133,7 @@ def _banded_cholesky(z: int, band: int, pairs, weight, prior: float, anchor):
     from scipy.linalg import cholesky_banded
 
     ab = np.zeros((band + 1, z))
-    ab[0] = prior
+    ab[0] = prior  # a number, or one per section
     if anchor is not None:
         ab[0, anchor] += 1e6
     for (i, j) in pairs:
@@ -154,7 +154,7 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
                 anchor: int | None = None,
                 pair_weights: Mapping[tuple[int, int], float] | None = None,
                 stride: int = 1, out=None, max_bytes: int | None = None,
-                progress: bool = False) -> JointSolution:
+                progress: bool = False, section_prior=None) -> JointSolution:
     """Find every section's field from pairwise fields (see the module docstring).
 
     Pairs couple sections at most a few apart (``band``), so the normal matrix is banded:
@@ -203,6 +203,8 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
         Memory of one block; default :data:`SOLVE_BLOCK_BYTES`.
     progress : bool
         A progress bar over the sweeps' sections (stderr).
+    section_prior : sequence of float, shape (Z,), optional
+        Factors in [0, 1] on ``prior`` per section (default all 1).
 
     Returns
     -------
@@ -215,6 +217,12 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
         raise ValueError(f"z must be >= 1, got {z}")
     check_prior(prior, anchor)
     check_anchor(z, anchor)
+    if section_prior is not None:
+        section_prior = np.asarray(section_prior, np.float64)
+        if section_prior.shape != (z,) or not ((section_prior >= 0) & (section_prior <= 1)).all():
+            raise ValueError(f"section_prior must be Z = {z} factors in [0, 1], got "
+                             f"{section_prior!r}")
+        prior = prior * section_prior
     if not pair_fields:
         raise ValueError("no pairs to solve from")
     pairs = sorted(pair_fields)
@@ -387,3 +395,82 @@ def _sample(pair_fields, pairs, u, to_px, r0: int, r1: int, h: int, *,
         # map's edge, past which border padding keeps the edge value as on the whole map
         out.update(zip(chunk, _resample_block(v, pos)))
     return out
+
+
+def part_offsets(k: int, fields, pair_fields, pair_weight, labels: np.ndarray, *,
+                 spacing_xy=(1.0, 1.0)) -> np.ndarray:
+    """The correction that lets section ``k``, split into parts by a defect, keep its jump.
+
+    A fold or a crack moves the parts of one section apart (a jump of that section alone).
+    The small-distortion prior shrinks each section's field towards zero, the jump with it
+    (by ``prior / (prior + pair weights)``), and the shrunk share goes to no section. Given
+    the solution, each pair touching ``k`` says what ``u_k`` should be (``u_i + v_ik(p +
+    u_i)`` or ``u_j - v_kj(p + u_k)``); their weighted mean minus ``u_k`` is what the prior
+    took. Its mean over the whole section stays taken (the prior's work on the common
+    motion); each part gets back its own deviation from that mean, so the parts keep their
+    offsets from one another. Between the parts (the defect's band) the correction is
+    filled from both sides (:func:`hybridreg.defects.fill_untrusted`).
+
+    Parameters
+    ----------
+    k : int
+    fields : array, shape (Z, 2, h, w)
+        The solution (physical units, node grid).
+    pair_fields, pair_weight : mappings ``(i, j) -> map``, ``(i, j) -> weight``
+        As :func:`solve_joint`'s input and :class:`JointSolution`'s ``pair_weight``.
+    labels : ndarray of int, shape (h, w)
+        The parts of section ``k`` in its own (raw) frame, 1..n, 0 on the defect
+        (:func:`hybridreg.defects.node_parts`).
+    spacing_xy : (float, float)
+        The nodes' spacing.
+
+    Returns
+    -------
+    ndarray, shape (2, h, w), float32
+        To add to ``fields[k]`` (physical units).
+    """
+    from .defects import fill_untrusted
+
+    to_px = np.array([1.0 / spacing_xy[0], 1.0 / spacing_xy[1]], np.float32)[:, None, None]
+    u_k = np.asarray(fields[k], np.float32) * to_px
+    h, w = u_k.shape[1:]
+    acc = np.zeros((2, h, w), np.float64)
+    total = 0.0
+    for (i, j), wt in pair_weight.items():
+        if wt <= 0 or k not in (i, j):
+            continue
+        v = np.asarray(pair_fields[(i, j)], np.float32) * to_px
+        if j == k:
+            u_i = np.asarray(fields[i], np.float32) * to_px
+            t = u_i + _at(v, u_i)
+        else:
+            t = np.asarray(fields[j], np.float32) * to_px - _at(v, u_k)
+        acc += wt * t
+        total += wt
+    if total <= 0:
+        return np.zeros((2, h, w), np.float32)
+    d = acc / total - u_k
+    # the parts where the solved field takes each node (nearest node of the raw frame)
+    yy, xx = np.mgrid[0:h, 0:w]
+    ry = np.clip(np.rint(yy + u_k[1]), 0, h - 1).astype(int)
+    rx = np.clip(np.rint(xx + u_k[0]), 0, w - 1).astype(int)
+    lab = labels[ry, rx]
+    inside = lab > 0
+    if not inside.any():
+        return np.zeros((2, h, w), np.float32)
+    common = d[:, inside].mean(axis=1)
+    corr = np.zeros((2, h, w), np.float32)
+    for part in np.unique(lab[inside]):
+        sel = lab == part
+        corr[:, sel] = (d[:, sel].mean(axis=1) - common)[:, None]
+    corr = fill_untrusted(corr, inside.astype(np.float32))
+    return corr / to_px
+
+
+def _at(v: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Map ``v`` (2, h, w) sampled at ``p + u(p)`` (node units), border values beyond."""
+    h, w = v.shape[1:]
+    pos = np.empty((1, 2, h, w), np.float32)
+    pos[0, 0] = np.arange(w, dtype=np.float32)[None, :] + u[0]
+    pos[0, 1] = np.arange(h, dtype=np.float32)[:, None] + u[1]
+    return _resample_block(v[None], pos)[0]
