@@ -192,7 +192,8 @@ def cmd_metrics(args) -> int:
 
 # --- compare and demo ---------------------------------------------------------------------
 
-COMPARE_COLUMNS = ["method", "status", "epe_mean_px", "epe_p95_px", "ncc_prev", "ssim_prev",
+COMPARE_COLUMNS = ["method", "status", "epe_mean_px", "epe_p95_px", "epe_away_px",
+                   "defect_fraction", "ncc_prev", "ssim_prev",
                    "dice_mean", "pixel_agreement", "dice_prev", "folding_fraction", "flagged",
                    "total_seconds", "seconds"]
 
@@ -344,6 +345,14 @@ def cmd_compare(args) -> int:
                               f"{cut[2].stop}]")
     case = compare.make_case(data, spacing_xy=_spacing_xy(stack), labels=labels,
                              deform_seed=args.deform_seed, name=name)
+    masks = None
+    if args.masks == "auto":
+        masks = "auto"
+    elif args.masks:
+        if args.deform_seed is not None:
+            raise CLIError("--masks STACK are the given stack's; with --deform-seed the "
+                           "methods align a deformed copy: use --masks auto")
+        masks = _masks_arg(args.masks, stack.data, str(args.stack))[cut]
     if (args.workers or args.scheduler) and args.mode != "joint":
         raise CLIError("--workers and --scheduler need --mode joint (sequential alignment "
                        "cannot run in parallel)")
@@ -352,7 +361,8 @@ def cmd_compare(args) -> int:
             case, names, options=options, threads=args.threads, mode=args.mode,
             neighbours=args.neighbours, prior=args.prior, window=args.window,
             margin_px=args.margin, progress=not args.no_progress, client=client,
-            intensity=args.intensity, drift_window=args.drift_window, tile=tile)
+            intensity=args.intensity, drift_window=args.drift_window, tile=tile,
+            masks=masks)
     inputs = [args.stack] + ([args.labels] if args.labels else [])
     written = compare.write_comparison(comparison, args.report, overwrite=args.overwrite,
                                        inputs=inputs, save_aligned=args.save_aligned)
@@ -583,8 +593,7 @@ def cmd_register(args) -> int:
 
         flag = "--" + key.replace("_", "-")
         if not takes_masks(method):
-            raise CLIError(f"{flag} is for --method elastix or hybrid without --tile (the "
-                           f"learned methods and tiles do not take masks yet)")
+            raise CLIError(f"{flag}: the {method.name} method does not take masks")
         mask = _read_section(path).data[0]
         if mask.shape != fixed.data.shape[1:]:
             raise CLIError(f"{flag} {path} is {mask.shape[1]}x{mask.shape[0]} (W x H), the "
@@ -603,6 +612,58 @@ def cmd_register(args) -> int:
     metric = "" if res.metric is None else f"; {name}: {res.metric:.4g}"
     print(f"registered {args.moving} to {args.fixed} with {method.name} in "
           f"{res.seconds:.1f} s{metric} -> {args.out}")
+    return 0
+
+
+def _masks_arg(value, data, where: str):
+    """``--masks``: None, the lazy mask stack of a path (checked against the stack's shape),
+    or ``auto``: the masks :func:`hybridreg.defects.detect_defects` finds, section by
+    section."""
+    if not value:
+        return None
+    if value == "auto":
+        from .defects import DetectedMasks
+
+        return DetectedMasks(data)
+    from . import io
+
+    masks = io.read_stack(value, lazy=True).data
+    if tuple(masks.shape) != tuple(data.shape):
+        raise CLIError(f"--masks {value} holds {masks.shape[0]} sections of "
+                       f"{masks.shape[2]}x{masks.shape[1]} (W x H), the stack {where} "
+                       f"{data.shape[0]} of {data.shape[2]}x{data.shape[1]}: one mask per "
+                       f"section, the same size")
+    return masks
+
+
+def cmd_defects(args) -> int:
+    from . import io
+    from .defects import DetectedMasks
+    from .outputs import write_stack_sections
+
+    _refuse_onto_input([args.out], [args.stack])
+    stack = io.read_stack(args.stack, lazy=True)
+    if Path(args.out).exists() and not args.overwrite:
+        raise CLIError(f"{args.out} exists; pass --overwrite to replace it")
+    options = {k: v for k, v in (("percentile", args.percentile),
+                                 ("min_area_px", args.min_area),
+                                 ("dilate_px", args.dilate)) if v is not None}
+    import numpy as np
+
+    masks = DetectedMasks(stack.data, **options)
+    write_stack_sections(args.out, masks, shape_zyx=stack.data.shape, dtype=np.uint8,
+                         spacing_xyz=stack.spacing_xyz, unit=stack.unit,
+                         overwrite=args.overwrite, inputs=[args.stack],
+                         progress=not args.no_progress)
+    from .defects import mask_fraction
+
+    areas = [1.0 - mask_fraction(io.read_stack(args.out, lazy=True).data[k])
+             for k in range(stack.data.shape[0])]
+    hit = [k for k, a in enumerate(areas) if a > 0]
+    print(f"defects in {len(hit)} of {len(areas)} sections"
+          + (": " + ", ".join(f"{k} ({100 * areas[k]:.2f}%)" for k in hit[:20])
+             + (" ..." if len(hit) > 20 else "") if hit else "")
+          + f"; masks (255 = tissue, 0 = defect) -> {args.out}")
     return 0
 
 
@@ -637,20 +698,12 @@ def cmd_align(args) -> int:
         raise CLIError("--workers and --scheduler need --mode joint (sequential alignment "
                        "cannot run in parallel)")
     method = _tiled(args, _method(args, stack.data), stack.data)
-    masks = None
-    if args.masks:
-        masks = io.read_stack(args.masks, lazy=True).data
-        if tuple(masks.shape) != tuple(stack.data.shape):
-            raise CLIError(f"--masks {args.masks} holds {masks.shape[0]} sections of "
-                           f"{masks.shape[2]}x{masks.shape[1]} (W x H), the stack "
-                           f"{args.stack} {stack.data.shape[0]} of {stack.data.shape[2]}x"
-                           f"{stack.data.shape[1]}: one mask per section, the same size")
+    masks = _masks_arg(args.masks, stack.data, str(args.stack))
+    if masks is not None:
         from .methods.base import takes_masks
 
-        if not takes_masks(method):
-            raise CLIError(f"--masks is for --method elastix or hybrid without tiles (the "
-                           f"learned methods and tiles do not take masks yet); got "
-                           f"{method.name}")
+        if not takes_masks(method):  # (every built-in method takes them; a plug-in may not)
+            raise CLIError(f"--masks: the {method.name} method does not take masks")
         if args.mode != "joint":
             raise CLIError("--masks needs --mode joint for now")
     t0 = time.perf_counter()
@@ -662,7 +715,8 @@ def cmd_align(args) -> int:
                                  drift_window=args.drift_window,
                                  work_dir=work,
                                  progress=not args.no_progress, client=client,
-                                 stride=args.stride or _DEFAULT_STRIDE, masks=masks)
+                                 stride=args.stride or _DEFAULT_STRIDE, masks=masks,
+                                 max_skip=args.max_skip)
         except ValueError:
             # a user error found on the first pair (a parameter map elastix cannot run):
             # a work folder with nothing finished in it must not block the corrected rerun
@@ -731,6 +785,15 @@ def cmd_apply(args) -> int:
                        f"{grid.shape_yx[0]}x{grid.shape_yx[1]}, the stack {args.stack} "
                        f"{stack.data.shape[0]} sections of "
                        f"{stack.data.shape[1]}x{stack.data.shape[2]}")
+    if bool(args.masks) != bool(args.masks_out):
+        raise CLIError("--masks and --masks-out go together")
+    if args.masks == "auto":
+        raise CLIError("apply --masks takes a mask stack (write one with `hybridreg defects`)")
+    masks = _masks_arg(args.masks, stack.data, str(args.stack))
+    if masks is not None:
+        _refuse_onto_input([args.masks_out], [args.stack, args.fields, args.masks, args.out])
+        if Path(args.masks_out).exists() and not args.overwrite:
+            raise CLIError(f"{args.masks_out} exists; pass --overwrite to replace it")
     order = 0 if args.nearest else 1
     if (args.workers or args.scheduler) and not io.is_ome_zarr_target(args.out):
         raise CLIError("--workers and --scheduler write a bare .zarr output (each worker "
@@ -744,6 +807,16 @@ def cmd_apply(args) -> int:
                              client=client)
     kind = "nearest neighbour" if args.nearest else "linear"
     print(f"applied {len(maps)} transforms ({kind}) -> {args.out}")
+    if masks is not None:
+        import numpy as np
+
+        # nearest neighbour: a defect stays a defect; outside the section counts as tissue
+        # no more than as defect: it is 0, as elastix's masks outside the image
+        aligned = AlignedSections(masks, maps, grid, order=0, dtype=np.uint8)
+        write_stack_sections(args.masks_out, aligned, shape_zyx=masks.shape, dtype=np.uint8,
+                             spacing_xyz=stack.spacing_xyz, unit=stack.unit,
+                             overwrite=args.overwrite, inputs=[args.masks])
+        print(f"aligned masks -> {args.masks_out}")
     return 0
 
 
@@ -1013,8 +1086,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "pixel per section in memory and on disk)")
     p.add_argument("--masks", metavar="STACK",
                    help="defect masks, one per section (elastix's convention: nonzero = "
-                        "tissue to use, zero = a fold, crack, debris); joint mode, elastix "
-                        "and hybrid: each pair's registration ignores its masked pixels")
+                        "tissue to use, zero = a fold, crack, debris), or 'auto' (found by "
+                        "`hybridreg defects`); joint mode: each pair's registration ignores "
+                        "its masked pixels, its map trusts no motion near them, and a section "
+                        "mostly masked is skipped")
+    p.add_argument("--max-skip", type=int, default=3, metavar="N",
+                   help="with --masks: bridge at most N skipped sections in a row (default 3)")
     p.add_argument("--dense-fields", action="store_true",
                    help="also write every dense field to FIELDS_OUT/dense/ (large: 8 bytes "
                         "a pixel before compression)")
@@ -1037,7 +1114,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="render the sections on an existing Dask scheduler; each worker "
                         "writes the sections it renders (a .zarr --out; docs/cluster.md)")
+    p.add_argument("--masks", metavar="STACK",
+                   help="defect masks of STACK, warped with the same fields into --masks-out")
+    p.add_argument("--masks-out", metavar="OUT", help="the aligned masks (with --masks)")
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("defects", help="find defects in a stack and write their masks",
+                       description="Find folds, cracks, debris, blank and saturated regions in "
+                                   "every section of STACK (flat, extreme grey values) and "
+                                   "write masks in elastix's convention: 255 = tissue, 0 = "
+                                   "defect (for --masks of align, compare, register).")
+    p.add_argument("stack")
+    p.add_argument("--out", required=True, help="the mask stack (uint8)")
+    p.add_argument("--percentile", type=float,
+                   help="grey values at or beyond this percentile of the tissue's count as "
+                        "extreme (default 1)")
+    p.add_argument("--min-area", type=int, metavar="PX",
+                   help="smallest defect kept, pixels of its flat core (default 16)")
+    p.add_argument("--dilate", type=int, metavar="PX",
+                   help="grow each defect by this much (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_defects)
 
     def training_options(p, *, steps, crop, batch, lr):
         p.add_argument("stacks", nargs="+", help="aligned training stacks")
@@ -1091,6 +1189,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "method that fails or is unavailable (e.g. missing "
                                    "weights) is reported with the reason; the others run.")
     p.add_argument("stack", help="the stack to align")
+    p.add_argument("--masks", metavar="STACK",
+                   help="defect masks of STACK (elastix's convention: nonzero = tissue), or "
+                        "'auto' (found by `hybridreg defects`, also on a --deform-seed "
+                        "copy): every method aligns with them (joint mode), and the metrics "
+                        "leave the defects out and add the defect area and the error away "
+                        "from defects")
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), metavar="M",
                    help=f"methods, by spaces or commas (default {' '.join(ALL_METHODS)})")
     p.add_argument("--report", required=True, metavar="DIR",

@@ -163,12 +163,15 @@ class Comparison:
         Pixels left out at each edge in every metric.
     settings : dict
         Stack mode and its settings, machine, date.
+    masks : ndarray of uint8, shape (Z, H, W), or None
+        The defect masks of ``case.stack`` the methods aligned with (elastix's convention).
     """
 
     case: CompareCase
     runs: list
     margin_px: int
     settings: dict = dc_field(default_factory=dict)
+    masks: np.ndarray | None = None
 
     def run(self, name: str) -> MethodRun:
         """The run of method ``name``."""
@@ -320,7 +323,8 @@ def _build_methods(methods, options, threads, stack=None, intensity="auto"):
 
 # --- measuring --------------------------------------------------------------------------------
 
-def _evaluate(case: CompareCase, aligned, fields, *, margin_px: int, seconds=None) -> list:
+def _evaluate(case: CompareCase, aligned, fields, *, margin_px: int, seconds=None,
+              masks=None) -> list:
     from .metrics import evaluate_stack, interior_mask, label_overlap
     from .stack import apply_fields
 
@@ -328,7 +332,7 @@ def _evaluate(case: CompareCase, aligned, fields, *, margin_px: int, seconds=Non
         aligned=aligned, reference=case.reference, fields=fields, true_fields=case.true_fields,
         labels=case.labels if case.labels_ref is not None else None,
         labels_ref=case.labels_ref, spacing_xy=case.spacing_xy, margin_px=margin_px,
-        seconds=seconds)
+        seconds=seconds, masks=masks)
     if case.labels is not None:
         warped = apply_fields(case.labels, fields, spacing_xy=case.spacing_xy, order=0)
         mask = interior_mask(case.stack.shape[1:], margin_px=margin_px)
@@ -374,7 +378,8 @@ def compare_methods(case: CompareCase, methods: Sequence, *,
                     mode: str = "joint", neighbours: int = 1, prior: float = 0.3,
                     window: int = 1, margin_px: int | None = None,
                     progress: bool = False, client=None, intensity="auto",
-                    drift_window: int = 0, tile: Mapping | None = None) -> Comparison:
+                    drift_window: int = 0, tile: Mapping | None = None,
+                    masks=None) -> Comparison:
     """Align ``case.stack`` with every method and measure the results.
 
     Parameters
@@ -410,6 +415,11 @@ def compare_methods(case: CompareCase, methods: Sequence, *,
         How the stack is put on the networks' 0-255 scale for the methods given by name
         that take ``intensity_scale`` (unless their options set it): see
         :func:`hybridreg.methods.intensity_map` (default ``"auto"``).
+    masks : array-like, shape (Z, H, W), or "auto", optional
+        Defect masks of ``case.stack`` (elastix's convention: nonzero = tissue), or
+        ``"auto"`` for :class:`hybridreg.defects.DetectedMasks`: every method aligns with
+        them (joint mode), and the metrics leave the defects out and add
+        ``defect_fraction`` and ``epe_away_px`` (:func:`hybridreg.metrics.evaluate_stack`).
 
     Returns
     -------
@@ -432,6 +442,18 @@ def compare_methods(case: CompareCase, methods: Sequence, *,
         raise ValueError(f"margin_px={margin_px} leaves no interior in {h}x{w} sections")
     if mode not in ("joint", "sequential"):
         raise ValueError(f"mode must be 'joint' or 'sequential', got {mode!r}")
+    masks_arg = masks
+    if isinstance(masks, str):
+        if masks != "auto":
+            raise ValueError(f"masks must be an array or 'auto', got {masks!r}")
+        from .defects import DetectedMasks
+
+        masks = DetectedMasks(case.stack)
+    elif masks is not None and tuple(np.shape(masks)) != (z, h, w):
+        raise ValueError(f"the masks have shape {tuple(np.shape(masks))}, the case's stack "
+                         f"{(z, h, w)}: one mask per section, the same size")
+    if masks is not None:
+        masks = np.stack([np.asarray(masks[k]) for k in range(z)])  # the case is in memory
     built = _build_methods(list(methods), options, threads, case.stack, intensity)
     if tile:
         from .tiling import TiledMethod
@@ -440,7 +462,7 @@ def compare_methods(case: CompareCase, methods: Sequence, *,
 
     stack32 = case.stack.astype(np.float32, copy=False)
     zero = np.zeros((z, 2, h, w), np.float32)
-    base_rows = _evaluate(case, stack32, zero, margin_px=margin_px)
+    base_rows = _evaluate(case, stack32, zero, margin_px=margin_px, masks=masks)
     runs = [MethodRun(name=BASELINE, status="ok", rows=base_rows,
                       summary=_summary(BASELINE, "ok", base_rows, total_seconds=0.0,
                                        flagged=0),
@@ -457,10 +479,11 @@ def compare_methods(case: CompareCase, methods: Sequence, *,
             result = align_stack(case.stack, method, spacing_xy=case.spacing_xy, mode=mode,
                                  neighbours=neighbours, prior=prior, window=window,
                                  drift_window=drift_window, progress=progress,
-                                 client=client if mode == "joint" else None)
+                                 client=client if mode == "joint" else None, masks=masks)
             total = time.perf_counter() - t0
             rows = _evaluate(case, result.aligned, result.fields, margin_px=margin_px,
-                             seconds=[r.get("seconds") or 0.0 for r in result.table])
+                             seconds=[r.get("seconds") or 0.0 for r in result.table],
+                             masks=masks)
         except Exception as exc:  # one method must not end the comparison
             reason = _reason(exc)
             log.warning("method %s failed: %s", name, reason, exc_info=log.isEnabledFor(10))
@@ -483,6 +506,9 @@ def compare_methods(case: CompareCase, methods: Sequence, *,
                 **({"neighbours": neighbours, "prior": prior} if mode == "joint"
                    else {"window": window, "drift_window": drift_window}),
                 **({"tile": dict(tile)} if tile else {}),
+                **({"masks": "given" if not isinstance(masks_arg, str) else masks_arg}
+                   if masks is not None else {}),
                 "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                 "date": time.strftime("%Y-%m-%d %H:%M")}
-    return Comparison(case=case, runs=runs, margin_px=margin_px, settings=settings)
+    return Comparison(case=case, runs=runs, margin_px=margin_px, settings=settings,
+                      masks=masks)

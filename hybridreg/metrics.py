@@ -201,7 +201,8 @@ def evaluate_stack(*, aligned: np.ndarray | None = None, reference: np.ndarray |
                    fields: np.ndarray | None = None, true_fields: np.ndarray | None = None,
                    labels: np.ndarray | None = None, labels_ref: np.ndarray | None = None,
                    spacing_xy=(1.0, 1.0), margin_px: int = 16,
-                   seconds: Sequence[float] | None = None) -> list[dict]:
+                   seconds: Sequence[float] | None = None, masks=None,
+                   away_px: int = 32) -> list[dict]:
     """Per-section metrics of an aligned stack.
 
     Every input is optional; the table holds what can be computed from what is given.
@@ -224,6 +225,13 @@ def evaluate_stack(*, aligned: np.ndarray | None = None, reference: np.ndarray |
         with ``fields`` (nearest neighbour) and compared with ``labels_ref``.
     seconds : sequence of float, optional
         Time per section, copied into the table.
+    masks : array-like, shape (Z, H, W), optional
+        Defect masks of the unaligned stack (elastix's convention: nonzero = tissue). They
+        are taken to the aligned grid with the true fields (else ``fields``); every metric
+        then leaves out the defects' pixels, and the table adds ``defect_fraction`` (the
+        section's area under its defects) and, on sections with a defect and with
+        ``true_fields``, ``epe_away_px``: the endpoint error farther than ``away_px`` from
+        any defect.
 
     Returns
     -------
@@ -241,15 +249,40 @@ def evaluate_stack(*, aligned: np.ndarray | None = None, reference: np.ndarray |
     z, h, w = shape
     base = interior_mask((h, w), margin_px=margin_px)
     rows = []
+    spoiled = [None] * z
+    for k in range(z if masks is not None else 0):
+        m = np.asarray(masks[k]) != 0
+        if m.all():
+            continue
+        to = true_fields if true_fields is not None else fields
+        if to is not None:
+            m = warp(m.astype(np.float32), to[k], spacing_xy=spacing_xy, order=0,
+                     cval=1.0)[0] > 0.5
+        spoiled[k] = ~m
     for k in range(z):
         row: dict = {"section": k}
         mask = base
         if true_fields is not None:
             mask = base & valid_mask(true_fields[k], spacing_xy=spacing_xy)
+        if masks is not None:
+            row["defect_fraction"] = 0.0 if spoiled[k] is None else float(spoiled[k].mean())
+        if spoiled[k] is not None:
+            mask = mask & ~spoiled[k]
+            base_k = base & ~spoiled[k]
+            if k > 0 and spoiled[k - 1] is not None:
+                base_k = base_k & ~spoiled[k - 1]
+        else:
+            base_k = base if k == 0 or spoiled[k - 1] is None else base & ~spoiled[k - 1]
         if fields is not None:
             if true_fields is not None:
                 e = endpoint_error(fields[k], true_fields[k], spacing_xy=spacing_xy, mask=mask)
                 row.update(epe_mean_px=e.mean_px, epe_p95_px=e.p95_px)
+                if spoiled[k] is not None:
+                    far = mask & (ndimage.distance_transform_edt(~spoiled[k]) > away_px)
+                    if far.any():
+                        row["epe_away_px"] = endpoint_error(
+                            fields[k], true_fields[k], spacing_xy=spacing_xy,
+                            mask=far).mean_px
             js = jacobian_stats(fields[k], spacing_xy=spacing_xy, mask=base)
             row.update(jac_min=js["jac_min"], folding_fraction=js["folding_fraction"])
         if aligned is not None:
@@ -257,8 +290,8 @@ def evaluate_stack(*, aligned: np.ndarray | None = None, reference: np.ndarray |
                 row["ncc_ref"] = ncc(aligned[k], reference[k], mask=mask)
                 row["mse_ref"] = mse(aligned[k], reference[k], mask=mask)
             if k > 0:
-                row["ncc_prev"] = ncc(aligned[k], aligned[k - 1], mask=base)
-                row["ssim_prev"] = ssim(aligned[k], aligned[k - 1], mask=base)
+                row["ncc_prev"] = ncc(aligned[k], aligned[k - 1], mask=base_k)
+                row["ssim_prev"] = ssim(aligned[k], aligned[k - 1], mask=base_k)
         if labels is not None and labels_ref is not None:
             lab = labels[k]
             if fields is not None:
@@ -278,7 +311,7 @@ def summarize(rows: Iterable[dict], *, skip_first: bool = True) -> dict:
     dict mapping column name to the mean (NaN ignored), plus ``sections``.
     """
     rows = [r for r in rows if not (skip_first and r.get("section") == 0)]
-    keys = [k for k in (rows[0] if rows else {}) if k != "section"]
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != "section"))
     out: dict = {"sections": len(rows)}
     for key in keys:
         vals = np.array([r.get(key, np.nan) for r in rows], dtype=np.float64)

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 #: metric column -> (axis label, higher is better)
 CURVES = {
     "epe_mean_px": ("endpoint error, mean (px)", False),
+    "epe_away_px": ("endpoint error away from defects (px)", False),
+    "defect_fraction": ("area under defects (fraction)", False),
     "ncc_prev": ("NCC to the previous section", True),
     "ssim_prev": ("SSIM to the previous section", True),
     "dice_mean": ("Dice against the undeformed labels", True),
@@ -58,6 +60,8 @@ SUMMARY_COLUMNS = {
     "status": ("status", "{}"),
     "epe_mean_px": ("EPE mean (px)", "{:.2f}"),
     "epe_p95_px": ("EPE p95 (px)", "{:.2f}"),
+    "epe_away_px": ("EPE away from defects (px)", "{:.2f}"),
+    "defect_fraction": ("defect area", "{:.3f}"),
     "ncc_prev": ("NCC prev", "{:.3f}"),
     "ssim_prev": ("SSIM prev", "{:.3f}"),
     "ncc_ref": ("NCC truth", "{:.3f}"),
@@ -163,7 +167,8 @@ def representative_sections(comparison, *, n: int = 3) -> list[int]:
     the last one, in stack order.
 
     The worst is the largest endpoint error with ground truth, else the lowest NCC to the
-    previous section.
+    previous section; with defect masks, the section with the largest defect area comes
+    first.
     """
     z = comparison.case.stack.shape[0]
     if z < 2 or n < 1:
@@ -173,6 +178,10 @@ def representative_sections(comparison, *, n: int = 3) -> list[int]:
     key, sign = ("epe_mean_px", 1.0) if comparison.case.has_truth else ("ncc_prev", -1.0)
     scored = [(sign * r[key], r["section"]) for r in base
               if r.get("section", 0) > 0 and _finite(r.get(key))]
+    damaged = [(r["defect_fraction"], r["section"]) for r in base
+               if r.get("section", 0) > 0 and (r.get("defect_fraction") or 0) > 0]
+    if damaged:
+        candidates.append(max(damaged)[1])
     if scored:
         candidates.append(max(scored)[1])
     candidates += [max(1, z // 2), z - 1]
@@ -185,14 +194,18 @@ def representative_sections(comparison, *, n: int = 3) -> list[int]:
 
 # --- figures ----------------------------------------------------------------------------------
 
+def curve_metrics(comparison) -> list[str]:
+    """The metrics of :data:`CURVES` that some run measured on a section after the first."""
+    runs = [r for r in comparison.runs if r.rows]
+    return [m for m in CURVES if any(_finite(row.get(m)) for r in runs for row in r.rows
+                                     if row.get("section", 0) > 0)]
+
+
 def figure_curves(comparison) -> bytes | None:
     """Per-section metric curves, one panel per metric, one line per method."""
     from matplotlib.ticker import MaxNLocator
 
-    runs = [r for r in comparison.runs if r.rows]
-    metrics = [m for m in CURVES
-               if any(_finite(row.get(m)) for r in runs for row in r.rows
-                      if row.get("section", 0) > 0)]
+    metrics = curve_metrics(comparison)
     if not metrics:
         return None
     cols = 2 if len(metrics) > 1 else 1
@@ -255,12 +268,14 @@ def figure_overlays(comparison, k: int, *, max_px: int = 192) -> bytes:
     spread = float(np.percentile(np.abs(base[2] - base[1]), 99)) if images else 0.5
     spread = float(np.clip(spread, 0.05, 1.0))
     titles = [f"{k - 1} magenta, {k} green", f"section {k} - {k - 1}", f"{k} - truth"]
-    for row, (name, prev, cur, ref) in zip(axes, images):
+    for row, (name, prev, cur, ref), r in zip(axes, images, runs):
         _panel(row[0], np.stack([prev, cur, prev], axis=-1), "")
         _panel(row[1], cur - prev, "", cmap="RdBu_r", vmin=-spread, vmax=spread)
         if truth:
             _panel(row[2], cur - ref, "", cmap="RdBu_r", vmin=-spread, vmax=spread)
         row[0].set_ylabel(name, fontsize=9)
+        if getattr(comparison, "masks", None) is not None:
+            _outline_defects(row, comparison, r, (k - 1, k), step)
     for ax, title in zip(axes[0], titles):
         ax.set_title(title, fontsize=8)
     return _png(fig)
@@ -381,6 +396,23 @@ def figure_times(comparison) -> bytes | None:
     return _png(fig)
 
 
+def _outline_defects(axes, comparison, run, sections, step: int) -> None:
+    """Outline the defects of ``sections`` (yellow: the first, cyan: the second) where the
+    run's fields take them, on every panel of its row."""
+    from .warp import warp
+
+    for k, colour in zip(sections, ("yellow", "cyan")):
+        m = np.asarray(comparison.masks[k]) != 0
+        if m.all():
+            continue
+        if run.name != "none" and run.fields is not None:
+            m = warp(m.astype(np.float32), np.asarray(run.fields[k]),
+                     spacing_xy=comparison.case.spacing_xy, order=0, cval=1.0)[0] > 0.5
+        sub = _subsample((~m).astype(np.float32), step)
+        for ax in axes:
+            ax.contour(sub, levels=[0.5], colors=colour, linewidths=0.7)
+
+
 def report_figures(comparison, *, sections: Sequence[int] | None = None,
                    max_px: int = 256) -> list[tuple[str, str, bytes]]:
     """Every figure of the report, in order: ``(key, caption, png_bytes)``.
@@ -407,7 +439,10 @@ def report_figures(comparison, *, sections: Sequence[int] | None = None,
                      + (f", and the difference of section {k} to the undeformed section "
                         f"{k}" if truth_col else "")
                      + ". Differences: red where the first is brighter, blue where darker, "
-                     "on one range for all rows.",
+                     "on one range for all rows."
+                     + (f" Outlined: the defects of section {k - 1} (yellow) and {k} (cyan), "
+                        f"where each method's fields take them."
+                        if getattr(comparison, "masks", None) is not None else ""),
                      figure_overlays(comparison, k, max_px=min(max_px, 192))))
     if sections and after:
         k = sections[len(sections) // 2]
@@ -515,6 +550,10 @@ COLUMN_MEANINGS = {
     "epe_mean_px": "endpoint error against the known deformation, mean over the interior "
                    "pixels and sections 1.. (px; lower is better)",
     "epe_p95_px": "its 95th percentile (px)",
+    "epe_away_px": "with defect masks: the endpoint error on the sections with a defect, "
+                   "farther than 32 px from any defect (px)",
+    "defect_fraction": "with defect masks: the fraction of each section under its defects, "
+                       "mean over sections 1..; every other metric leaves these pixels out",
     "ncc_prev": "normalised cross-correlation of each aligned section with the previous one "
                 "(higher is better; neighbours differ, so 1 is not reached)",
     "ssim_prev": "structural similarity of each aligned section with the previous one",
