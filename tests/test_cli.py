@@ -107,8 +107,8 @@ def test_deform_refuses_to_overwrite(tmp_path, capsys):
 
 #: every subcommand (the help tests of align, register, apply and the training commands
 #: were copies of this one in their own files)
-COMMANDS = ["phantom", "deform", "metrics", "register", "align", "apply", "train-features",
-            "train", "finetune", "compare", "demo"]
+COMMANDS = ["phantom", "deform", "defects", "metrics", "register", "align", "apply",
+            "train-features", "train", "finetune", "compare", "demo"]
 
 
 def test_the_command_list_is_complete():

@@ -315,8 +315,8 @@ class _MaskedShift(PhaseCorrelation):
 
 def test_masks_reach_every_pair_and_a_fully_masked_section_is_flagged(tmp_path, caplog):
     """Issue 17 items 1, 5 and 8 (align): each pair's registration gets its two sections'
-    masks; a section masked everywhere fails its pairs, which are flagged and left out of
-    the solve, without crashing; shapes, methods and modes that cannot take masks are
+    masks; a section masked everywhere (or mostly) is skipped: its neighbours pair across it,
+    its map is interpolated, it is flagged, and nothing crashes; shapes, methods and modes that cannot take masks are
     refused before any work; masks keeping little of a section are warned about."""
     stack = np.random.default_rng(0).uniform(0, 255, (4, 40, 48)).astype(np.float32)
     masks = np.full(stack.shape, 255, np.uint8)
@@ -327,23 +327,33 @@ def test_masks_reach_every_pair_and_a_fully_masked_section_is_flagged(tmp_path, 
     kept = [int((masks[k] != 0).sum()) for k in range(4)]
     assert set(method.seen) == {(kept[i], kept[j]) for i in range(4)
                                 for j in range(i + 1, min(4, i + 3))}
-    masks[2] = 0  # section 2 lost: its pairs fail, the others stand
+    masks[2] = 0  # section 2 lost: skipped, its neighbours registered across it
     caplog.clear()
     res = align_stack(stack, _MaskedShift(), masks=masks, neighbours=2, stride=8)
-    failed = {(p["fixed"], p["moving"]) for p in res.pairs if p["weight"] == 0.0}
-    assert failed == {(0, 2), (1, 2), (2, 3)}
-    assert res.table[2]["flagged"]
-    assert "sections [2] exclude everything" in caplog.text
+    assert {(p["fixed"], p["moving"]) for p in res.pairs} == {(0, 1), (0, 3), (1, 3)}
+    assert res.table[2]["flagged"] and "skipped: its mask keeps 0%" in res.table[2]["warnings"]
+    assert "interpolated from section(s) 1 and 3" in res.table[2]["warnings"]
+    np.testing.assert_allclose(res.maps[2], 0.5 * (res.maps[1] + res.maps[3]),
+                               atol=res.grid.quantum())  # (kept to the maps' quantum)
+    assert "sections [2] are mostly masked" in caplog.text
     masks[2] = 255
     masks[1] = 0
-    masks[1, :, 20:26] = 255  # 12% kept: an inverted defect mask?
+    masks[1, :, 20:26] = 255  # 12% kept: skipped too
+    masks[2] = 0
+    masks[2, :, 20:26] = 255
+    masks[3] = 0
+    masks[3, :, 20:26] = 255  # three of four sections mostly masked: inverted masks?
     caplog.clear()
-    align_stack(stack, _MaskedShift(), masks=masks, neighbours=2, stride=8)
-    assert "sections [1] keep under a quarter" in caplog.text and "inverted?" in caplog.text
+    res = align_stack(stack, _MaskedShift(), masks=masks, neighbours=2, stride=8)
+    assert "3 of 4 sections keep under a quarter" in caplog.text and "inverted?" in caplog.text
+    assert res.pairs == [] and np.all(np.asarray(res.maps) == 0)  # nothing to pair: no crash
+    assert all(res.table[k]["flagged"] for k in (1, 2, 3))
     with pytest.raises(ValueError, match=r"the masks have shape \(4, 40, 40\), the stack "
                                          r"\(4, 40, 48\)"):
         align_stack(stack, _MaskedShift(), masks=masks[:, :, :40])
-    with pytest.raises(ValueError, match="does not take masks yet"):
+    with pytest.raises(ValueError, match="does not take masks"):
         align_stack(stack, PhaseCorrelation(), masks=masks)
+    with pytest.raises(ValueError, match="max_skip must be an integer >= 0"):
+        align_stack(stack, _MaskedShift(), masks=masks, max_skip=-1)
     with pytest.raises(ValueError, match="masks need mode='joint'"):
         align_stack(stack, _MaskedShift(), masks=masks, mode="sequential")
