@@ -164,6 +164,14 @@ def pair_trust(fixed_trust: np.ndarray, moving_trust: np.ndarray, m: np.ndarray,
 DETECT_DEFAULTS = {"percentile": 1.0, "min_area_px": 16, "dilate_px": 1}
 
 
+#: Sections over this many pixels are searched for defects in strips of rows (the same
+#: result away from strip edges; memory a strip's, at any section size).
+DETECT_STRIP_PX = 1 << 23
+#: Rows shared by neighbouring strips (a defect's flat core is measured, grown and its
+#: area counted within them).
+DETECT_OVERLAP_PX = 64
+
+
 def detect_defects(section, *, percentile: float = DETECT_DEFAULTS["percentile"],
                    min_area_px: int = DETECT_DEFAULTS["min_area_px"],
                    dilate_px: int = DETECT_DEFAULTS["dilate_px"]) -> np.ndarray:
@@ -172,47 +180,71 @@ def detect_defects(section, *, percentile: float = DETECT_DEFAULTS["percentile"]
     A defect pixel is flat (it has the grey value of both its neighbours along a row or
     along a column: no texture, where EM tissue always has some) and extreme (at or below
     the ``percentile``-th percentile of the textured pixels' grey values, or at or above
-    the ``100 - percentile``-th): blank or
-    saturated regions, an empty crack, a dense fold, debris. Regions of fewer than
-    ``min_area_px`` such pixels are dropped (clipped pixels in dark membranes), the rest
-    grown by ``dilate_px`` (the defect's blurred rim).
+    the ``100 - percentile``-th): blank or saturated regions, an empty crack, a dense fold,
+    debris. Regions of fewer than ``min_area_px`` such pixels are dropped (clipped pixels
+    in dark membranes), the rest grown by ``dilate_px`` (the defect's blurred rim). A
+    section with no textured pixel (blank) is all defect.
 
     Parameters
     ----------
-    section : ndarray, shape (H, W)
+    section : ndarray or array-like, shape (H, W)
+        Read in strips of rows when larger than :data:`DETECT_STRIP_PX` pixels (the
+        percentiles then come from every few textured pixels).
 
     Returns
     -------
     ndarray of uint8, shape (H, W)
     """
-    from scipy import ndimage
-
-    x = np.asarray(section)
-    if x.ndim != 2:
-        raise ValueError(f"section must be 2D (H, W), got shape {x.shape}")
+    if len(section.shape) != 2:
+        raise ValueError(f"section must be 2D (H, W), got shape {tuple(section.shape)}")
     if not 0.0 < percentile < 50.0:
         raise ValueError(f"percentile must be in (0, 50), got {percentile!r}")
-    x = x.astype(np.float32, copy=False)
-    # flat along a row or a column: a thin band at any angle is >= 3 px wide along one
-    flat = np.zeros(x.shape, bool)
-    for axis in (0, 1):
-        size = (3, 1) if axis == 0 else (1, 3)
-        flat |= (ndimage.maximum_filter(x, size) - ndimage.minimum_filter(x, size)) <= 0
-    # the tissue's own range: its textured pixels (not the blank borders, not the defects)
-    tissue = x[~flat]
+    h, w = (int(n) for n in section.shape)
+    rows = max(4 * DETECT_OVERLAP_PX, DETECT_STRIP_PX // max(1, w))
+    strips = [(r0, min(h, r0 + rows)) for r0 in range(0, h, rows)]
+    # the tissue's own range: its textured pixels (not blank borders, not the defects)
+    keep_every = max(1, (h * w) // DETECT_STRIP_PX)
+    samples = []
+    for r0, r1 in strips:
+        x = np.asarray(section[r0:r1]).astype(np.float32)
+        samples.append(x[~_flat(x)][::keep_every])
+    tissue = np.concatenate(samples)
     if tissue.size == 0:
-        return np.zeros(x.shape, np.uint8)
+        return np.zeros((h, w), np.uint8)
     lo, hi = np.percentile(tissue, [percentile, 100.0 - percentile])
-    extreme = (x <= lo) | (x >= hi)
-    core = flat & extreme
+    out = np.empty((h, w), np.uint8)
+    m = DETECT_OVERLAP_PX
+    for r0, r1 in strips:
+        a0, a1 = max(0, r0 - m), min(h, r1 + m)
+        x = np.asarray(section[a0:a1]).astype(np.float32)
+        out[r0:r1] = _defects_in(x, lo, hi, min_area_px, dilate_px)[r0 - a0:r1 - a0]
+    return out
+
+
+def _flat(x: np.ndarray) -> np.ndarray:
+    """Pixels with the grey value of both neighbours along a row or along a column (a thin
+    band at any angle is >= 3 px wide along one of them)."""
+    from scipy import ndimage
+
+    flat = np.zeros(x.shape, bool)
+    for size in ((3, 1), (1, 3)):
+        flat |= (ndimage.maximum_filter(x, size) - ndimage.minimum_filter(x, size)) <= 0
+    return flat
+
+
+def _defects_in(x: np.ndarray, lo: float, hi: float, min_area_px: int,
+                dilate_px: int) -> np.ndarray:
+    """:func:`detect_defects` of one strip, given the tissue's percentiles."""
+    from scipy import ndimage
+
+    core = _flat(x) & ((x <= lo) | (x >= hi))
     if core.any():
         labels, n = ndimage.label(core, structure=np.ones((3, 3)))
         sizes = np.bincount(labels.ravel(), minlength=n + 1)
         core = (sizes >= min_area_px)[labels] & (labels > 0)
-    # the flat core is one pixel inside the region: grow it back, and by the rim
-    defect = ndimage.binary_dilation(core, iterations=1 + int(dilate_px)) if core.any() \
-        else core
-    return np.where(defect, 0, 255).astype(np.uint8)
+    if core.any():  # the flat core is one pixel inside the region: grow it back, and by the rim
+        core = ndimage.binary_dilation(core, iterations=1 + int(dilate_px))
+    return np.where(core, 0, 255).astype(np.uint8)
 
 
 def neutral_fill(section: np.ndarray, mask) -> np.ndarray:
@@ -229,29 +261,72 @@ def neutral_fill(section: np.ndarray, mask) -> np.ndarray:
     return out
 
 
+#: :func:`trusted_field` decides trust and fills on cells of this many pixels a side (the
+#: motion of a network or an optimised map is smooth at that scale): 1/16 of the work.
+TRUST_CELL_PX = 4
+
+
 def trusted_field(field: np.ndarray, fixed_mask, moving_mask, *, spacing_xy=(1.0, 1.0),
-                  margin_px: int = 4) -> np.ndarray:
+                  margin_px: int = 4, return_trust: bool = False):
     """A dense pull field with no trust in its motion under a defect: where the fixed mask
     excludes the pixel, or the moving mask excludes where the pixel's motion points (within
     ``margin_px``), the field is filled from the trusted motion around
     (:func:`fill_untrusted`). ``field`` (2, H, W), physical units; masks elastix's
-    convention, either may be None."""
+    convention, either may be None.
+
+    Trust is decided on cells of :data:`TRUST_CELL_PX` pixels (a cell is trusted when all
+    its pixels are) and the fill made there, from the cells' centre values; the pixels of
+    untrusted cells take the fill, bilinearly upsampled, the others keep their motion.
+    With ``return_trust``, also the trust on the pixels (bool (H, W)).
+    """
     from scipy import ndimage
 
-    from .warp import warp
+    u = np.asarray(field, np.float32)
+    h, w = u.shape[1:]
+    c = TRUST_CELL_PX
+    hc, wc = -(-h // c), -(-w // c)
 
-    trust = np.ones(field.shape[1:], bool)
+    def cells(mask):  # kept where every pixel of the cell is kept
+        pad = np.ones((hc * c, wc * c), bool)
+        pad[:h, :w] = np.asarray(mask) != 0
+        return pad.reshape(hc, c, wc, c).all(axis=(1, 3))
+
+    trust = np.ones((hc, wc), bool)
     if fixed_mask is not None:
-        trust &= np.asarray(fixed_mask) != 0
+        trust &= cells(fixed_mask)
+    small = u[:, c // 2::c, c // 2::c]
+    small = np.pad(small, ((0, 0), (0, hc - small.shape[1]), (0, wc - small.shape[2])),
+                   mode="edge")
     if moving_mask is not None:
-        m = (np.asarray(moving_mask) != 0).astype(np.float32)
-        if not m.all():
-            trust &= warp(m, field, spacing_xy=spacing_xy, order=1, cval=1.0)[0] >= 1.0 - 1e-3
+        kept = cells(moving_mask)
+        if not kept.all():
+            yy, xx = np.mgrid[0:hc, 0:wc].astype(np.float32)
+            pos = np.stack([yy + small[1] / (spacing_xy[1] * c), xx + small[0] / (spacing_xy[0] * c)])
+            trust &= ndimage.map_coordinates(kept.astype(np.float32), pos, order=1,
+                                             mode="constant", cval=1.0) >= 1.0 - 1e-3
     if trust.all():
-        return np.asarray(field, np.float32)
+        return (u, np.ones((h, w), bool)) if return_trust else u
     if margin_px > 0:
-        trust = ndimage.binary_erosion(trust, iterations=int(margin_px), border_value=1)
-    return fill_untrusted(field, trust.astype(np.float32))
+        trust = ndimage.binary_erosion(trust, iterations=-(-int(margin_px) // c),
+                                       border_value=1)
+    filled = _upsample_cells(fill_untrusted(small, trust.astype(np.float32)), c, (h, w))
+    trust_px = np.repeat(np.repeat(trust, c, axis=0), c, axis=1)[:h, :w]
+    out = np.where(trust_px, u, filled)
+    return (out, trust_px) if return_trust else out
+
+
+def _upsample_cells(v: np.ndarray, c: int, shape) -> np.ndarray:
+    """``(C, hc, wc)`` cell values bilinearly at the pixels of ``shape`` (cell centres at
+    pixel ``c * i + c // 2``), the edge value beyond."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = shape
+    hc, wc = v.shape[1:]
+    with torch.inference_mode():
+        out = F.interpolate(torch.from_numpy(np.ascontiguousarray(v))[None],
+                            size=(hc * c, wc * c), mode="bilinear", align_corners=False)
+    return out[0, :, :h, :w].numpy()
 
 
 def trusted_map(m: np.ndarray, fixed_mask, moving_mask, grid) -> np.ndarray:
@@ -290,8 +365,7 @@ class DetectedMasks:
         if k not in self._cache:
             if len(self._cache) >= self._keep:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[k] = detect_defects(np.asarray(section_of(self.stack, k)),
-                                            **self.options)
+            self._cache[k] = detect_defects(section_of(self.stack, k), **self.options)
         return self._cache[k]
 
     def __getitem__(self, key):
@@ -334,3 +408,4 @@ def node_parts(mask, grid) -> tuple[np.ndarray, int]:
     relabel = np.zeros(n + 1, labels.dtype)
     relabel[big] = np.arange(1, len(big) + 1)
     return relabel[labels], len(big)
+

@@ -30,6 +30,13 @@ dense field is projected on the nodes as soon as it is found (a
 the maps, and aligned sections are rendered from them chunk by chunk
 (:func:`hybridreg.warp.render`).
 
+Defects (joint mode, ``masks=``; :mod:`hybridreg.defects`): each pair's registration gets
+its two sections' masks and its map trusts no node near their defects (filled from the
+trusted nodes around); a section that a fold or a crack splits into parts is solved with a
+lower prior (:data:`SPLIT_PRIOR`) and keeps its parts' offsets
+(:func:`hybridreg.joint.part_offsets`); a section mostly masked is skipped, bridged by
+pairs across it and interpolated along z.
+
 Resume: with a ``work_dir``, each pair's (or section's) map and table row are written there
 atomically as soon as they are done; a later call with the same ``work_dir`` loads them
 instead of registering again. Aligned sections are always computed from the stored float32
@@ -840,7 +847,8 @@ def bridged_pairs(z: int, *, neighbours: int, skipped=(), max_skip: int = 3) -> 
 #: the others': a fold's or a crack's jump is a large motion of that section alone, which the
 #: small-distortion prior would shrink and spread over its neighbours (with exact pairs on
 #: ISBI 2012 the error away from the defects falls from 6.59 to 5.21 px at 0.3). Chosen on
-#: ISBI 2012's training stack (benchmarks/RESULTS.md, "Defects and masks").
+#: ISBI 2012's stacks, with the learned and elastix methods, among 1, 0.3, 0.1 and 0
+#: (benchmarks/RESULTS.md, "Defects and masks").
 SPLIT_PRIOR = 0.3
 
 
@@ -1151,7 +1159,6 @@ def _align_joint(raw, method, *, grid, work, order, progress, neighbours, prior,
                for p in touching
                if p["weight"] < LOW_PAIR_WEIGHT and p["residual_px"] is not None]
         if k in came:
-            below, above = came[k]
             ends = " and ".join(str(e) for e in came[k] if e is not None)
             warnings.append(f"skipped: its mask keeps {100 * skipped[k]:.0f}% of it; "
                             + (f"transform interpolated from section(s) {ends}" if ends

@@ -249,3 +249,24 @@ def test_tiles_give_each_tile_its_part_of_the_masks():
     tiled.register_map(section, section, MapGrid((126, 126), stride=16),
                        fixed_mask=fixed_mask, moving_mask=moving_mask)
     assert len(inner.kept) == 3 and all(row == expected(row[0]) for row in inner.kept)
+
+
+def test_detection_in_strips_equals_the_whole_section(monkeypatch):
+    """A section larger than DETECT_STRIP_PX is searched strip by strip: the same mask up
+    to the percentiles, which come from every 4th textured pixel here."""
+    import hybridreg.defects as D
+
+    section = _em_like((300, 120), 5)
+    section[100:106, :] = 0  # a crack across a strip boundary
+    section[40:48, 10:20] = 255  # a saturated spot
+    whole = detect_defects(section)
+    monkeypatch.setattr(D, "DETECT_OVERLAP_PX", 16)
+    rows = []
+    monkeypatch.setattr(D, "_defects_in", lambda x, *a, _f=D._defects_in: rows.append(
+        x.shape[0]) or _f(x, *a))
+    monkeypatch.setattr(D, "DETECT_STRIP_PX", 64 * 120)
+    striped = D.detect_defects(section)
+    assert len(rows) == 5 and max(rows) == 64 + 2 * 16  # strips of 64 rows and overlaps
+    assert (whole == 0)[100:106].all() and (striped == 0)[100:106].all()
+    np.testing.assert_array_equal(whole[40:48, 10:20], striped[40:48, 10:20])
+    assert np.mean(whole != striped) < 0.001

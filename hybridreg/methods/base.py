@@ -16,7 +16,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 __all__ = ["RegistrationResult", "Method", "check_pair", "content_mask", "checked_mask",
-           "checked_masks", "defect_free", "takes_masks"]
+           "checked_masks", "takes_masks"]
 
 
 @dataclass(frozen=True)
@@ -142,21 +142,6 @@ def checked_masks(fixed_mask, moving_mask, shape):
     None where not given."""
     return tuple(None if m is None else checked_mask(m, shape, name, warn=False)
                  for m, name in ((fixed_mask, "fixed_mask"), (moving_mask, "moving_mask")))
-
-
-def defect_free(fixed_mask, moving_mask, field, spacing_xy) -> np.ndarray | bool:
-    """Where a registered pair shows no defect: the fixed mask keeps the pixel and the
-    moving mask keeps where the pull ``field`` takes it (True when neither is given)."""
-    out = True
-    if fixed_mask is not None:
-        out = np.asarray(fixed_mask, bool)
-    if moving_mask is not None:
-        from ..warp import warp
-
-        kept = warp(np.asarray(moving_mask, np.float32), field, spacing_xy=spacing_xy,
-                    order=0, cval=1.0)[0] > 0.5
-        out = kept if out is True else out & kept
-    return out
 
 
 def takes_masks(method) -> bool:

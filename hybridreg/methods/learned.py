@@ -40,7 +40,7 @@ import numpy as np
 
 from ..checks import as_spacing_xy
 from ..fields import to_physical
-from .base import RegistrationResult, check_pair, checked_masks, defect_free
+from .base import RegistrationResult, check_pair, checked_masks
 from .neural import (NCC_METRIC_NAME, ModelSource, finite_float, ncc_metric,
                      normalized_sections, resolve_device,
                      set_threads)
@@ -239,7 +239,8 @@ class LearnedMethod:
         -------
         (ndarray, dict)
             The field ``(2, H, W)`` float32 in physical units, and ``info`` (``model``,
-            ``config``, ``references_used``, ``window``).
+            ``config``, ``references_used``, ``window``; with masks ``defect_free``, where
+            the field was trusted, bool (H, W)).
         """
         import torch
 
@@ -274,7 +275,8 @@ class LearnedMethod:
                 "references_used": len(used), "window": net.window}
         u = to_physical(u_px, spacing_xy)
         if fixed_mask is not None or moving_mask is not None:
-            u = trusted_field(u, fixed_mask, moving_mask, spacing_xy=spacing_xy)
+            u, info["defect_free"] = trusted_field(u, fixed_mask, moving_mask,
+                                                   spacing_xy=spacing_xy, return_trust=True)
         return u, info
 
     def register(self, fixed: np.ndarray, moving: np.ndarray, *,
@@ -312,7 +314,8 @@ class LearnedMethod:
                                          fixed_mask=fixed_mask, moving_mask=moving_mask)
         warped, valid = warp(moving.astype(np.float32, copy=False), field,
                              spacing_xy=spacing_xy, order=1)
-        valid = valid & defect_free(fixed_mask, moving_mask, field, spacing_xy)
+        if "defect_free" in info:  # where neither mask excludes what the metric compares
+            valid = valid & info.pop("defect_free")
         metric = ncc_metric(fixed.astype(np.float32, copy=False), warped, valid)
         return RegistrationResult(
             field=field, warped=warped, spacing_xy=spacing_xy,

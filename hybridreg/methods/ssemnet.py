@@ -58,7 +58,7 @@ import numpy as np
 
 from ..checks import as_spacing_xy
 from ..fields import to_physical, to_pixels, validate_field
-from .base import RegistrationResult, check_pair, checked_masks, content_mask, defect_free
+from .base import RegistrationResult, check_pair, checked_masks, content_mask
 from .neural import (ModelSource, encoder_depth, encoder_features, encoder_layers_at,
                      finite_float, ncc_metric, normalized_sections, resolve_device,
                      set_threads)
@@ -434,13 +434,15 @@ class SSEMnetMethod:
         with torch.no_grad():
             u_px = (base_full + _upsample_map(c.detach(), (h, w)))[0].cpu().numpy()
         field = to_physical(u_px, spacing_xy)
+        trust = True
         if fixed_mask is not None or moving_mask is not None:
-            field = trusted_field(field, fixed_mask, moving_mask, spacing_xy=spacing_xy)
+            field, trust = trusted_field(field, fixed_mask, moving_mask, spacing_xy=spacing_xy,
+                                         return_trust=True)
         from ..warp import warp
 
         warped, valid = warp(moving.astype(np.float32, copy=False), field,
                              spacing_xy=spacing_xy, order=1)
-        valid = valid & defect_free(fixed_mask, moving_mask, field, spacing_xy)
+        valid = valid & trust  # where neither mask excludes what the metric compares
         final = stage_info[-1]["final_data"]
         info = {"model": self._source.description, "loss_curve": curve,
                 "initial_loss": curve[0] if curve else None, "final_loss": final,
