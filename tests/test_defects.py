@@ -38,9 +38,12 @@ def test_node_trust_marks_the_nodes_whose_support_holds_a_defect():
     grid = MapGrid((100, 130), stride=32)  # nodes at 0, 32, 64, 96 (rows); ..., 128 (cols)
     mask = np.full((100, 130), 255, np.uint8)
     mask[40, 70] = 0  # between node rows 1-2 and node columns 2-3
-    t = node_trust(mask, grid)
+    t = node_trust(mask, grid, margin_nodes=0)
     assert t.shape == grid.node_shape == (5, 6)
     assert set(zip(*np.nonzero(t == 0))) == {(1, 2), (1, 3), (2, 2), (2, 3)}
+    wider = node_trust(mask, grid)  # one node more, as the pairs' maps use
+    assert set(zip(*np.nonzero(wider == 0))) == set(zip(*np.nonzero(
+        ndimage.binary_dilation(t == 0))))
     # the moving section's trust is looked up where each node's motion points
     moving = np.ones(grid.node_shape, np.float32)
     moving[4, 5] = 0
