@@ -115,7 +115,8 @@ TRUST_MARGIN_NODES = 1
 def node_trust(mask, grid, *, margin_nodes: int = TRUST_MARGIN_NODES) -> np.ndarray:
     """Which nodes of ``grid`` see no defect: 1 where the mask keeps every pixel of the node's
     support (the pixels within ``stride`` of it, which bilinear interpolation reads from
-    it) and of its ``margin_nodes`` nearest nodes' supports, else 0.
+    it) and, for a defect inside the section (not in its outermost ``stride`` pixels:
+    empty space along the edge), of its ``margin_nodes`` nearest nodes' supports, else 0.
 
     Parameters
     ----------
@@ -143,15 +144,24 @@ def node_trust(mask, grid, *, margin_nodes: int = TRUST_MARGIN_NODES) -> np.ndar
         pad = np.zeros((nb * s, wn * s), bool)
         pad[:strip.shape[0], :w] = strip
         bad[r0 // s:r0 // s + nb] |= pad.reshape(nb, s, wn, s).any(axis=(1, 3))
-    # node n reads blocks n - 1 and n along each axis
-    rows_ = bad.copy()
-    rows_[1:] |= bad[:-1]
-    both = rows_.copy()
-    both[:, 1:] |= rows_[:, :-1]
+    def nodes_reading(blocks):  # node n reads blocks n - 1 and n along each axis
+        rows_ = blocks.copy()
+        rows_[1:] |= blocks[:-1]
+        out = rows_.copy()
+        out[:, 1:] |= rows_[:, :-1]
+        return out
+
+    both = nodes_reading(bad)
     if margin_nodes > 0:
+        # the margin is for a jump inside the section, which spreads: empty space along
+        # its edge (a deformed or cropped section's, in its outermost blocks) has none
         from scipy import ndimage
 
-        both = ndimage.binary_dilation(both, iterations=int(margin_nodes))
+        inner = bad.copy()
+        inner[[0, (h - 1) // s]] = False
+        inner[:, [0, (w - 1) // s]] = False
+        if inner.any():
+            both |= ndimage.binary_dilation(nodes_reading(inner), iterations=int(margin_nodes))
     return (~both).astype(np.float32)
 
 

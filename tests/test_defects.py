@@ -44,6 +44,9 @@ def test_node_trust_marks_the_nodes_whose_support_holds_a_defect():
     wider = node_trust(mask, grid)  # one node more, as the pairs' maps use
     assert set(zip(*np.nonzero(wider == 0))) == set(zip(*np.nonzero(
         ndimage.binary_dilation(t == 0))))
+    mask[:, :3] = 0  # empty space along the left edge: no margin from it
+    edge = node_trust(mask, grid)
+    assert edge[:, :2].max() == 0 and edge[4, 2] == 1  # (col 1 reads the edge block)
     # the moving section's trust is looked up where each node's motion points
     moving = np.ones(grid.node_shape, np.float32)
     moving[4, 5] = 0
