@@ -1087,7 +1087,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", metavar="STACK",
                    help="defect masks, one per section (elastix's convention: nonzero = "
                         "tissue to use, zero = a fold, crack, debris), or 'auto' (found by "
-                        "`hybridreg defects`); joint mode: each pair's registration ignores "
+                        "`hybridreg defects` on the fly, each section two or three times: for "
+                        "large stacks write them once with `hybridreg defects` and pass "
+                        "them); joint mode: each pair's registration ignores "
                         "its masked pixels, its map trusts no motion near them, and a section "
                         "mostly masked is skipped")
     p.add_argument("--max-skip", type=int, default=3, metavar="N",

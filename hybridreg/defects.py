@@ -355,8 +355,9 @@ def trusted_map(m: np.ndarray, fixed_mask, moving_mask, grid) -> np.ndarray:
     """A pair's coarse map ``m`` (2, h, w) on ``grid`` with its untrusted nodes
     (:func:`pair_trust`) filled from the trusted ones."""
     ones = np.ones(grid.node_shape, np.float32)
-    ft = ones if fixed_mask is None else node_trust(fixed_mask, grid)
-    mt = ones if moving_mask is None else node_trust(moving_mask, grid)
+    margin = TRUST_MARGIN_NODES
+    ft = ones if fixed_mask is None else node_trust(fixed_mask, grid, margin_nodes=margin)
+    mt = ones if moving_mask is None else node_trust(moving_mask, grid, margin_nodes=margin)
     return fill_untrusted(m, pair_trust(ft, mt, m, grid))
 
 

@@ -846,7 +846,7 @@ def bridged_pairs(z: int, *, neighbours: int, skipped=(), max_skip: int = 3) -> 
 #: The joint solve's prior on a section that a defect splits into parts, as a fraction of
 #: the others': a fold's or a crack's jump is a large motion of that section alone, which the
 #: small-distortion prior would shrink and spread over its neighbours (with exact pairs on
-#: ISBI 2012 the error away from the defects falls from 6.59 to 5.21 px at 0.3). Chosen on
+#: ISBI 2012 the error away from the defects falls from 6.61 to 5.41 px at 0.3). Chosen on
 #: ISBI 2012's stacks, with the learned and elastix methods, among 1, 0.3, 0.1 and 0
 #: (benchmarks/RESULTS.md, "Defects and masks").
 SPLIT_PRIOR = 0.3
