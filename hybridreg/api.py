@@ -255,7 +255,9 @@ def align_stack(stack, *, method="hybrid", spacing_xyz=None, origin_xyz=None,
     **options
         Options of :func:`hybridreg.stack.align_stack` (``mode``, ``neighbours``,
         ``prior``, ``anchor``, ``window``, ``drift_window``, ``work_dir``, ``order``,
-        ``client``, ``stride``); the others go to the method (itk-elastix's
+        ``client``, ``stride``, ``masks``: defect masks as a 3D itk.Image, a list of 2D
+        ones or an array (elastix's convention), or ``"auto"``, ``max_skip``); the
+        others go to the method (itk-elastix's
         ``parameter_object=`` and ``number_of_threads=`` as in :func:`register`).
 
     Returns
@@ -271,8 +273,17 @@ def align_stack(stack, *, method="hybrid", spacing_xyz=None, origin_xyz=None,
     arr, sp, org = _stack(stack, spacing_xyz, origin_xyz)
     stack_opts = {k: options.pop(k) for k in ("mode", "neighbours", "prior", "anchor",
                                               "window", "drift_window", "work_dir", "order",
-                                              "client", "stride")
+                                              "client", "stride", "masks", "max_skip")
                   if k in options}
+    masks = stack_opts.get("masks")
+    if isinstance(masks, str):
+        if masks != "auto":
+            raise ValueError(f"masks must be a mask stack or 'auto', got {masks!r}")
+        from .defects import DetectedMasks
+
+        stack_opts["masks"] = DetectedMasks(arr)
+    elif masks is not None:
+        stack_opts["masks"] = _stack(masks, spacing_xyz, origin_xyz)[0]
     options, _ = with_intensity(method, _itk_elastix_names(options), arr, intensity)
     impl = build_method(method, options)
     res = _align(arr, impl, spacing_xy=sp[:2], origin_xy=org[:2], progress=progress,

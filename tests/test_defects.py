@@ -276,3 +276,24 @@ def test_detection_in_strips_equals_the_whole_section(monkeypatch):
     assert (whole == 0)[100:106].all() and (striped == 0)[100:106].all()
     np.testing.assert_array_equal(whole[40:48, 10:20], striped[40:48, 10:20])
     assert np.mean(whole != striped) < 0.001
+
+
+def test_itk_style_align_stack_takes_masks():
+    """`hybridreg.align_stack(..., masks=...)`: an array, an itk.Image or "auto"; a lost
+    section (its mask all zero) is skipped and flagged."""
+    import itk
+
+    import hybridreg
+    from hybridreg import phantom
+
+    ph = phantom.make_phantom(sections=4, shape_yx=(96, 96), seed=4)
+    masks = np.full(ph.stack.shape, 255, np.uint8)
+    masks[2] = 0
+    for given in (masks, itk.image_from_array(masks), "auto"):
+        out = hybridreg.align_stack(ph.stack.astype(np.float32), method="learned",
+                                    masks=given)
+        assert np.asarray(out.fields).shape == (4, 2, 96, 96)
+        if not isinstance(given, str):
+            assert "skipped" in out.table[2]["warnings"]
+    with pytest.raises(ValueError, match="masks must be a mask stack or 'auto'"):
+        hybridreg.align_stack(ph.stack.astype(np.float32), method="learned", masks="yes")
