@@ -1087,7 +1087,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", metavar="STACK",
                    help="defect masks, one per section (elastix's convention: nonzero = "
                         "tissue to use, zero = a fold, crack, debris), or 'auto' (found by "
-                        "`hybridreg defects` on the fly, each section two or three times: for "
+                        "`hybridreg defects` on the fly, each section twice: for "
                         "large stacks write them once with `hybridreg defects` and pass "
                         "them); joint mode: each pair's registration ignores "
                         "its masked pixels, its map trusts no motion near them, and a section "

@@ -31,6 +31,8 @@ import logging
 
 import numpy as np
 
+from .io.base import SectionSequence, section_of
+
 log = logging.getLogger(__name__)
 
 __all__ = ["fill_untrusted", "node_trust", "pair_trust", "trusted_map", "trusted_field",
@@ -70,7 +72,7 @@ def fill_untrusted(values: np.ndarray, trust: np.ndarray) -> np.ndarray:
 
 
 def _pull(v: np.ndarray, c: np.ndarray) -> np.ndarray:
-    if (c > 0).all() or min(c.shape) <= 1 and c.size <= 1:
+    if (c > 0).all() or c.size <= 1:
         return v
     h, w = c.shape
     ph, pw = h + h % 2, w + w % 2
@@ -144,6 +146,7 @@ def node_trust(mask, grid, *, margin_nodes: int = TRUST_MARGIN_NODES) -> np.ndar
         pad = np.zeros((nb * s, wn * s), bool)
         pad[:strip.shape[0], :w] = strip
         bad[r0 // s:r0 // s + nb] |= pad.reshape(nb, s, wn, s).any(axis=(1, 3))
+
     def nodes_reading(blocks):  # node n reads blocks n - 1 and n along each axis
         rows_ = blocks.copy()
         rows_[1:] |= blocks[:-1]
@@ -323,7 +326,8 @@ def trusted_field(field: np.ndarray, fixed_mask, moving_mask, *, spacing_xy=(1.0
         kept = cells(moving_mask)
         if not kept.all():
             yy, xx = np.mgrid[0:hc, 0:wc].astype(np.float32)
-            pos = np.stack([yy + small[1] / (spacing_xy[1] * c), xx + small[0] / (spacing_xy[0] * c)])
+            pos = np.stack([yy + small[1] / (spacing_xy[1] * c),
+                            xx + small[0] / (spacing_xy[0] * c)])
             trust &= ndimage.map_coordinates(kept.astype(np.float32), pos, order=1,
                                              mode="constant", cval=1.0) >= 1.0 - 1e-3
     if trust.all():
@@ -361,7 +365,7 @@ def trusted_map(m: np.ndarray, fixed_mask, moving_mask, grid) -> np.ndarray:
     return fill_untrusted(m, pair_trust(ft, mt, m, grid))
 
 
-class DetectedMasks:
+class DetectedMasks(SectionSequence):
     """The masks :func:`detect_defects` finds in ``stack``, computed a section at a time when
     indexed (``--masks auto``): array-like ``(Z, H, W)`` uint8, the last few kept."""
 
@@ -382,29 +386,12 @@ class DetectedMasks:
         return dict(self.__dict__, _cache={})
 
     def section(self, k: int) -> np.ndarray:
-        from .io import section_of
-
         k = int(k)
         if k not in self._cache:
             if len(self._cache) >= self._keep:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[k] = detect_defects(section_of(self.stack, k), **self.options)
         return self._cache[k]
-
-    def __getitem__(self, key):
-        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-            return self.section(key)
-        if isinstance(key, tuple) and key and isinstance(key[0], (int, np.integer)):
-            return self.section(key[0])[key[1:]]
-        ks = range(self.shape[0])[key] if isinstance(key, slice) else None
-        if ks is None:
-            raise IndexError(f"DetectedMasks takes a section index or a slice, got {key!r}")
-        return np.stack([self.section(k) for k in ks]) if len(ks) else \
-            np.empty((0,) + self.shape[1:], np.uint8)
-
-    def __array__(self, dtype=None, copy=None):
-        out = self[:]
-        return out if dtype is None else out.astype(dtype)
 
     def __repr__(self) -> str:
         return f"DetectedMasks({self.shape})"

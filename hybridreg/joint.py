@@ -439,12 +439,10 @@ def part_offsets(k: int, fields, pair_fields, pair_weight, labels: np.ndarray, *
     for (i, j), wt in pair_weight.items():
         if wt <= 0 or k not in (i, j):
             continue
-        v = np.asarray(pair_fields[(i, j)], np.float32) * to_px
-        if j == k:
-            u_i = np.asarray(fields[i], np.float32) * to_px
-            t = u_i + _at(v, u_i)
-        else:
-            t = np.asarray(fields[j], np.float32) * to_px - _at(v, u_k)
+        # v_ij at p + u_i (u_i = u_k when k is the pair's fixed section), node units
+        u_i = u_k if i == k else np.asarray(fields[i], np.float32) * to_px
+        v = _sample(pair_fields, [(i, j)], {i: u_i}, to_px, 0, h, h)[(i, j)]
+        t = u_i + v if j == k else np.asarray(fields[j], np.float32) * to_px - v
         acc += wt * t
         total += wt
     if total <= 0:
@@ -466,11 +464,3 @@ def part_offsets(k: int, fields, pair_fields, pair_weight, labels: np.ndarray, *
     corr = fill_untrusted(corr, inside.astype(np.float32))
     return corr / to_px
 
-
-def _at(v: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Map ``v`` (2, h, w) sampled at ``p + u(p)`` (node units), border values beyond."""
-    h, w = v.shape[1:]
-    pos = np.empty((1, 2, h, w), np.float32)
-    pos[0, 0] = np.arange(w, dtype=np.float32)[None, :] + u[0]
-    pos[0, 1] = np.arange(h, dtype=np.float32)[:, None] + u[1]
-    return _resample_block(v[None], pos)[0]

@@ -268,11 +268,10 @@ def evaluate_stack(*, aligned: np.ndarray | None = None, reference: np.ndarray |
             row["defect_fraction"] = 0.0 if spoiled[k] is None else float(spoiled[k].mean())
         if spoiled[k] is not None:
             mask = mask & ~spoiled[k]
-            base_k = base & ~spoiled[k]
-            if k > 0 and spoiled[k - 1] is not None:
-                base_k = base_k & ~spoiled[k - 1]
-        else:
-            base_k = base if k == 0 or spoiled[k - 1] is None else base & ~spoiled[k - 1]
+        base_k = base  # for the similarity to section k - 1: neither section's defects
+        for s in (spoiled[k], spoiled[k - 1] if k > 0 else None):
+            if s is not None:
+                base_k = base_k & ~s
         if fields is not None:
             if true_fields is not None:
                 e = endpoint_error(fields[k], true_fields[k], spacing_xy=spacing_xy, mask=mask)

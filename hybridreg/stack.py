@@ -509,15 +509,11 @@ def register_map(method: Method, fixed, moving, refs, grid: MapGrid, *, what: st
     if hasattr(method, "register_map"):
         res = method.register_map(fixed, moving, grid, references=refs, **kw)
         m = grid.validate(res.field, name=f"map of {what}")
-        if masks is not None:
-            from .defects import trusted_map
-
-            m = trusted_map(m, masks[0], masks[1], grid)
-        return m, res
-    res = method.register(fixed, moving, references=refs, spacing_xy=grid.spacing_xy,
-                          origin_xy=grid.origin_xy, **kw)
-    u = validate_field(res.field, name=f"field of {what}", shape_yx=grid.shape_yx)
-    m = grid.project(u)
+    else:
+        res = method.register(fixed, moving, references=refs, spacing_xy=grid.spacing_xy,
+                              origin_xy=grid.origin_xy, **kw)
+        m = grid.project(validate_field(res.field, name=f"field of {what}",
+                                        shape_yx=grid.shape_yx))
     if masks is not None:
         from .defects import trusted_map
 
@@ -758,11 +754,10 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
                              "with mode='joint'")
     if mode == "joint":
         check_prior(prior, anchor)
-    skipped = ()
     if masks is not None:
         if int(max_skip) != max_skip or max_skip < 0:
             raise ValueError(f"max_skip must be an integer >= 0, got {max_skip!r}")
-        masks, skipped = _checked_masks(masks, shape, method, mode)
+        masks = _checked_masks(masks, shape, method, mode)
     if shape[0] == 1:
         log.warning("the stack holds one section: there is nothing to align it to, so it "
                     "keeps its place (the identity transform)")
@@ -774,6 +769,7 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
     spacing_xy = tuple(float(s) for s in spacing_xy)
     origin_xy = tuple(float(o) for o in origin_xy)
     grid = MapGrid(shape[1:], stride=stride, spacing_xy=spacing_xy, origin_xy=origin_xy)
+    skipped, split = _surveyed(masks, grid) if masks is not None else ({}, {})
     settings = {"mode": mode, "spacing_xy": spacing_xy, "origin_xy": origin_xy,
                 "stride": grid.stride}
     settings.update({"neighbours": neighbours} if mode == "joint" else {"window": window})
@@ -788,7 +784,7 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
         raw = stack.astype(np.float32, copy=False)
     run = _align_joint if mode == "joint" else _align_sequential
     kw = ({"neighbours": neighbours, "prior": prior, "anchor": anchor, "client": client,
-           "masks": masks, "skipped": skipped, "max_skip": int(max_skip)}
+           "masks": masks, "skipped": skipped, "split": split, "max_skip": int(max_skip)}
           if mode == "joint"
           else {"window": window, "drift_window": drift_window})
     result = run(raw, method, grid=grid, work=work, order=order, progress=progress, **kw)
@@ -801,9 +797,8 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
 
 
 def _checked_masks(masks, shape, method, mode):
-    """``masks`` checked before any work: its shape, the method, the mode; a warning names
-    the sections whose mask keeps under a quarter (inverted?) or nothing."""
-    from .methods.base import MOSTLY_EXCLUDED, takes_masks
+    """``masks`` checked before any work: its shape, the method, the mode."""
+    from .methods.base import takes_masks
 
     if hasattr(masks, "data") and hasattr(masks, "spacing_xyz"):  # a hybridreg.io.Stack
         masks = masks.data
@@ -817,19 +812,41 @@ def _checked_masks(masks, shape, method, mode):
                          f"method does)")
     if mode != "joint":
         raise ValueError("masks need mode='joint' for now")
-    from .defects import mask_fraction
+    return masks
 
-    kept = [mask_fraction(section_of(masks, k)) for k in range(shape[0])]
-    skipped = {k: f for k, f in enumerate(kept) if f < MOSTLY_EXCLUDED}
-    if len(skipped) > shape[0] // 2:
+
+def _surveyed(masks, grid) -> tuple[dict, dict]:
+    """Each section's mask read once, before any registration: ``(skipped, split)``, the
+    sections whose mask keeps under :data:`hybridreg.methods.base.MOSTLY_EXCLUDED` of them
+    (``{k: kept fraction}``, warned about, and as inverted masks when most are) and the
+    others that a defect splits into parts (``{k: part labels}``,
+    :func:`hybridreg.defects.node_parts`)."""
+    from .defects import mask_fraction, node_parts
+    from .methods.base import MOSTLY_EXCLUDED
+
+    z = masks.shape[0]
+    skipped, split = {}, {}
+    for k in range(z):
+        m = section_of(masks, k)
+        kept = mask_fraction(m)
+        if kept < MOSTLY_EXCLUDED:
+            skipped[k] = kept
+            continue
+        labels, n = node_parts(m, grid)
+        if n > 1:
+            split[k] = labels
+    if len(skipped) > z // 2:
         log.warning("the masks of %d of %d sections keep under a quarter of the section: "
                     "elastix's convention is nonzero = tissue to use, zero = excluded; "
-                    "inverted?", len(skipped), shape[0])
+                    "inverted?", len(skipped), z)
     if skipped:
         log.warning("sections %s are mostly masked (kept: %s): skipped, their transforms "
                     "interpolated from their neighbours", sorted(skipped),
                     ", ".join(f"{100 * f:.0f}%" for f in skipped.values()))
-    return masks, skipped
+    if split:
+        log.info("sections %s are split by defects: their parts keep their offsets",
+                 sorted(split))
+    return skipped, split
 
 
 def bridged_pairs(z: int, *, neighbours: int, skipped=(), max_skip: int = 3) -> list:
@@ -850,22 +867,6 @@ def bridged_pairs(z: int, *, neighbours: int, skipped=(), max_skip: int = 3) -> 
 #: ISBI 2012's stacks, with the learned and elastix methods, among 1, 0.3, 0.1 and 0
 #: (benchmarks/RESULTS.md, "Defects and masks").
 SPLIT_PRIOR = 0.3
-
-
-def _split_sections(masks, kept, grid) -> dict:
-    """``{k: part labels}`` of the kept sections that a defect splits into parts
-    (:func:`hybridreg.defects.node_parts`)."""
-    from .defects import node_parts
-
-    split = {}
-    for k in kept:
-        labels, n = node_parts(section_of(masks, k), grid)
-        if n > 1:
-            split[k] = labels
-    if split:
-        log.info("sections %s are split by defects: their parts keep their offsets",
-                 sorted(split))
-    return split
 
 
 def _keep_jumps(fields, split, pair_fields, solution, grid) -> None:
@@ -1048,7 +1049,7 @@ def _align_sequential(raw, method, *, grid, work, order, progress, window, drift
 
 
 def _align_joint(raw, method, *, grid, work, order, progress, neighbours, prior, anchor=None,
-                 client=None, masks=None, skipped=(), max_skip=3):
+                 client=None, masks=None, skipped=(), split=(), max_skip=3):
     z, (h, w) = _depth(raw), grid.shape_yx
     all_pairs = bridged_pairs(z, neighbours=neighbours, skipped=skipped, max_skip=max_skip)
     kept = [k for k in range(z) if k not in skipped]
@@ -1121,7 +1122,6 @@ def _align_joint(raw, method, *, grid, work, order, progress, neighbours, prior,
         margin = min(margin, (min(grid.node_shape) - 1) // 2)
         similarity = _similarity_weights({p: r for p, r in pair_rows.items()
                                           if p in pair_fields})
-        split = _split_sections(masks, kept, grid) if masks is not None else {}
         solution = solve_joint(pair_fields, z, prior=prior, anchor=anchor,
                                section_prior=[SPLIT_PRIOR if k in split else 1.0
                                               for k in range(z)],

@@ -40,7 +40,7 @@ import numpy as np
 
 from ..checks import as_spacing_xy
 from ..fields import folding_fraction
-from .base import RegistrationResult, check_pair, checked_mask, checked_masks, content_mask
+from .base import RegistrationResult, check_pair, checked_masks, content_mask
 from .learned import LearnedMethod
 from .neural import (NCC_METRIC_NAME, ModelSource, encoder_depth, encoder_features, ncc_metric,
                      normalized_sections)
@@ -426,11 +426,8 @@ class HybridMethod:
                     for m in maps]
         t2 = time.perf_counter()
         mask = content_mask(fixed)
-        if fixed_mask is not None:
-            given = checked_mask(fixed_mask, fixed.shape, "fixed_mask", warn=False)
-            mask = given if mask is None else mask & given
-        if moving_mask is not None:
-            moving_mask = checked_mask(moving_mask, moving.shape, "moving_mask", warn=False)
+        if fixed_mask is not None:  # (checked at the top)
+            mask = fixed_mask if mask is None else mask & fixed_mask
         info = {"learned_field": learned_field, "start_field": start,
                 "parameter_maps": [maps[0]], "fallback": None,
                 "ncc_learned": start_ncc, "ncc_refined": None, "detail": None,
