@@ -28,6 +28,18 @@ Solution
     time linear in the number of sections, memory independent of it. ``v_ij`` is re-sampled
     at ``p + u_i(p)`` between steps. Pairs are weighted robustly (Cauchy weights on each
     pair's mean residual), so one failed or ambiguous pair does not pull its sections away.
+
+Per-node confidence
+    A pair's map can be wrong in one place only: a defect of either section, content that
+    matched poorly there. ``node_weights`` gives each pair a confidence ``c_ij(p)`` in
+    [0, 1] per node, multiplied into its weight at that node, and each section's prior at a
+    node is scaled by the mean confidence of its pairs there: confidence shifts trust
+    between the pairs at a node (a section whose pair with one neighbour crosses a defect
+    follows its other neighbours there) without moving the balance between the pairs and
+    the prior (a section whose pairs are all unsure at a node keeps its usual one, and is not
+    pulled to zero). The normal matrix then differs from node to node: each sweep factors it
+    per node on its way forward, column by column along z (the band's columns held), and
+    keeps the columns beside the eliminated rows for the backward sweep.
 """
 from __future__ import annotations
 
@@ -118,12 +130,16 @@ def _resample_block(v: np.ndarray, pos: np.ndarray) -> np.ndarray:
 SOLVE_BLOCK_BYTES = 256 << 20
 
 
-def block_rows(band: int, pairs_per_step: int, w: int, *, max_bytes: int) -> int:
+def block_rows(band: int, pairs_per_step: int, w: int, *, max_bytes: int,
+               per_node: bool = False) -> int:
     """Rows of nodes per block of :func:`solve_joint` under ``max_bytes``: per row, for the
     ``band + 1`` sections a sweep step holds, their current fields (float32), right-hand
     sides, eliminated and solved rows (float64), and each of the step's pair maps read (with
-    as many rows again around the block), its targets and sample positions."""
+    as many rows again around the block), its targets and sample positions; ``per_node``
+    (node weights): the factor's held columns, diagonals and each pair's weights too."""
     per_row = 2 * w * ((band + 1) * (4 + 8 + 8 + 8) + pairs_per_step * 4 * 5)
+    if per_node:
+        per_row += w * 8 * ((band + 1) * (band + 4) + 3 * pairs_per_step)
     return max(1, int(max_bytes) // per_row)
 
 
@@ -154,7 +170,9 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
                 anchor: int | None = None,
                 pair_weights: Mapping[tuple[int, int], float] | None = None,
                 stride: int = 1, out=None, max_bytes: int | None = None,
-                progress: bool = False, section_prior=None) -> JointSolution:
+                progress: bool = False, section_prior=None,
+                node_weights: Mapping[tuple[int, int], np.ndarray] | None = None
+                ) -> JointSolution:
     """Find every section's field from pairwise fields (see the module docstring).
 
     Pairs couple sections at most a few apart (``band``), so the normal matrix is banded:
@@ -205,6 +223,10 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
         A progress bar over the sweeps' sections (stderr).
     section_prior : sequence of float, shape (Z,), optional
         Factors in [0, 1] on ``prior`` per section (default all 1).
+    node_weights : mapping ``(i, j) -> array, shape (H, W)``, optional
+        Each pair's confidence per node in [0, 1] (a pair left out: 1), read a block of rows
+        at a time like the maps (see "Per-node confidence" in the module docstring). Pair
+        residuals are then confidence-weighted means.
 
     Returns
     -------
@@ -238,6 +260,13 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
                              f"(2, H, W){' with (H, W) = ' + str(shape) if shape else ''}")
         shape = tuple(v.shape[1:])
     h, w = shape
+    if node_weights is not None:
+        node_weights = {p: c for p, c in node_weights.items() if p in pair_fields}
+        for p, c in node_weights.items():
+            if tuple(c.shape) != (h, w):
+                raise ValueError(f"node weights of pair {p} have shape {tuple(c.shape)}, "
+                                 f"the maps {(h, w)}")
+        node_weights = node_weights or None
     m = np.ones((h, w), bool) if mask is None else np.asarray(mask, bool)
     if out is None:
         out = np.zeros((z, 2, h, w), np.float32)
@@ -259,25 +288,33 @@ def solve_joint(pair_fields: Mapping[tuple[int, int], np.ndarray], z: int, *,
         starting.setdefault(min(p), []).append(p)
     band = max(abs(j - i) for i, j in pairs)
     budget = max_bytes or SOLVE_BLOCK_BYTES
-    rows = min(h, block_rows(band, max(map(len, starting.values())), w, max_bytes=budget))
+    per_node = node_weights is not None
+    rows = min(h, block_rows(band, max(map(len, starting.values())), w, max_bytes=budget,
+                             per_node=per_node))
     blocks = [(r0, min(h, r0 + rows)) for r0 in range(0, h, rows)]
-    scratch = _scratch((z, 2, h, w), out, in_memory=z * 2 * h * w * 8 <= budget)
+    # the eliminated rows (2 channels), and per node the factor's columns (band + 1)
+    channels = 2 + (band + 1 if per_node else 0)
+    scratch = _scratch((z, channels, h, w), out, in_memory=z * channels * h * w * 8 <= budget)
+    if per_node:
+        node = _NodeFactor(z, band, pairs, node_weights, np.broadcast_to(prior, (z,)), anchor)
     to_px = np.array([1.0 / spacing_xy[0], 1.0 / spacing_xy[1]], np.float32)[:, None, None]
     from tqdm.auto import tqdm
 
     bar = tqdm(total=max(1, iterations) * len(blocks) * 2 * z, desc="joint solve",
                unit="section", disable=not progress or len(blocks) * z < 200)
     for it in range(max(1, iterations)):
-        cb = _banded_cholesky(z, band, pairs, weight, prior, anchor)
+        cb = node.at(weight) if per_node else _banded_cholesky(z, band, pairs, weight, prior,
+                                                               anchor)
         sums = {p: 0.0 for p in pairs}
-        count = 0
+        counts = {p: 0.0 for p in pairs}
         for r0, r1 in blocks:
             sweep = _Sweep(pair_fields, starting, cb, weight, to_px, r0, r1, h)
             sweep.forward(out, scratch, first=it == 0, bar=bar)
-            for p, s in sweep.backward(out, scratch, m[r0:r1], bar=bar).items():
+            for p, (s, n) in sweep.backward(out, scratch, m[r0:r1], bar=bar).items():
                 sums[p] += s
-            count += int(m[r0:r1].sum())
-        resid = {p: sums[p] / max(1, count) * stride for p in pairs}
+                counts[p] += n
+        resid = {p: sums[p] / max(1e-9, counts[p]) * stride if counts[p] > 0 else 0.0
+                 for p in pairs}
         if robust_scale_px == 0:
             continue
         trusted = [resid[p] for p in pairs if prior_w[p] > 0.5] or list(resid.values())
@@ -306,13 +343,18 @@ def _scratch(shape, out, *, in_memory: bool):
 class _Sweep:
     """One block of node rows ``[r0, r1)`` of one step of :func:`solve_joint`: the forward
     sweep (targets, right-hand sides, elimination) and the backward sweep (solution and
-    residuals), each holding only the sections within ``band`` of the current one."""
+    residuals), each holding only the sections within ``band`` of the current one.
+
+    ``cb``: the banded Cholesky factor of the normal matrix, the same at every node, or a
+    :class:`_NodeFactor` (node weights), factored per node during the forward sweep, its
+    columns kept in ``scratch`` beside the eliminated rows."""
 
     def __init__(self, pair_fields, starting, cb, weight, to_px, r0, r1, h):
         self.pair_fields, self.starting, self.cb = pair_fields, starting, cb
         self.weight, self.to_px, self.r0, self.r1, self.h = weight, to_px, r0, r1, h
-        self.band = cb.shape[0] - 1
-        self.z = cb.shape[1]
+        self.per_node = isinstance(cb, _NodeFactor)
+        self.band = cb.band if self.per_node else cb.shape[0] - 1
+        self.z = cb.z if self.per_node else cb.shape[1]
 
     def forward(self, out, scratch, *, first: bool, bar) -> None:
         """``scratch[k] = L^-1 rhs`` (node units) for the block's rows, k = 0 .. Z-1, with
@@ -321,6 +363,8 @@ class _Sweep:
         u = {}      # current fields of the sections the targets need (node units)
         rhs = {}    # right-hand sides not yet complete
         y = {}      # the last `band` eliminated rows
+        cols = {}   # the factor's last `band` columns (cols[k][d] = L[k + d, k])
+        node = cb.block(r0, r1, out.shape[3]) if self.per_node else None
         for k in range(self.z):
             todo = self.starting.get(k, [])
             if first:
@@ -331,32 +375,43 @@ class _Sweep:
                     if i not in u:
                         u[i] = np.asarray(out[i, :, r0:r1], np.float32) * self.to_px
                 targets = _sample(self.pair_fields, todo, u, self.to_px, r0, r1, self.h)
+            wts = node.add(todo) if node is not None else self.weight
             for (i, j), t in targets.items():
-                t = self.weight[(i, j)] * t.astype(np.float64)
+                t = wts[(i, j)] * t.astype(np.float64)
                 rhs[j] = rhs[j] + t if j in rhs else t
                 rhs[i] = rhs[i] - t if i in rhs else -t
+            cols[k] = node.column(k) if node is not None else cb[:, k]
             yk = rhs.pop(k, None)
             yk = np.zeros((2, r1 - r0, out.shape[3])) if yk is None else yk
             for d in range(1, min(self.band, k) + 1):
-                yk -= cb[d, k - d] * y[k - d]
-            yk /= cb[0, k]
+                yk -= cols[k - d][d] * y[k - d]
+            yk /= cols[k][0]
             y[k] = yk
             y.pop(k - self.band, None)
+            cols.pop(k - self.band, None)
             u.pop(k, None)
-            scratch[k, :, r0:r1] = yk
+            scratch[k, 0:2, r0:r1] = yk
+            if node is not None:
+                scratch[k, 2:, r0:r1] = cols[k]
             bar.update(1)
 
     def backward(self, out, scratch, mask, *, bar) -> dict:
         """``out[k] = L^-T scratch`` for the block's rows, k = Z-1 .. 0; returns each pair's
-        sum of residual lengths (node units) over ``mask``."""
+        sum of residual lengths (node units) over ``mask`` and the number of nodes summed
+        (both weighted by the pair's node weights, if any)."""
         r0, r1, cb = self.r0, self.r1, self.cb
         x = {}
         sums = {}
+        count = float(mask.sum())
         for k in range(self.z - 1, -1, -1):
-            xk = np.asarray(scratch[k, :, r0:r1], np.float64)
+            if self.per_node:
+                held = np.asarray(scratch[k, :, r0:r1], np.float64)
+                xk, col = held[:2], held[2:]
+            else:
+                xk, col = np.asarray(scratch[k, 0:2, r0:r1], np.float64), cb[:, k]
             for d in range(1, min(self.band, self.z - 1 - k) + 1):
-                xk -= cb[d, k] * x[k + d]
-            xk /= cb[0, k]
+                xk -= col[d] * x[k + d]
+            xk /= col[0]
             x[k] = xk
             x.pop(k + self.band + 1, None)
             out[k, :, r0:r1] = (xk / self.to_px).astype(np.float32)
@@ -365,10 +420,94 @@ class _Sweep:
                 new = {i: x[i].astype(np.float32) for i, _ in todo}
                 for (i, j), t in _sample(self.pair_fields, todo, new, self.to_px, r0, r1,
                                               self.h).items():
-                    r = (x[j] - x[i]).astype(np.float32) - t
-                    sums[(i, j)] = float(np.sqrt((r ** 2).sum(axis=0))[mask].sum())
+                    r = np.sqrt((((x[j] - x[i]).astype(np.float32) - t) ** 2).sum(axis=0))
+                    c = self.cb.confidence((i, j), r0, r1) if self.per_node else None
+                    if c is None:
+                        sums[(i, j)] = (float(r[mask].sum()), count)
+                    else:
+                        sums[(i, j)] = (float((c * r)[mask].sum()), float(c[mask].sum()))
             bar.update(1)
         return sums
+
+
+#: Where every pair of a section has confidence 0 at a node, its prior there is kept at this
+#: fraction (the node's system stays positive definite).
+MIN_NODE_PRIOR = 1e-3
+
+
+class _NodeFactor:
+    """The normal matrix of :func:`solve_joint` with node weights (it differs from node to
+    node), factored per node along z during a forward sweep (:meth:`block`)."""
+
+    def __init__(self, z, band, pairs, node_weights, prior, anchor, weight=None):
+        self.z, self.band, self.pairs = z, band, pairs
+        self.node_weights, self.prior, self.anchor = node_weights, prior, anchor
+        self.weight = weight
+        self.npairs = np.zeros(z)
+        for i, j in pairs:
+            self.npairs[i] += 1
+            self.npairs[j] += 1
+
+    def at(self, weight) -> "_NodeFactor":
+        """This matrix with the pairs' (robust) weights ``weight``."""
+        return _NodeFactor(self.z, self.band, self.pairs, self.node_weights, self.prior,
+                           self.anchor, weight)
+
+    def confidence(self, p, r0: int, r1: int):
+        """Pair ``p``'s node weights on rows ``[r0, r1)``, float64, or None (all 1)."""
+        c = self.node_weights.get(p)
+        return None if c is None else np.clip(np.asarray(c[r0:r1], np.float64), 0.0, 1.0)
+
+    def block(self, r0: int, r1: int, w: int) -> "_NodeColumns":
+        return _NodeColumns(self, r0, r1, w)
+
+
+class _NodeColumns:
+    """The per-node factor of one block of rows, a column at a time along z: the diagonal
+    and the couplings accumulate as the sweep reads each pair (at its lower section), and
+    column k is complete when the sweep reaches section k."""
+
+    def __init__(self, factor: _NodeFactor, r0: int, r1: int, w: int):
+        self.f, self.r0, self.r1, self.shape = factor, r0, r1, (r1 - r0, w)
+        self.csum, self.wsum, self.off, self.held = {}, {}, {}, {}
+
+    def add(self, pairs) -> dict:
+        """Take in the pairs the sweep reads at this step; their weights per node."""
+        out = {}
+        for p in pairs:
+            c = self.f.confidence(p, self.r0, self.r1)
+            c = np.ones(self.shape) if c is None else c
+            wt = self.f.weight[p] * c
+            for k in p:
+                self.csum[k] = self.csum.get(k, 0.0) + c
+                self.wsum[k] = self.wsum.get(k, 0.0) + wt
+            key = (min(p), max(p))
+            self.off[key] = self.off.get(key, 0.0) - wt
+            out[p] = wt
+        return out
+
+    def column(self, k: int) -> np.ndarray:
+        """Column k of the lower Cholesky factor at every node: ``(band + 1, r, w)``, row d
+        the entry ``L[k + d, k]``."""
+        f, b = self.f, self.f.band
+        mean_c = self.csum.pop(k) / f.npairs[k] if f.npairs[k] else np.ones(self.shape)
+        diag = (f.prior[k] * np.maximum(mean_c, MIN_NODE_PRIOR) + self.wsum.pop(k, 0.0)
+                + (1e6 if f.anchor == k else 0.0))
+        for d in range(1, min(b, k) + 1):
+            diag = diag - self.held[k - d][d] ** 2
+        if not (np.asarray(diag) > 0).all():
+            raise ValueError("the joint solve is singular: a section has no pair with a "
+                             "weight above 0 and the prior is 0; give prior > 0")
+        col = np.zeros((b + 1,) + self.shape)
+        col[0] = np.sqrt(diag)
+        for e in range(1, min(b, f.z - 1 - k) + 1):
+            a = self.off.pop((k, k + e), 0.0)
+            for d in range(1, min(b - e, k) + 1):
+                a = a - self.held[k - d][e + d] * self.held[k - d][d]
+            col[e] = a / col[0]
+        self.held[k] = col
+        self.held.pop(k - b, None)
+        return col
 
 
 def _sample(pair_fields, pairs, u, to_px, r0: int, r1: int, h: int, *,

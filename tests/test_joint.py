@@ -128,3 +128,100 @@ def test_the_banded_sweeps_equal_the_dense_normal_equations(tmp_path):
 def test_a_section_without_any_pair_and_no_prior_is_a_clear_error():
     with pytest.raises(ValueError, match="singular"):
         solve_joint({(0, 1): const(1, 0)}, 3, prior=0, anchor=0)
+
+
+def _per_node_dense(pairs, z, prior, wts, conf):
+    """The per-node normal equations of solve_joint with node weights, solved node by node."""
+    h, w = next(iter(pairs.values())).shape[1:]
+    npairs = np.zeros(z)
+    csum = np.zeros((z, h, w))
+    for (i, j) in pairs:
+        c = conf.get((i, j), np.ones((h, w)))
+        npairs[[i, j]] += 1
+        csum[i] += c
+        csum[j] += c
+    a = np.zeros((h, w, z, z))
+    rhs = np.zeros((h, w, z, 2))
+    for k in range(z):
+        a[:, :, k, k] = prior * np.maximum(csum[k] / npairs[k], 1e-3)
+    for (i, j), v in pairs.items():
+        wt = wts[(i, j)] * conf.get((i, j), np.ones((h, w)))
+        a[:, :, i, i] += wt
+        a[:, :, j, j] += wt
+        a[:, :, i, j] -= wt
+        a[:, :, j, i] -= wt
+        vv = np.moveaxis(v, 0, -1)
+        rhs[:, :, j] += wt[..., None] * vv
+        rhs[:, :, i] -= wt[..., None] * vv
+    x = np.linalg.solve(a, rhs)  # (h, w, z, 2)
+    return np.moveaxis(x, (2, 3), (0, 1))
+
+
+def test_node_weights_solve_each_node_own_system(tmp_path):
+    """With node weights the normal matrix differs per node: the sweep's per-node factor gives
+    each node's own dense solution, in memory and with its scratch on disk; weights of 1
+    give the plain solve."""
+    from scipy import ndimage
+
+    from hybridreg.stack import MapStack
+
+    rng = np.random.default_rng(5)
+    z, prior = 7, 0.2
+    pairs, conf = {}, {}
+    for (i, j) in pair_list(z, neighbours=3) + [(5, 2)]:
+        pairs[(i, j)] = np.stack([ndimage.gaussian_filter(rng.standard_normal(SHAPE), 3) * 8
+                                  for _ in range(2)]).astype(np.float32)
+        conf[(i, j)] = rng.uniform(0.0, 1.0, SHAPE).astype(np.float32)
+    conf[(1, 2)][:] = 0.0  # a pair with no trust anywhere
+    del conf[(3, 4)]       # and one without node weights (all 1)
+    wts = {p: float(rng.uniform(0.3, 1.0)) for p in pairs}
+    dense = _per_node_dense(pairs, z, prior, wts, conf)
+    kw = dict(prior=prior, pair_weights=wts, robust_scale_px=0, iterations=1)
+    sol = solve_joint(pairs, z, node_weights=conf, **kw)
+    np.testing.assert_allclose(sol.fields, dense, atol=1e-4, rtol=0)
+    out = MapStack((z, 2) + SHAPE, tmp_path, "maps.zarr")
+    disk = solve_joint(pairs, z, node_weights=conf, out=out, max_bytes=1, **kw)
+    np.testing.assert_allclose(np.asarray(disk.fields), dense, atol=1e-4, rtol=0)
+    # and the node weights change the answer (a check that could not pass by ignoring them)
+    plain = solve_joint(pairs, z, **kw)
+    assert np.abs(plain.fields - dense).max() > 0.5
+    ones = solve_joint(pairs, z, node_weights={p: np.ones(SHAPE) for p in pairs}, **kw)
+    np.testing.assert_allclose(ones.fields, plain.fields, atol=1e-4, rtol=0)
+
+
+def test_node_weights_let_a_section_follow_its_good_neighbour():
+    """Section 2's pair with section 3 is wrong in the left half (a defect of 3 there) and
+    says so by its node weights: section 2 follows its pair with section 1 there."""
+    t = np.zeros((5, 2))
+    pairs = translation_pairs(t, 1)
+    bad = const(0, 0)
+    bad[0, :, :SHAPE[1] // 2] = 12.0
+    pairs[(2, 3)] = bad
+    conf = {(2, 3): np.where(np.arange(SHAPE[1]) < SHAPE[1] // 2, 0.01, 1.0)
+            * np.ones(SHAPE)}
+    plain = solve_joint(pairs, 5, prior=0.3, robust_scale_px=0)
+    weighted = solve_joint(pairs, 5, prior=0.3, robust_scale_px=0, node_weights=conf)
+    left = (slice(None), 0, slice(None), slice(0, SHAPE[1] // 2 - 2))
+    assert np.abs(plain.fields[(2,) + left[1:]]).mean() > 2.0
+    assert np.abs(weighted.fields[(2,) + left[1:]]).mean() < 0.3
+    # and section 3 follows its pair with section 4
+    assert np.abs(plain.fields[(3,) + left[1:]]).mean() > 4.0
+    assert np.abs(weighted.fields[(3,) + left[1:]]).mean() < 0.6
+
+
+def test_node_weights_all_low_keep_the_balance_with_the_prior():
+    """Confidence only shifts trust between the pairs at a node: a section whose pairs are
+    all unsure there (a defect of its own, filled from around it) is not pulled to zero."""
+    t = np.array([[0, 0], [0, 0], [6, 0], [0, 0], [0, 0]], float)
+    pairs = translation_pairs(t, 1)
+    low = {p: np.full(SHAPE, 0.05) for p in pairs if 2 in p}
+    plain = solve_joint(pairs, 5, prior=0.3, robust_scale_px=0)
+    weighted = solve_joint(pairs, 5, prior=0.3, robust_scale_px=0, node_weights=low)
+    assert float(plain.fields[2, 0, 5, 5]) > 3.0
+    # (its neighbours, whose pairs with it are unsure too, pull it less: closer to its 6 px)
+    assert float(plain.fields[2, 0, 5, 5]) <= float(weighted.fields[2, 0, 5, 5]) < 6.0
+
+
+def test_node_weights_of_the_wrong_shape_are_refused():
+    with pytest.raises(ValueError, match="node weights of pair"):
+        solve_joint({(0, 1): const(1, 0)}, 2, node_weights={(0, 1): np.ones((3, 3))})
