@@ -256,7 +256,8 @@ def align_stack(stack, *, method="hybrid", spacing_xyz=None, origin_xyz=None,
         Options of :func:`hybridreg.stack.align_stack` (``mode``, ``neighbours``,
         ``prior``, ``anchor``, ``window``, ``drift_window``, ``work_dir``, ``order``,
         ``client``, ``stride``, ``masks``: defect masks as a 3D itk.Image, a list of 2D
-        ones or an array (elastix's convention), or ``"auto"``, ``max_skip``); the
+        ones or an array (elastix's convention), or ``"auto"``, ``max_skip``,
+        ``node_weights``); the
         others go to the method (itk-elastix's
         ``parameter_object=`` and ``number_of_threads=`` as in :func:`register`).
 
@@ -273,7 +274,8 @@ def align_stack(stack, *, method="hybrid", spacing_xyz=None, origin_xyz=None,
     arr, sp, org = _stack(stack, spacing_xyz, origin_xyz)
     stack_opts = {k: options.pop(k) for k in ("mode", "neighbours", "prior", "anchor",
                                               "window", "drift_window", "work_dir", "order",
-                                              "client", "stride", "masks", "max_skip")
+                                              "client", "stride", "masks", "max_skip",
+                                              "node_weights")
                   if k in options}
     masks = stack_opts.get("masks")
     if isinstance(masks, str):

@@ -12,7 +12,9 @@ use, zero = a defect to exclude), one per section, and uses them in three places
   interpolation reads from it; the moving section's mask is looked up where the node's
   motion points): :func:`pair_trust`. Untrusted nodes take their values from the trusted
   nodes around them (:func:`fill_untrusted`, push-pull), so a defect contributes nothing to
-  the joint solve and its neighbourhood follows its own good neighbours. The solve is per
+  the joint solve and its neighbourhood follows its own good neighbours (down-weighting
+  the filled nodes in the solve as well raised the error: benchmarks/RESULTS.md, "Per-node
+  weights in the joint solve"). The solve is per
   node (it never smooths within a section), so where a mask splits a section the two sides
   keep their own motion: a crack's opening or a fold's collapse stays a jump.
 - **Damaged sections.** A section whose mask keeps less than

@@ -172,7 +172,7 @@ class MapStack(SectionSequence):
             weakref.finalize(self, _remove_tree, self.path)
         # chunks of MAP_CHUNK_ROWS node rows of one map: the joint solve reads blocks of
         # rows of a few maps at a time
-        self._chunks = (1, 2, min(self.shape[2], MAP_CHUNK_ROWS), self.shape[3])
+        self._chunks = (1, self.shape[1], min(self.shape[2], MAP_CHUNK_ROWS), self.shape[3])
         self._array = self._open("w")
 
     def _open(self, mode):
@@ -215,15 +215,17 @@ class MapStack(SectionSequence):
 
 class _PairMap:
     """One pair's map, row ``index`` of a :class:`MapStack`, read by slicing (what
-    :func:`hybridreg.joint.solve_joint` reads a block of rows at a time)."""
+    :func:`hybridreg.joint.solve_joint` reads a block of rows at a time); ``channel``: that
+    channel alone (a pair's node weights, ``(h, w)``)."""
 
-    def __init__(self, store: MapStack, index: int):
-        self.store, self.index = store, index
-        self.shape = store.shape[1:]
+    def __init__(self, store: MapStack, index: int, channel: int | None = None):
+        self.store, self.index, self.channel = store, index, channel
+        self.shape = store.shape[1:] if channel is None else store.shape[2:]
 
     def __getitem__(self, key):
         key = key if isinstance(key, tuple) else (key,)
-        return self.store[(self.index,) + key]
+        head = (self.index,) if self.channel is None else (self.index, self.channel)
+        return self.store[head + key]
 
 
 def _remove_tree(folder) -> None:
@@ -232,12 +234,13 @@ def _remove_tree(folder) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _map_storage(n: int, grid: MapGrid, *, others: int = 0, folder=None, name="maps.zarr"):
+def _map_storage(n: int, grid: MapGrid, *, others: int = 0, folder=None, name="maps.zarr",
+                 channels: int = 2):
     """``n`` zero maps on ``grid``: an ndarray, or a :class:`MapStack` on disk (in
     ``folder``, else a temporary one) when they and ``others`` maps more would take over
-    :data:`MAPS_IN_MEMORY_BYTES`."""
-    shape = (int(n), 2) + grid.node_shape
-    if (n + others) * 2 * int(np.prod(grid.node_shape)) * 4 <= MAPS_IN_MEMORY_BYTES:
+    :data:`MAPS_IN_MEMORY_BYTES`. ``channels``: 1 for node weights."""
+    shape = (int(n), channels) + grid.node_shape
+    if (n * channels + others * 2) * int(np.prod(grid.node_shape)) * 4 <= MAPS_IN_MEMORY_BYTES:
         return np.zeros(shape, np.float32)
     log.info("%d coarse maps of %dx%d nodes (and %d more) kept on disk in %s", n,
              *grid.node_shape, others, folder or "a temporary folder")
@@ -468,12 +471,24 @@ class _WorkDir:
         if not (row_path.exists() and field_path.exists()):
             return None
         u, _, _ = self.io.read_field(field_path)
-        return u, json.loads(row_path.read_text())
+        row = json.loads(row_path.read_text())
+        if row.pop("confidence", None):
+            row["confidence"] = np.load(self.path / f"{name}.confidence.npy")
+        return u, row
 
     def save(self, name: str, u: np.ndarray, row: dict) -> None:
-        # the field first, the row last: a row on disk means the item is complete
+        # the field and the node weights first, the row last: a row on disk means the item
+        # is complete
         self.io.write_field(self.path / f"{name}.mha", u, spacing_xy=self.spacing_xy,
                             origin_xy=self.origin_xy, overwrite=True)
+        row = dict(row)
+        conf = row.pop("confidence", None)
+        if conf is not None:
+            with self.io.atomic_output(self.path / f"{name}.confidence.npy",
+                                       overwrite=True) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, np.asarray(conf, np.float32))
+            row["confidence"] = True
         with self.io.atomic_output(self.path / f"{name}.json", overwrite=True) as tmp:
             Path(tmp).write_text(json.dumps(row))
 
@@ -522,12 +537,14 @@ def register_map(method: Method, fixed, moving, refs, grid: MapGrid, *, what: st
 
 
 def _register(method: Method, fixed, moving, refs, *, grid: MapGrid, what,
-              pair_ncc: bool = True, keep_warped: bool = False, masks=None):
+              pair_ncc: bool = True, keep_warped: bool = False, masks=None,
+              node_weights: bool = False):
     """Run one registration; never raises: a failure comes back as (None, row).
 
     The transform comes back as a coarse map on ``grid`` (:func:`register_map`).
     ``pair_ncc``: measure the registered pair's NCC (the joint solve's similarity weights
-    use it; the sequential chain does not, and skips its warp). ``keep_warped``: put the
+    use it; the sequential chain does not, and skips its warp); ``node_weights``: and its
+    node weights, ``row["confidence"]`` (:func:`node_confidence`). ``keep_warped``: put the
     method's own warped section in ``row["warped"]`` (dense maps only, ``grid.stride == 1``;
     a method with ``warped_order = n`` promises it is ``warp(moving, field, order=n)``).
     """
@@ -549,9 +566,13 @@ def _register(method: Method, fixed, moving, refs, *, grid: MapGrid, what,
         log.warning("%s: %s failed (%s: %s)", what, method.name, type(exc).__name__, exc)
         warnings.append(f"registration failed: {type(exc).__name__}: {_one_line(exc)}")
     seconds = round(time.perf_counter() - t0, 4)
+    ncc, confidence = None, None
+    if u is not None and pair_ncc:
+        ncc, local = _pair_similarity(fixed, moving, u, grid, local=node_weights)
+        confidence = node_confidence(local) if node_weights else None
     row = {"metric": None if metric is None else float(metric), "seconds": seconds,
-           "ncc": None if u is None or not pair_ncc else _pair_ncc(fixed, moving, u, grid),
-           "failed": u is None, "warnings": "; ".join(warnings)}
+           "ncc": ncc, "failed": u is None, "warnings": "; ".join(warnings),
+           "confidence": confidence}
     if keep_warped:
         row["warped"] = warped  # None whenever u is: it is set after the field is valid
     return u, row
@@ -577,8 +598,11 @@ def _register_sections(method: Method, stack, i: int, j: int, mask_stack=None, *
 NCC_MAX_PX = 1024 * 1024
 
 
-def _pair_ncc(fixed, moving, m, grid: MapGrid) -> float | None:
-    """NCC of the fixed section and the registered moving one, on content both share.
+def _pair_similarity(fixed, moving, m, grid: MapGrid, *, local: bool = True):
+    """NCC of the fixed section and the registered moving one, on content both share, over
+    the whole section and (``local``) around each node: ``(ncc or None, local or None)``,
+    ``local`` of shape ``grid.node_shape`` (:func:`local_ncc`; NaN where a node sees too
+    little content).
 
     Sections over :data:`NCC_MAX_PX` pixels are reduced by block means first (the NCC is
     only a pair's weight in the joint solve, relative to the stack's other pairs, which are
@@ -590,6 +614,7 @@ def _pair_ncc(fixed, moving, m, grid: MapGrid) -> float | None:
     from .tiling import downsample
 
     h, w = grid.shape_yx
+    f = 1
     if h * w > NCC_MAX_PX:
         f = int(np.ceil(np.sqrt(h * w / NCC_MAX_PX)))
         fixed, moving = downsample(fixed, f), downsample(moving, f)
@@ -604,13 +629,96 @@ def _pair_ncc(fixed, moving, m, grid: MapGrid) -> float | None:
         warped, valid = warp(moving, grid.dense(m), spacing_xy=grid.spacing_xy)
     mask = valid
     for section in (fixed, warped):
-        m = content_mask(section)
-        if m is not None:
-            mask = mask & m
+        cm = content_mask(section)
+        if cm is not None:
+            mask = mask & cm
+    local = local_ncc(fixed, warped, mask, grid, factor=f) if local else None
     if mask.sum() < 16:
-        return None
+        return None, local
     value = ncc(fixed, warped, mask=mask)
-    return None if not np.isfinite(value) else round(float(value), 5)
+    return (None if not np.isfinite(value) else round(float(value), 5)), local
+
+
+#: :func:`local_ncc`'s window reaches at least this many (reduced) pixels from its node.
+LOCAL_NCC_MIN_REACH_PX = 8
+
+
+def local_ncc(fixed: np.ndarray, warped: np.ndarray, mask: np.ndarray, grid: MapGrid, *,
+              factor: int = 1) -> np.ndarray:
+    """NCC of ``fixed`` and ``warped`` around each node of ``grid``, over ``mask``.
+
+    The window of a node is its support (the pixels within ``stride`` of it, which the map's
+    interpolation reads from it), widened to :data:`LOCAL_NCC_MIN_REACH_PX` pixels where the
+    images are reduced copies (``factor``: section pixels per image pixel). Sums over cells
+    of ``stride / factor`` pixels, then over each node's cells: cost linear in the pixels.
+
+    Returns
+    -------
+    ndarray, shape grid.node_shape, float32
+        NaN where under a quarter of a node's window (inside the images) is usable, or
+        where either image has no contrast there.
+    """
+    hi, wi = fixed.shape
+    c = max(1, int(round(grid.stride / factor)))
+    reach = max(1, -(-LOCAL_NCC_MIN_REACH_PX // c))  # cells each side of a node
+    hc, wc = -(-hi // c), -(-wi // c)
+
+    def cells(a):
+        out = np.zeros((hc * c, wc * c))
+        out[:hi, :wi] = a
+        return out.reshape(hc, c, wc, c).sum(axis=(1, 3))
+
+    mk = mask.astype(np.float64)
+    a = np.where(mask, fixed, 0.0).astype(np.float64)
+    b = np.where(mask, warped, 0.0).astype(np.float64)
+    sums = [cells(mk), cells(a), cells(b), cells(a * a), cells(b * b), cells(a * b),
+            cells(np.ones((hi, wi)))]
+    hn, wn = grid.node_shape
+    # node n sits at cell position n * stride / (factor * c); its window: `reach` cells each
+    # side, as an integral image over the cells
+    def window(n_nodes, n_cells):
+        at = np.rint(np.arange(n_nodes) * grid.stride / (factor * c)).astype(int)
+        return np.clip(at - reach, 0, n_cells), np.clip(at + reach, 0, n_cells)
+
+    (y0, y1), (x0, x1) = window(hn, hc), window(wn, wc)
+    box = []
+    for sm in sums:
+        ii = np.zeros((hc + 1, wc + 1))
+        ii[1:, 1:] = sm.cumsum(0).cumsum(1)
+        box.append(ii[y1][:, x1] - ii[y0][:, x1] - ii[y1][:, x0] + ii[y0][:, x0])
+    n, sa, sb, saa, sbb, sab, area = box  # (area: the window's pixels inside the image)
+    va = n * saa - sa * sa
+    vb = n * sbb - sb * sb
+    ok = (n >= 0.25 * area) & (va > 1e-6 * n * n) & (vb > 1e-6 * n * n)
+    out = np.full((hn, wn), np.nan, np.float32)
+    out[ok] = ((n * sab - sa * sb)[ok] / np.sqrt(va[ok] * vb[ok])).astype(np.float32)
+    return out
+
+
+#: The lowest node weight of :func:`node_confidence` (a node that matched nothing keeps
+#: some weight: local NCC between neighbouring sections is noisy). Chosen on ISBI 2012's
+#: test stack among 0.02-0.3 and a squared ramp (benchmarks/RESULTS.md, "Per-node weights
+#: in the joint solve").
+MIN_NODE_WEIGHT = 0.3
+
+
+def node_confidence(local) -> np.ndarray | None:
+    """A pair's node weights for the joint solve from how well it matched around each node
+    (:func:`local_ncc`): ``MIN_NODE_WEIGHT + (1 - MIN_NODE_WEIGHT) * clip(local /
+    reference, 0, 1)``, the reference the 75th percentile of the pair's own local NCC (a
+    pair is compared with itself; the similarity weights compare pairs). Nodes without a
+    local NCC (no usable content around them) get the lowest weight; None without any.
+
+    A defect's nodes are not down-weighted here: their values are filled from the trusted
+    nodes around (:func:`hybridreg.defects.trusted_map`), and down-weighting the filled
+    nodes too raised the error (RESULTS.md)."""
+    if local is None or np.isfinite(local).sum() < 4:
+        return None
+    ref = float(np.nanpercentile(local, 75))
+    if ref <= 0:
+        return None
+    r = np.clip(np.nan_to_num(local, nan=0.0) / ref, 0.0, 1.0)
+    return (MIN_NODE_WEIGHT + (1.0 - MIN_NODE_WEIGHT) * r).astype(np.float32)
 
 
 def _similarity_weights(rows: dict) -> dict:
@@ -649,8 +757,8 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
                 prior: float = 0.3, window: int = 1, drift_window: int = 0,
                 anchor: int | None = None, work_dir=None, order: int = 1,
                 progress: bool = False, client=None,
-                stride: int = DEFAULT_STRIDE, masks=None, max_skip: int = 3
-                ) -> StackAlignment:
+                stride: int = DEFAULT_STRIDE, masks=None, max_skip: int = 3,
+                node_weights: bool = False) -> StackAlignment:
     """Align a stack section by section with ``method``.
 
     Parameters
@@ -696,16 +804,24 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
         pixel in memory). See :mod:`hybridreg.fields`.
     masks : ndarray or array-like, shape (Z, H, W), optional
         Defect masks in elastix's convention (nonzero = tissue to use, zero = excluded),
-        read a section at a time (joint mode). Each pair's registration gets its two
-        sections' masks, and its map no trust near their defects
-        (:func:`register_map`). A section whose mask keeps less than
-        :data:`hybridreg.methods.base.MOSTLY_EXCLUDED` of it (a damaged or lost section,
-        a fully masked one) is skipped: its neighbours register across it, its transform
-        is interpolated along z between the nearest sections kept, and it is flagged.
+        read a section at a time. Each pair's registration gets its two sections' masks
+        (sequential mode: the fixed section's aligned mask, warped with its transform),
+        and its map no trust near their defects (:func:`register_map`). A section whose
+        mask keeps less than :data:`hybridreg.methods.base.MOSTLY_EXCLUDED` of it (a
+        damaged or lost section, a fully masked one) is skipped: its neighbours register
+        across it, its transform is interpolated along z between the nearest sections
+        kept, and it is flagged.
     max_skip : int
         With ``masks``: at most this many skipped sections in a row are bridged by pairs
         across them (default 3); the parts of the stack either side of a longer gap are
-        solved apart (each kept near its raw position by the prior), with a warning.
+        solved apart (each kept near its raw position by the prior; sequential mode: the
+        chain starts again from the identity), with a warning.
+    node_weights : bool
+        Joint mode: weight each pair's map per node in the solve by its match confidence
+        there (local NCC after registration, :func:`node_confidence`; ``node_weights`` of
+        :func:`hybridreg.joint.solve_joint`). Off by default: on the defect benchmark it
+        did not lower the error (-0.6% to +2.2%; benchmarks/RESULTS.md, "Per-node weights
+        in the joint solve").
 
     Returns
     -------
@@ -754,10 +870,13 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
                              "with mode='joint'")
     if mode == "joint":
         check_prior(prior, anchor)
+    if node_weights and mode != "joint":
+        raise ValueError("node_weights is for mode='joint' (the sequential chain has no "
+                         "solve to weight)")
     if masks is not None:
         if int(max_skip) != max_skip or max_skip < 0:
             raise ValueError(f"max_skip must be an integer >= 0, got {max_skip!r}")
-        masks = _checked_masks(masks, shape, method, mode)
+        masks = _checked_masks(masks, shape, method)
     if shape[0] == 1:
         log.warning("the stack holds one section: there is nothing to align it to, so it "
                     "keeps its place (the identity transform)")
@@ -773,6 +892,8 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
     settings = {"mode": mode, "spacing_xy": spacing_xy, "origin_xy": origin_xy,
                 "stride": grid.stride}
     settings.update({"neighbours": neighbours} if mode == "joint" else {"window": window})
+    if node_weights:  # (their checkpoints hold the pairs' node weights)
+        settings["node_weights"] = True
     work = None
     if work_dir is not None:
         if masks is not None:  # a run's checkpoints belong to its masks too
@@ -784,9 +905,11 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
         raw = stack.astype(np.float32, copy=False)
     run = _align_joint if mode == "joint" else _align_sequential
     kw = ({"neighbours": neighbours, "prior": prior, "anchor": anchor, "client": client,
-           "masks": masks, "skipped": skipped, "split": split, "max_skip": int(max_skip)}
+           "masks": masks, "skipped": skipped, "split": split, "max_skip": int(max_skip),
+           "node_weights": bool(node_weights)}
           if mode == "joint"
-          else {"window": window, "drift_window": drift_window})
+          else {"window": window, "drift_window": drift_window, "masks": masks,
+                "skipped": skipped, "max_skip": int(max_skip)})
     result = run(raw, method, grid=grid, work=work, order=order, progress=progress, **kw)
     if lazy:
         from dataclasses import replace
@@ -796,8 +919,8 @@ def align_stack(stack: np.ndarray, method: Method, *, spacing_xy=(1.0, 1.0),
     return result
 
 
-def _checked_masks(masks, shape, method, mode):
-    """``masks`` checked before any work: its shape, the method, the mode."""
+def _checked_masks(masks, shape, method):
+    """``masks`` checked before any work: its shape, the method."""
     from .methods.base import takes_masks
 
     if hasattr(masks, "data") and hasattr(masks, "spacing_xyz"):  # a hybridreg.io.Stack
@@ -810,8 +933,6 @@ def _checked_masks(masks, shape, method, mode):
     if not takes_masks(method):
         raise ValueError(f"the {method.name} method does not take masks (every built-in "
                          f"method does)")
-    if mode != "joint":
-        raise ValueError("masks need mode='joint' for now")
     return masks
 
 
@@ -996,50 +1117,96 @@ def drift_corrected(fields: np.ndarray, window: int, out=None) -> np.ndarray:
     return out
 
 
-def _align_sequential(raw, method, *, grid, work, order, progress, window, drift_window=0):
+def _align_sequential(raw, method, *, grid, work, order, progress, window, drift_window=0,
+                      masks=None, skipped=(), max_skip=3):
+    """Each kept section registered to the aligned one before it (and ``window - 1`` more as
+    references). With ``masks``: the fixed section's mask is its aligned mask (warped with
+    its transform, nearest neighbour), the moving one's its raw mask; a ``skipped`` section
+    is registered across (its transform interpolated along z afterwards), and after more
+    than ``max_skip`` skipped sections in a row the chain starts again from the identity."""
     z, (h, w) = _depth(raw), grid.shape_yx
     fields = _map_storage(z, grid, folder=None if work is None else work.path)
     # the last `window` aligned sections, the rest only when the input is an ndarray
     keep_all = isinstance(raw, np.ndarray)
     aligned = np.empty((z, h, w), np.float32) if keep_all else {}
-    aligned[0] = raw[0]
-    table = [{"section": 0, "metric": None, "seconds": 0.0, "flagged": False, "warnings": ""}]
-    bar = _bar(range(1, z), desc=f"align ({method.name}, sequential)", progress=progress,
+    aligned_masks = {}  # the aligned masks of the last `window` kept sections
+    kept = [k for k in range(z) if k not in skipped]
+    position = {k: n for n, k in enumerate(kept)}
+    table = []
+    gaps = []
+    bar = _bar(range(z), desc=f"align ({method.name}, sequential)", progress=progress,
                unit="section")
     for k in bar:
-        name = f"section_{k:04d}"
-        loaded = work.load(name) if work is not None else None
-        warped = None
-        if loaded is not None:
-            fields[k], row = loaded
+        if k in skipped:
+            table.append({"section": k, "metric": None, "seconds": 0.0, "flagged": True,
+                          "warnings": ""})  # its warning once its transform is interpolated
+            continue
+        before = kept[max(0, position[k] - window):position[k]]
+        if before and k - before[-1] - 1 > max_skip:
+            gaps.append((before[-1], k))
+            before = []
+        if not before:  # the first kept section, or a new chain after a long gap
+            fields[k] = grid.zeros()
+            table.append({"section": k, "metric": None, "seconds": 0.0,
+                          "flagged": bool(gaps and gaps[-1][1] == k),
+                          "warnings": (f"a new chain: more than max_skip={max_skip} skipped "
+                                       f"sections before it" if gaps and gaps[-1][1] == k
+                                       else "")})
+            warped = None
         else:
-            refs = [aligned[j] for j in range(max(0, k - window), k - 1)]
-            u, row = _register(method, aligned[k - 1], raw[k], refs, grid=grid,
-                               what=f"section {k}", pair_ncc=False, keep_warped=True)
-            # a failed section keeps the transform of the one before it
-            fields[k] = fields[k - 1] if u is None else grid.quantize(u)
-            warped = row["warped"]
-            row = {"section": k, "metric": row["metric"], "seconds": row["seconds"],
-                   "flagged": bool(row["warnings"]), "warnings": row["warnings"]}
-            if work is not None:
-                work.save(name, fields[k], row)
-        table.append(row)
+            prev = before[-1]
+            name = f"section_{k:04d}"
+            loaded = work.load(name) if work is not None else None
+            warped = None
+            if loaded is not None:
+                fields[k], row = loaded
+            else:
+                refs = [aligned[j] for j in before[:-1]]
+                pair_masks = (None if masks is None
+                              else (aligned_masks[prev], section_of(masks, k)))
+                u, row = _register(method, aligned[prev], raw[k], refs, grid=grid,
+                                   what=f"section {k}", pair_ncc=False, keep_warped=True,
+                                   masks=pair_masks)
+                # a failed section keeps the transform of the one before it
+                fields[k] = fields[prev] if u is None else grid.quantize(u)
+                warped = row["warped"]
+                row = {"section": k, "metric": row["metric"], "seconds": row["seconds"],
+                       "flagged": bool(row["warnings"]), "warnings": row["warnings"]}
+                if work is not None:
+                    work.save(name, fields[k], row)
+            table.append(row)
         show_rate(bar, k, h * w)
         release_memory(k)
-        if (warped is not None and getattr(method, "warped_order", None) == order
+        if not before:  # the identity
+            aligned[k] = np.asarray(raw[k], np.float32)
+        elif (warped is not None and getattr(method, "warped_order", None) == order
                 and np.shape(warped) == (h, w)):
             # the method resampled the section as this chain would: reuse it
             aligned[k] = warped
         else:
             aligned[k] = render(raw[k], fields[k], grid, order=order)
-        if not keep_all:
-            aligned.pop(k - window, None)
+        if masks is not None:
+            aligned_masks[k] = render(section_of(masks, k), fields[k], grid, order=0,
+                                      dtype=np.uint8)
+        # hold the last `window` kept sections (and their masks) only
+        recent = set(kept[max(0, position[k] - window + 1):position[k] + 1])
+        for held in [aligned_masks] + ([] if keep_all else [aligned]):
+            for j in [j for j in held if j not in recent]:
+                del held[j]
+    if gaps:
+        log.warning("more than max_skip=%d skipped sections in a row between sections %s: "
+                    "the chain starts again after them", max_skip,
+                    ", ".join(f"{i} and {j}" for i, j in gaps))
+    came = _interpolated(fields, z, skipped, grid) if skipped else {}
+    for k, ends in came.items():
+        table[k]["warnings"] = _skipped_warning(skipped[k], ends)
     if drift_window:
         fields = drift_corrected(fields, drift_window, out=fields)
+    if drift_window or came:
         for k in range(z):
             fields[k] = grid.quantize(fields[k])
         if keep_all:
-            for k in range(z):
+            for k in (range(z) if drift_window else came):
                 aligned[k] = render(raw[k], fields[k], grid, order=order)
     if not keep_all:
         aligned = None  # align_stack makes the lazy AlignedSections
@@ -1048,8 +1215,17 @@ def _align_sequential(raw, method, *, grid, work, order, progress, window, drift
                           grid=grid)
 
 
+def _skipped_warning(kept_fraction: float, ends) -> str:
+    """The table's warning of a skipped section: its mask, where its transform came from."""
+    ends = " and ".join(str(e) for e in ends if e is not None)
+    return (f"skipped: its mask keeps {100 * kept_fraction:.0f}% of it; "
+            + (f"transform interpolated from section(s) {ends}" if ends
+               else "no section kept: the identity"))
+
+
 def _align_joint(raw, method, *, grid, work, order, progress, neighbours, prior, anchor=None,
-                 client=None, masks=None, skipped=(), split=(), max_skip=3):
+                 client=None, masks=None, skipped=(), split=(), max_skip=3,
+                 node_weights=False):
     z, (h, w) = _depth(raw), grid.shape_yx
     all_pairs = bridged_pairs(z, neighbours=neighbours, skipped=skipped, max_skip=max_skip)
     kept = [k for k in range(z) if k not in skipped]
@@ -1061,16 +1237,26 @@ def _align_joint(raw, method, *, grid, work, order, progress, neighbours, prior,
     scratch = None if work is None else work.path
     # every pair's map in memory, or (many, or large) in one array on disk
     store = _map_storage(len(all_pairs), grid, others=z, folder=scratch, name="pairs.zarr")
+    # and every pair's node weights (:func:`node_confidence`), alike
+    conf_store = _map_storage(len(all_pairs), grid, others=z + len(all_pairs), folder=scratch,
+                              name="confidence.zarr", channels=1) if node_weights else None
     index = {p: n for n, p in enumerate(all_pairs)}
     pair_fields: dict = {}
+    pair_conf: dict = {}
     pair_rows: dict = {}
 
-    def keep(pair, u):
+    def keep(pair, u, row):
+        conf = row.pop("confidence", None)
+        n = index[pair]
         if isinstance(store, MapStack):
-            store[index[pair]] = u
-            pair_fields[pair] = _PairMap(store, index[pair])
+            store[n] = u
+            pair_fields[pair] = _PairMap(store, n)
         else:
             pair_fields[pair] = u
+        if conf is not None and conf_store is not None:
+            conf_store[n, 0] = conf
+            pair_conf[pair] = _PairMap(conf_store, n, channel=0) if isinstance(
+                conf_store, MapStack) else conf_store[n, 0]
 
     todo = []
     for (i, j) in all_pairs:
@@ -1078,17 +1264,18 @@ def _align_joint(raw, method, *, grid, work, order, progress, neighbours, prior,
         if loaded is None:
             todo.append((i, j))
         else:
-            keep((i, j), loaded[0])
+            keep((i, j), *loaded)
             pair_rows[(i, j)] = loaded[1]
     if len(todo) < len(all_pairs):
         log.info("resumed %d finished pairs", len(all_pairs) - len(todo))
-    kwargs = {"grid": grid}
+    kwargs = {"grid": grid, "node_weights": node_weights}
 
     def finished(pair, u, row):
         if work is not None and u is not None:
             work.save(f"pair_{pair[0]:04d}_{pair[1]:04d}", u, row)
         if u is not None:
-            keep(pair, u)
+            keep(pair, u, row)
+        row.pop("confidence", None)
         pair_rows[pair] = row
 
     desc = f"align ({method.name}, {neighbours} neighbour(s))"
@@ -1128,6 +1315,7 @@ def _align_joint(raw, method, *, grid, work, order, progress, neighbours, prior,
                                spacing_xy=grid.node_spacing_xy,
                                mask=interior_mask(grid.node_shape, margin_px=margin),
                                pair_weights=similarity, stride=grid.stride,
+                               node_weights=pair_conf or None,
                                out=_map_storage(z, grid, others=len(pair_fields),
                                                 folder=scratch),
                                progress=progress)
@@ -1159,10 +1347,7 @@ def _align_joint(raw, method, *, grid, work, order, progress, neighbours, prior,
                for p in touching
                if p["weight"] < LOW_PAIR_WEIGHT and p["residual_px"] is not None]
         if k in came:
-            ends = " and ".join(str(e) for e in came[k] if e is not None)
-            warnings.append(f"skipped: its mask keeps {100 * skipped[k]:.0f}% of it; "
-                            + (f"transform interpolated from section(s) {ends}" if ends
-                               else "no section kept: the identity"))
+            warnings.append(_skipped_warning(skipped[k], came[k]))
         elif z > 1 and not any(weights):
             warnings.append("no usable pair: the section stays where the prior puts it "
                             "(near its raw position)")

@@ -297,3 +297,62 @@ def test_itk_style_align_stack_takes_masks():
             assert "skipped" in out.table[2]["warnings"]
     with pytest.raises(ValueError, match="masks must be a mask stack or 'auto'"):
         hybridreg.align_stack(ph.stack.astype(np.float32), method="learned", masks="yes")
+
+
+def test_local_ncc_is_each_nodes_window_ncc_and_finds_a_mismatch():
+    """stack.local_ncc equals the NCC over each node's window (its support) computed
+    directly, and node_confidence is low where the pair did not match."""
+    from hybridreg.fields import MapGrid
+    from hybridreg.stack import local_ncc, node_confidence
+
+    rng = np.random.default_rng(4)
+    fixed = rng.uniform(0, 255, (70, 90)).astype(np.float32)
+    warped = fixed + rng.normal(0, 40, fixed.shape).astype(np.float32)
+    warped[:32, 48:] = rng.uniform(0, 255, (32, 42))  # a region that matched nothing
+    mask = np.ones(fixed.shape, bool)
+    mask[60:, :] = False  # no usable content there
+    grid = MapGrid(fixed.shape, stride=8)
+    got = local_ncc(fixed, warped, mask, grid)
+    assert got.shape == grid.node_shape
+    for ny, nx in [(2, 2), (3, 8), (0, 0), (8, 11), (5, 4)]:
+        ys = slice(max(0, (ny - 1) * 8), (ny + 1) * 8)
+        xs = slice(max(0, (nx - 1) * 8), (nx + 1) * 8)
+        m = mask[ys, xs]
+        if m.sum() < 0.25 * m.size:
+            assert np.isnan(got[ny, nx])
+            continue
+        a, b = fixed[ys, xs][m], warped[ys, xs][m]
+        want = np.corrcoef(a, b)[0, 1]
+        assert got[ny, nx] == pytest.approx(want, abs=1e-4)
+    assert np.isnan(got[9, 3])  # the window is masked out
+    conf = node_confidence(got)
+    assert conf[1:3, 7:10].max() < 0.4  # the mismatched region (0.3 at the least)
+    assert np.median(conf[4:7, 1:5]) > 0.9
+    assert conf.min() == pytest.approx(0.3) and conf[9, 3] == pytest.approx(0.3)
+    assert node_confidence(None) is None
+
+
+def test_node_weights_option_reaches_the_solve(monkeypatch):
+    """align_stack(node_weights=True) gives the solve each pair's node weights; off by
+    default; refused in the sequential mode."""
+    import hybridreg.stack as stack_mod
+    from hybridreg.stack import align_stack
+
+    from helpers import PhaseCorrelation
+
+    seen = []
+    solve = stack_mod.solve_joint
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("node_weights"))
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(stack_mod, "solve_joint", spy)
+    stack = np.random.default_rng(0).uniform(0, 255, (3, 48, 48)).astype(np.float32)
+    align_stack(stack, PhaseCorrelation(), stride=8)
+    align_stack(stack, PhaseCorrelation(), stride=8, node_weights=True)
+    assert seen[0] is None
+    assert sorted(seen[1]) == [(0, 1), (1, 2)]
+    assert seen[1][(0, 1)].shape == (7, 7) and 0.299 < float(np.min(seen[1][(0, 1)])) <= 1
+    with pytest.raises(ValueError, match="node_weights is for mode='joint'"):
+        align_stack(stack, PhaseCorrelation(), mode="sequential", node_weights=True)

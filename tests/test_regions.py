@@ -138,11 +138,12 @@ def test_a_stack_of_large_sections_aligns_and_writes_region_by_region(tmp_path, 
 
 # --- the joint solve and the maps, out of memory --------------------------------------------
 
-@pytest.mark.parametrize("mode", ["joint", "sequential"])
+@pytest.mark.parametrize("mode", ["joint", "node-weights", "sequential"])
 def test_maps_on_disk_and_a_blocked_solve_give_the_in_memory_result(tmp_path, monkeypatch,
                                                                      mode):
-    """Past MAPS_IN_MEMORY_BYTES every pair's and section's map lives on disk and the joint
-    solve runs a few rows of nodes at a time: the same maps, the same outputs."""
+    """Past MAPS_IN_MEMORY_BYTES every pair's and section's map (and node weights) lives on
+    disk and the joint solve runs a few rows of nodes at a time: the same maps, the same
+    outputs, and a resumed run the same again."""
     import hybridreg.joint as joint
     import hybridreg.stack as stack_mod
     from hybridreg.outputs import read_transforms
@@ -152,7 +153,9 @@ def test_maps_on_disk_and_a_blocked_solve_give_the_in_memory_result(tmp_path, mo
     from test_tiling import Shift
 
     stack = _textured_stack([(0, 0), (3, -2), (5, 1), (4, 4), (6, 2)])
-    kw = ({"neighbours": 2} if mode == "joint" else {"drift_window": 3})
+    kw = {"joint": {"neighbours": 2}, "node-weights": {"neighbours": 2, "node_weights": True},
+          "sequential": {"drift_window": 3}}[mode]
+    mode = "sequential" if mode == "sequential" else "joint"
     held = align_stack(stack, Shift(), mode=mode, stride=8, **kw)
     monkeypatch.setattr(stack_mod, "MAPS_IN_MEMORY_BYTES", 0)
     monkeypatch.setattr(joint, "SOLVE_BLOCK_BYTES", 1)  # one row of nodes a block
@@ -164,6 +167,11 @@ def test_maps_on_disk_and_a_blocked_solve_give_the_in_memory_result(tmp_path, mo
                    spacing_xyz=(1, 1, 1), dtype=np.uint8)
     maps, grid = read_transforms(tmp_path / "tf")
     np.testing.assert_array_equal(maps, np.asarray(disk.maps))
+    if kw.get("node_weights"):  # resumed: every pair and its node weights from the folder
+        assert len(list((tmp_path / "work").glob("*.confidence.npy"))) == 7
+        again = align_stack(stack, Shift(), mode=mode, stride=8, work_dir=tmp_path / "work",
+                            **kw)
+        np.testing.assert_array_equal(np.asarray(again.maps), np.asarray(disk.maps))
     # without a work folder the maps go to a temporary folder, removed with them
     temp = align_stack(stack, Shift(), mode=mode, stride=8, **kw)
     folder = Path(temp.maps.path).parent

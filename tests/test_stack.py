@@ -316,7 +316,7 @@ class _MaskedShift(PhaseCorrelation):
 def test_masks_reach_every_pair_and_a_fully_masked_section_is_flagged(tmp_path, caplog):
     """Issue 17 items 1, 5 and 8 (align): each pair's registration gets its two sections'
     masks; a section masked everywhere (or mostly) is skipped: its neighbours pair across it,
-    its map is interpolated, it is flagged, and nothing crashes; shapes, methods and modes that cannot take masks are
+    its map is interpolated, it is flagged, and nothing crashes; shapes and methods that cannot take masks are
     refused before any work; masks keeping little of a section are warned about."""
     stack = np.random.default_rng(0).uniform(0, 255, (4, 40, 48)).astype(np.float32)
     masks = np.full(stack.shape, 255, np.uint8)
@@ -355,5 +355,39 @@ def test_masks_reach_every_pair_and_a_fully_masked_section_is_flagged(tmp_path, 
         align_stack(stack, PhaseCorrelation(), masks=masks)
     with pytest.raises(ValueError, match="max_skip must be an integer >= 0"):
         align_stack(stack, _MaskedShift(), masks=masks, max_skip=-1)
-    with pytest.raises(ValueError, match="masks need mode='joint'"):
-        align_stack(stack, _MaskedShift(), masks=masks, mode="sequential")
+
+
+def test_sequential_chain_takes_masks_and_skips_lost_sections(shifted_stack, caplog):
+    """Issue 17 in mode='sequential': each section is registered to the aligned one before
+    it with that one's aligned mask (warped with its transform) and its own raw mask; a
+    mostly masked section is registered across and its transform interpolated; after more
+    than max_skip in a row the chain starts again."""
+    stack, t = shifted_stack
+    masks = np.full(stack.shape, 255, np.uint8)
+    masks[:, 60:64, :] = 0  # a crack across every section
+    method = _MaskedShift()
+    res = align_stack(stack, method, masks=masks, mode="sequential", stride=8)
+    # section 0 keeps its place; each later one is moved onto it (phase correlation)
+    for k in range(1, 6):
+        np.testing.assert_allclose(res.maps[k][:, 4, 5], -(t[k] - t[0]), atol=0.6)
+    # the fixed masks were aligned ones: section k-1's crack moved with its transform
+    # (pixels pulled from outside the section are excluded too), the moving ones raw
+    assert len(method.seen) > 1
+    assert all(moving == int((masks[0] != 0).sum()) for _, moving in method.seen)
+    masks[2] = 0  # section 2 lost
+    caplog.clear()
+    res = align_stack(stack, _MaskedShift(), masks=masks, mode="sequential", stride=8)
+    assert res.table[2]["flagged"] and "interpolated from section(s) 1 and 3" in \
+        res.table[2]["warnings"]
+    np.testing.assert_allclose(res.maps[3][:, 4, 5], -(t[3] - t[0]), atol=0.6)
+    np.testing.assert_allclose(res.maps[2], 0.5 * (res.maps[1] + res.maps[3]),
+                               atol=res.grid.quantum())
+    np.testing.assert_allclose(res.aligned[3][20:50, 20:60], res.aligned[0][20:50, 20:60],
+                               atol=25)
+    masks[3] = 0  # sections 2 and 3 lost, max_skip 1: section 4 starts a new chain
+    res = align_stack(stack, _MaskedShift(), masks=masks, mode="sequential", stride=8,
+                      max_skip=1)
+    assert np.all(np.asarray(res.maps[4]) == 0)
+    assert "a new chain" in res.table[4]["warnings"] and res.table[4]["flagged"]
+    np.testing.assert_allclose(res.maps[5][:, 4, 5], -(t[5] - t[4]), atol=0.6)
+    assert "the chain starts again" in caplog.text
