@@ -6,11 +6,15 @@ Subcommands (from the repository root, ``.venv/bin/python benchmarks/defects_stu
   sections) with and without defects: the error away from the defects for split sections'
   prior factors 1, 0.3, 0 (``--factors``), with and without the part offsets;
 - ``stack METHOD``: a method's stack alignment, clean against true masks, the sum over the
-  defect sections of the away error and its ratio, for ``--split-prior`` and
+  defect sections of the away error and its ratio (``--mode sequential``: and without
+  masks), for ``--split-prior`` and
   ``--margin-nodes`` (``hybridreg.stack.SPLIT_PRIOR``, ``hybridreg.defects.
   TRUST_MARGIN_NODES``);
 - ``pairs METHOD``: the method's pair maps against the exact pair maps (clean, defects
   without masks, with masks), summed over the defect sections;
+- ``node-weights METHOD``: align_stack with and without ``node_weights`` (per-node match
+  confidence in the joint solve): clean, defects without masks, true masks, the sums over
+  the defect sections of the away error (``--neighbours``);
 - ``timing``: align_stack three times each without masks, with the true and the auto
   masks, alternating the order (hybrid on vnc2013, learned on ISBI test): medians;
 - ``detect-size N``: :func:`hybridreg.defects.detect_defects` on an N x N section (one ISBI
@@ -91,13 +95,18 @@ def stack(args):
     clean, bad = load(args.case)
     method = get_method(args.method, threads=2)
     sums = {}
-    for name, d, masks in (("clean", clean, None), ("true", bad, bad.masks)):
-        f = stack_mod.align_stack(d.stack, method, masks=masks).fields
+    runs = (("clean", clean, None), ("true", bad, bad.masks))
+    if args.mode == "sequential":
+        runs += (("none", bad, None),)
+    for name, d, masks in runs:
+        f = stack_mod.align_stack(d.stack, method, masks=masks, mode=args.mode).fields
         sums[name] = sum(float(epe_map(f[k], d.fields[k])[away_mask(bad, k, 32, 32)].mean())
                          for k in range(1, len(d.stack)) if bad.defects[k])
-    print(f"{args.case} {args.method}: split prior x{args.split_prior}, margin "
+    print(f"{args.case} {args.method} {args.mode}: split prior x{args.split_prior}, margin "
           f"{args.margin_nodes}: clean {sums['clean']:.2f}, true {sums['true']:.2f}, ratio "
-          f"{sums['true'] / sums['clean']:.3f}")
+          f"{sums['true'] / sums['clean']:.3f}"
+          + (f"; no masks {sums['none']:.2f}, ratio {sums['none'] / sums['clean']:.3f}"
+             if "none" in sums else ""))
 
 
 def pairs(args):
@@ -123,6 +132,25 @@ def pairs(args):
         total += row
     print(f"{args.case} {args.method} margin {args.margin_nodes}: clean {total[0]:.2f}, "
           f"defects {total[1]:.2f}, masks {total[2]:.2f} px (sums over the defect sections)")
+
+
+def node_weights(args):
+    from hybridreg.methods import get_method
+
+    clean, bad = load(args.case)
+    method = get_method(args.method, threads=2)
+    for weighted in (False, True):
+        sums = {}
+        for name, d, masks in (("clean", clean, None), ("none", bad, None),
+                               ("true", bad, bad.masks)):
+            f = stack_mod.align_stack(d.stack, method, masks=masks, neighbours=args.neighbours,
+                                      node_weights=weighted).fields
+            sums[name] = sum(float(epe_map(f[k], d.fields[k])[away_mask(bad, k, 32, 32)].mean())
+                             for k in range(1, len(d.stack)) if bad.defects[k])
+        print(f"{args.case} {args.method} neighbours {args.neighbours} node_weights "
+              f"{weighted}: clean {sums['clean']:.2f}, no masks {sums['none']:.2f} "
+              f"(x{sums['none'] / sums['clean']:.3f}), true masks {sums['true']:.2f} "
+              f"(x{sums['true'] / sums['clean']:.3f})", flush=True)
 
 
 def timing(args):
@@ -171,7 +199,14 @@ def main(argv=None):
         p.add_argument("--margin-nodes", type=int, default=defects.TRUST_MARGIN_NODES)
         if name == "stack":
             p.add_argument("--split-prior", type=float, default=stack_mod.SPLIT_PRIOR)
+            p.add_argument("--mode", default="joint", choices=["joint", "sequential"],
+                           help="sequential: also the defect stack without masks")
         p.set_defaults(func=func)
+    p = sub.add_parser("node-weights")
+    p.add_argument("method")
+    p.add_argument("--case", default="isbi-test", choices=list(CASES))
+    p.add_argument("--neighbours", type=int, default=1)
+    p.set_defaults(func=node_weights)
     sub.add_parser("timing").set_defaults(func=timing)
     p = sub.add_parser("detect-size")
     p.add_argument("n", type=int)
