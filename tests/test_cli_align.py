@@ -359,8 +359,8 @@ def test_register_takes_masks_in_elastix_s_convention(tmp_path, capsys):
 
 def test_align_takes_a_mask_stack(tmp_path, capsys):
     """Issue 17 items 1 and 8 (align): `--masks` with deform's defect masks runs the joint
-    alignment with each pair's masks; a mask stack of another shape names both, and a
-    method or mode that cannot take masks is refused, before any work."""
+    alignment with each pair's masks (and the sequential one); a mask stack of another shape
+    names both, and --node-weights outside the joint mode is refused, before any work."""
     assert run(["phantom", "--out", tmp_path / "ph.tif", "--sections", 4, "--size", 96, 96,
                 "--seed", 2]) == 0
     assert run(["deform", tmp_path / "ph.tif", "--out", tmp_path / "d.tif", "--fields-out",
@@ -380,4 +380,11 @@ def test_align_takes_a_mask_stack(tmp_path, capsys):
     capsys.readouterr()
     assert run(base + ["--masks", tmp_path / "m3.tif"]) == 2
     assert "holds 3 sections of 96x96 (W x H), the stack" in capsys.readouterr().err
+    assert run(base + ["--mode", "sequential", "--node-weights"]) == 2
+    assert "--node-weights needs --mode joint" in capsys.readouterr().err
     assert not (tmp_path / "g").exists()
+    # the sequential mode takes the masks too, and the joint one node weights
+    for extra in (["--mode", "sequential"], ["--node-weights"]):
+        assert run(base + ["--masks", tmp_path / "m.tif", "--method", "learned",
+                           "--overwrite"] + extra) == 0
+        assert io.read_stack(tmp_path / "b.tif").data.shape == (4, 96, 96)
