@@ -30,12 +30,14 @@ dense field is projected on the nodes as soon as it is found (a
 the maps, and aligned sections are rendered from them chunk by chunk
 (:func:`hybridreg.warp.render`).
 
-Defects (joint mode, ``masks=``; :mod:`hybridreg.defects`): each pair's registration gets
-its two sections' masks and its map trusts no node near their defects (filled from the
-trusted nodes around); a section that a fold or a crack splits into parts is solved with a
-lower prior (:data:`SPLIT_PRIOR`) and keeps its parts' offsets
-(:func:`hybridreg.joint.part_offsets`); a section mostly masked is skipped, bridged by
-pairs across it and interpolated along z.
+Defects (``masks=``; :mod:`hybridreg.defects`): each pair's registration gets its two
+sections' masks and its map trusts no node near their defects (filled from the trusted
+nodes around); a section mostly masked is skipped, bridged by pairs across it and
+interpolated along z. In the joint mode a section that a fold or a crack splits into parts
+is solved with a lower prior (:data:`SPLIT_PRIOR`) and keeps its parts' offsets
+(:func:`hybridreg.joint.part_offsets`); the sequential chain registers each section with
+the aligned mask of the one before it. ``node_weights=True`` (joint) also weights each
+pair's map per node by its local match (:func:`node_confidence`).
 
 Resume: with a ``work_dir``, each pair's (or section's) map and table row are written there
 atomically as soon as they are done; a later call with the same ``work_dir`` loads them
@@ -965,7 +967,8 @@ def _surveyed(masks, grid) -> tuple[dict, dict]:
                     "interpolated from their neighbours", sorted(skipped),
                     ", ".join(f"{100 * f:.0f}%" for f in skipped.values()))
     if split:
-        log.info("sections %s are split by defects: their parts keep their offsets",
+        log.info("sections %s are split by defects (the joint mode keeps their parts' "
+                 "offsets)",
                  sorted(split))
     return skipped, split
 
