@@ -279,11 +279,9 @@ def align_stack(stack, *, method="hybrid", spacing_xyz=None, origin_xyz=None,
                   if k in options}
     masks = stack_opts.get("masks")
     if isinstance(masks, str):
-        if masks != "auto":
-            raise ValueError(f"masks must be a mask stack or 'auto', got {masks!r}")
-        from .defects import DetectedMasks
+        from .defects import stack_masks
 
-        stack_opts["masks"] = DetectedMasks(arr)
+        stack_opts["masks"] = stack_masks(masks, arr)
     elif masks is not None:
         stack_opts["masks"] = _stack(masks, spacing_xyz, origin_xyz)[0]
     options, _ = with_intensity(method, _itk_elastix_names(options), arr, intensity)

@@ -622,9 +622,9 @@ def _masks_arg(value, data, where: str):
     if not value:
         return None
     if value == "auto":
-        from .defects import DetectedMasks
+        from .defects import stack_masks
 
-        return DetectedMasks(data)
+        return stack_masks(value, data)
     from . import io
 
     masks = io.read_stack(value, lazy=True).data

@@ -444,11 +444,9 @@ def compare_methods(case: CompareCase, methods: Sequence, *,
         raise ValueError(f"mode must be 'joint' or 'sequential', got {mode!r}")
     masks_arg = masks
     if isinstance(masks, str):
-        if masks != "auto":
-            raise ValueError(f"masks must be an array or 'auto', got {masks!r}")
-        from .defects import DetectedMasks
+        from .defects import stack_masks
 
-        masks = DetectedMasks(case.stack)
+        masks = stack_masks(masks, case.stack)
     elif masks is not None and tuple(np.shape(masks)) != (z, h, w):
         raise ValueError(f"the masks have shape {tuple(np.shape(masks))}, the case's stack "
                          f"{(z, h, w)}: one mask per section, the same size")

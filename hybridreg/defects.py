@@ -38,7 +38,8 @@ from .io.base import SectionSequence, section_of
 log = logging.getLogger(__name__)
 
 __all__ = ["fill_untrusted", "node_trust", "pair_trust", "trusted_map", "trusted_field",
-           "neutral_fill", "node_parts", "detect_defects", "DetectedMasks", "mask_fraction",
+           "neutral_fill", "node_parts", "detect_defects", "DetectedMasks", "stack_masks",
+           "mask_fraction",
            "DETECT_DEFAULTS"]
 
 
@@ -397,6 +398,16 @@ class DetectedMasks(SectionSequence):
 
     def __repr__(self) -> str:
         return f"DetectedMasks({self.shape})"
+
+
+def stack_masks(masks, stack):
+    """``masks`` as given (None, or a mask stack), or for ``"auto"`` the
+    :class:`DetectedMasks` of ``stack``; any other string is refused."""
+    if not isinstance(masks, str):
+        return masks
+    if masks != "auto":
+        raise ValueError(f"masks must be a mask stack or 'auto', got {masks!r}")
+    return DetectedMasks(stack)
 
 
 #: A part of a section split by a defect counts when it holds at least this fraction of
