@@ -33,7 +33,7 @@ import logging
 
 import numpy as np
 
-from .io.base import SectionSequence, section_of
+from .io.base import SectionSequence, section_of, strips
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,7 @@ def _upsample2(v: np.ndarray) -> np.ndarray:
 
 def mask_fraction(mask) -> float:
     """Fraction of a section a mask keeps (nonzero), read in strips of rows."""
-    h = mask.shape[0]
-    step = max(1, (1 << 24) // max(1, mask.shape[1]))
-    kept = sum(int(np.count_nonzero(np.asarray(mask[r:r + step]))) for r in range(0, h, step))
+    kept = sum(int(np.count_nonzero(strip)) for strip in strips(mask, 1 << 24))
     return kept / float(mask.shape[0] * mask.shape[1])
 
 

@@ -72,7 +72,7 @@ from pathlib import Path
 import numpy as np
 
 from .fields import DEFAULT_STRIDE, MapGrid, validate_field
-from .io import SectionPlane, SectionSequence, is_array_like, section_of
+from .io import SectionPlane, SectionSequence, is_array_like, section_of, strips
 from .joint import check_anchor, check_prior, pair_list, solve_joint
 from .methods.base import Method
 from .outputs import save_alignment
@@ -388,15 +388,6 @@ def apply_fields(stack: np.ndarray, fields: np.ndarray, *, spacing_xy=(1.0, 1.0)
 
 # --- resume ----------------------------------------------------------------------------------
 
-def _strips(section, strip_px: int = 1 << 22):
-    """A section (ndarray or plane read by region) a strip of rows at a time, about
-    ``strip_px`` pixels each: any section size."""
-    h, w = section.shape
-    step = max(1, strip_px // max(1, w))
-    for y in range(0, h, step):
-        yield np.asarray(section[y:y + step, :])
-
-
 def _stack_bytes(stack):
     """The stack's bytes in memory order, a strip of rows at a time for a lazy stack (its
     large sections read region by region), never copied whole."""
@@ -404,7 +395,7 @@ def _stack_bytes(stack):
         yield np.ascontiguousarray(stack)
         return
     for k in range(stack.shape[0]):
-        for strip in _strips(section_of(stack, k)):
+        for strip in strips(section_of(stack, k)):
             yield np.ascontiguousarray(strip)
 
 
@@ -1031,7 +1022,7 @@ def _depth(raw) -> int:
 
 def _finite(stack, k: int) -> bool:
     try:
-        return all(np.isfinite(strip).all() for strip in _strips(section_of(stack, k)))
+        return all(np.isfinite(strip).all() for strip in strips(section_of(stack, k)))
     except ValueError:  # hybridreg.io.StackError: LazySections checks on reading
         return False
 

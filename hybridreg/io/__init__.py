@@ -69,7 +69,8 @@ from ..itkimage import section_from_itk, section_to_itk
 from .atomic import atomic_output
 from .base import LazySections, Stack, StackError
 from .base import SectionSequence, cast_to_dtype  # noqa: F401  (public, not in __all__)
-from .base import WHOLE_SECTION_BYTES, SectionPlane, is_array_like, section_of  # noqa: F401
+from .base import (WHOLE_SECTION_BYTES, SectionPlane, is_array_like, section_of,  # noqa: F401
+                   strips)
 from .fieldfiles import field_path, read_field, read_fields, write_field, write_fields
 from .resume import SectionWriter
 from .stacks import open_section_writer, read_stack, write_stack

@@ -452,3 +452,12 @@ def section_of(stack, k: int, *, itemsize: int | None = None):
         if h * w * size > WHOLE_SECTION_BYTES:
             return stack.plane(k)
     return np.asarray(stack[k])
+
+
+def strips(section, strip_px: int = 1 << 22):
+    """A section (ndarray, or a plane read by region) a strip of rows at a time, about
+    ``strip_px`` pixels each, as ndarrays: any section size."""
+    h, w = section.shape
+    step = max(1, strip_px // max(1, w))
+    for y in range(0, h, step):
+        yield np.asarray(section[y:y + step, :])
