@@ -995,6 +995,16 @@ def _keep_jumps(fields, split, pair_fields, solution, grid) -> None:
             spacing_xy=grid.node_spacing_xy)
 
 
+def _long_gaps(kept, max_skip: int, then: str) -> list:
+    """The pairs ``(i, j)`` of consecutive kept sections with more than ``max_skip``
+    skipped sections between them, warned about (``then``: what the mode does there)."""
+    gaps = [(i, j) for i, j in zip(kept, kept[1:]) if j - i - 1 > max_skip]
+    if gaps:
+        log.warning("more than max_skip=%d skipped sections in a row between sections %s: %s",
+                    max_skip, ", ".join(f"{i} and {j}" for i, j in gaps), then)
+    return gaps
+
+
 def _interpolated(fields, z: int, skipped, grid) -> dict:
     """Fill the maps of the ``skipped`` sections (in place) by linear interpolation along z
     between the nearest kept sections (the one kept section at an end); returns
@@ -1126,8 +1136,8 @@ def _align_sequential(raw, method, *, grid, work, order, progress, window, drift
     aligned_masks = {}  # the aligned masks of the last `window` kept sections
     kept = [k for k in range(z) if k not in skipped]
     position = {k: n for n, k in enumerate(kept)}
+    restart = {j for _, j in _long_gaps(kept, max_skip, "the chain starts again after them")}
     table = []
-    gaps = []
     bar = _bar(range(z), desc=f"align ({method.name}, sequential)", progress=progress,
                unit="section")
     for k in bar:
@@ -1135,23 +1145,18 @@ def _align_sequential(raw, method, *, grid, work, order, progress, window, drift
             table.append({"section": k, "metric": None, "seconds": 0.0, "flagged": True,
                           "warnings": ""})  # its warning once its transform is interpolated
             continue
-        before = kept[max(0, position[k] - window):position[k]]
-        if before and k - before[-1] - 1 > max_skip:
-            gaps.append((before[-1], k))
-            before = []
+        before = [] if k in restart else kept[max(0, position[k] - window):position[k]]
+        warped = None
         if not before:  # the first kept section, or a new chain after a long gap
             fields[k] = grid.zeros()
             table.append({"section": k, "metric": None, "seconds": 0.0,
-                          "flagged": bool(gaps and gaps[-1][1] == k),
+                          "flagged": k in restart,
                           "warnings": (f"a new chain: more than max_skip={max_skip} skipped "
-                                       f"sections before it" if gaps and gaps[-1][1] == k
-                                       else "")})
-            warped = None
+                                       f"sections before it" if k in restart else "")})
         else:
             prev = before[-1]
             name = f"section_{k:04d}"
             loaded = work.load(name) if work is not None else None
-            warped = None
             if loaded is not None:
                 fields[k], row = loaded
             else:
@@ -1187,10 +1192,6 @@ def _align_sequential(raw, method, *, grid, work, order, progress, window, drift
         for held in [aligned_masks] + ([] if keep_all else [aligned]):
             for j in [j for j in held if j not in recent]:
                 del held[j]
-    if gaps:
-        log.warning("more than max_skip=%d skipped sections in a row between sections %s: "
-                    "the chain starts again after them", max_skip,
-                    ", ".join(f"{i} and {j}" for i, j in gaps))
     came = _interpolated(fields, z, skipped, grid) if skipped else {}
     for k, ends in came.items():
         table[k]["warnings"] = _skipped_warning(skipped[k], ends)
@@ -1222,12 +1223,8 @@ def _align_joint(raw, method, *, grid, work, order, progress, neighbours, prior,
                  node_weights=False):
     z, (h, w) = _depth(raw), grid.shape_yx
     all_pairs = bridged_pairs(z, neighbours=neighbours, skipped=skipped, max_skip=max_skip)
-    kept = [k for k in range(z) if k not in skipped]
-    gaps = [(i, j) for i, j in zip(kept, kept[1:]) if j - i - 1 > max_skip]
-    if gaps:
-        log.warning("more than max_skip=%d skipped sections in a row between sections %s: "
-                    "the parts either side are solved apart", max_skip,
-                    ", ".join(f"{i} and {j}" for i, j in gaps))
+    _long_gaps([k for k in range(z) if k not in skipped], max_skip,
+               "the parts either side are solved apart")
     scratch = None if work is None else work.path
     # every pair's map in memory, or (many, or large) in one array on disk
     store = _map_storage(len(all_pairs), grid, others=z, folder=scratch, name="pairs.zarr")
@@ -1239,8 +1236,7 @@ def _align_joint(raw, method, *, grid, work, order, progress, neighbours, prior,
     pair_conf: dict = {}
     pair_rows: dict = {}
 
-    def keep(pair, u, row):
-        conf = row.pop("confidence", None)
+    def keep(pair, u, conf):
         n = index[pair]
         if isinstance(store, MapStack):
             store[n] = u
@@ -1258,7 +1254,7 @@ def _align_joint(raw, method, *, grid, work, order, progress, neighbours, prior,
         if loaded is None:
             todo.append((i, j))
         else:
-            keep((i, j), *loaded)
+            keep((i, j), loaded[0], loaded[1].pop("confidence", None))
             pair_rows[(i, j)] = loaded[1]
     if len(todo) < len(all_pairs):
         log.info("resumed %d finished pairs", len(all_pairs) - len(todo))
@@ -1267,9 +1263,9 @@ def _align_joint(raw, method, *, grid, work, order, progress, neighbours, prior,
     def finished(pair, u, row):
         if work is not None and u is not None:
             work.save(f"pair_{pair[0]:04d}_{pair[1]:04d}", u, row)
+        conf = row.pop("confidence", None)
         if u is not None:
-            keep(pair, u, row)
-        row.pop("confidence", None)
+            keep(pair, u, conf)
         pair_rows[pair] = row
 
     desc = f"align ({method.name}, {neighbours} neighbour(s))"
