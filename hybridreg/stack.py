@@ -664,8 +664,11 @@ def local_ncc(fixed: np.ndarray, warped: np.ndarray, mask: np.ndarray, grid: Map
     mk = mask.astype(np.float64)
     a = np.where(mask, fixed, 0.0).astype(np.float64)
     b = np.where(mask, warped, 0.0).astype(np.float64)
+    # and each cell's pixels inside the images (the last row and column of cells are cut)
+    inside = np.outer(np.minimum(c, hi - c * np.arange(hc)),
+                      np.minimum(c, wi - c * np.arange(wc)))
     sums = [cells(mk), cells(a), cells(b), cells(a * a), cells(b * b), cells(a * b),
-            cells(np.ones((hi, wi)))]
+            inside.astype(np.float64)]
     hn, wn = grid.node_shape
     # node n sits at cell position n * stride / (factor * c); its window: `reach` cells each
     # side, as an integral image over the cells
